@@ -1,0 +1,182 @@
+//! The admin listener (SPEC §7): `/metrics`, `/healthz`, `/readyz`.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+
+use subtle::ConstantTimeEq;
+
+use crate::endpoints::{bad_request, read_create_request, TokenService};
+use crate::error::{full, json_response, Body};
+use crate::proxy::SharedGate;
+
+/// What readiness depends on beyond the config being loaded.
+#[derive(Default)]
+pub struct Health {
+    draining: AtomicBool,
+}
+
+impl Health {
+    /// Marks the process as draining: `/readyz` answers 503 from now on.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+}
+
+/// What the admin endpoints read.
+#[derive(Clone)]
+pub struct AdminState {
+    /// The current gate (for the cache gauge).
+    pub gate: SharedGate,
+    /// Draining and readiness.
+    pub health: Arc<Health>,
+    /// The Prometheus exporter.
+    pub metrics: Option<PrometheusHandle>,
+}
+
+/// Serves the admin endpoints on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, state: AdminState) {
+    loop {
+        let (tcp, _) = match listener.accept().await {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(handle(&state, request).await) }
+            });
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+        });
+    }
+}
+
+async fn handle(state: &AdminState, request: Request<Incoming>) -> Response<Body> {
+    let path = request.uri().path();
+    if path == "/tokens" || path.starts_with("/tokens/") {
+        return tokens(state, request).await;
+    }
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        return status_json(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+    }
+    match path {
+        "/healthz" => status_json(StatusCode::OK, "ok"),
+        "/readyz" => {
+            if state.health.is_draining() {
+                return status_json(StatusCode::SERVICE_UNAVAILABLE, "draining");
+            }
+            let store = Arc::clone(&state.gate.load().store);
+            match tokio::time::timeout(READY_STORE_TIMEOUT, store.ping()).await {
+                Ok(Ok(())) => status_json(StatusCode::OK, "ready"),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "not ready: token store unreachable");
+                    status_json(StatusCode::SERVICE_UNAVAILABLE, "token store unreachable")
+                }
+                Err(_) => status_json(StatusCode::SERVICE_UNAVAILABLE, "token store unreachable"),
+            }
+        }
+        "/metrics" => {
+            let Some(handle) = &state.metrics else {
+                return status_json(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "metrics recorder not installed",
+                );
+            };
+            crate::telemetry::cache_entries(state.gate.load().cache().len());
+            let mut response = Response::new(full(handle.render()));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            response
+        }
+        _ => status_json(StatusCode::NOT_FOUND, "not found"),
+    }
+}
+
+/// How long `/readyz` waits for the store.
+const READY_STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The admin token API: any user's tokens, with the admin bearer token.
+async fn tokens(state: &AdminState, request: Request<Incoming>) -> Response<Body> {
+    let gate = state.gate.load_full();
+    let Some(expected) = gate.config.admin.as_ref().and_then(|a| a.token.as_ref()) else {
+        return json_response(
+            StatusCode::NOT_FOUND,
+            Bytes::from(r#"{"error":"The admin token API is off: set [admin] token"}"#),
+        );
+    };
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(crate::credential::bearer_token)
+        .unwrap_or("");
+    if !bool::from(presented.as_bytes().ct_eq(expected.expose().as_bytes())) {
+        let mut response = json_response(
+            StatusCode::UNAUTHORIZED,
+            Bytes::from(r#"{"error":"Admin token required"}"#),
+        );
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"tokengate-admin\""),
+        );
+        return response;
+    }
+    let service = TokenService {
+        store: &gate.store,
+        cache: gate.cache(),
+        config: &gate.config.tokens,
+    };
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let user = request.uri().query().and_then(|q| {
+        crate::credential::query_pairs(q)
+            .find(|(k, _)| *k == "user")
+            .and_then(|(_, v)| percent_encoding::percent_decode_str(v).decode_utf8().ok())
+            .map(|v| v.into_owned())
+    });
+    match (method, path.strip_prefix("/tokens/")) {
+        (Method::POST, None) => match read_create_request(request.into_body()).await {
+            Ok(create) => match create.user.clone() {
+                Some(user) if !user.is_empty() => {
+                    service
+                        .create(&user, create.account.as_deref(), &create)
+                        .await
+                }
+                _ => bad_request("user is required"),
+            },
+            Err(message) => bad_request(&message),
+        },
+        (Method::GET, None) => service.list(user.as_deref()).await,
+        (Method::DELETE, Some(id)) if !id.is_empty() => service.revoke(id, None).await,
+        _ => status_json(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+    }
+}
+
+fn status_json(status: StatusCode, text: &str) -> Response<Body> {
+    json_response(
+        status,
+        Bytes::from(serde_json::json!({ "status": text }).to_string()),
+    )
+}

@@ -1,0 +1,1111 @@
+//! Configuration: the raw TOML structs (serde, unknown keys refused) and the checked runtime
+//! [`Config`] made from them. Every error carries the line and column it was found at, so
+//! `tokengate check` can print `PATH:LINE:COL: message` (SPEC §3).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::{HeaderName, Uri};
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::credential::Source;
+use crate::rewrite::Template;
+
+/// A configuration error with the place it was found at.
+#[derive(Debug)]
+pub struct ConfigError {
+    /// The config file's path as given.
+    pub path: PathBuf,
+    /// 1-based line; 0 when the error is not about a place in the file (e.g. unreadable).
+    pub line: usize,
+    /// 1-based column.
+    pub col: usize,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.path.display(),
+            self.line.max(1),
+            self.col.max(1),
+            self.message
+        )
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// A secret value from the config (`"${env:NAME}"`, `"${file:/path}"` or literal); its `Debug`
+/// never shows the value, so a config dump or an error cannot leak it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw TOML structs: exactly the keys of SPEC §3, nothing else.
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    admin: Option<RawAdmin>,
+    #[serde(default)]
+    endpoints: RawEndpoints,
+    #[serde(default)]
+    credentials: RawCredentials,
+    #[serde(default)]
+    cache: RawCache,
+    #[serde(default)]
+    store: RawStore,
+    #[serde(default)]
+    tokens: RawTokens,
+    x509: Option<Spanned<RawX509>>,
+    #[serde(default, rename = "validator")]
+    validators: Vec<Spanned<RawValidator>>,
+    #[serde(default, rename = "route")]
+    routes: Vec<Spanned<RawRoute>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<Spanned<String>>,
+    max_header_bytes: Option<Spanned<i64>>,
+    max_body_bytes: Option<Spanned<ByteSize>>,
+    header_read_timeout: Option<Spanned<String>>,
+    max_connections: Option<Spanned<i64>>,
+    drain_timeout: Option<Spanned<String>>,
+    tls: Option<Spanned<RawTls>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: Spanned<String>,
+    key: Spanned<String>,
+    client_ca: Option<Spanned<String>>,
+    client_auth: Option<Spanned<String>>,
+    proxy_certificates: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Spanned<String>,
+    token: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawEndpoints {
+    tokens_prefix: Option<Spanned<String>>,
+    insight: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCredentials {
+    sources: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCache {
+    ttl: Option<Spanned<String>>,
+    negative_ttl: Option<Spanned<String>>,
+    max_entries: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    backend: Option<Spanned<String>>,
+    path: Option<Spanned<String>>,
+    url: Option<Spanned<String>>,
+    prefix: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTokens {
+    default_ttl: Option<Spanned<String>>,
+    format: Option<Spanned<String>>,
+    jwt_key: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawX509 {
+    enabled: Option<bool>,
+    token_ttl: Option<Spanned<String>>,
+    dn_format: Option<Spanned<String>>,
+    #[serde(default)]
+    identity: Vec<RawIdentity>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdentity {
+    dn: String,
+    accounts: Vec<String>,
+}
+
+/// One `[[validator]]` table. All keys of all types are listed here (rather than an internally
+/// tagged enum) so that an unknown key is reported at its own line and column.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawValidator {
+    #[serde(rename = "type")]
+    kind: Spanned<String>,
+    // static
+    #[serde(default)]
+    token: Vec<Spanned<RawStaticToken>>,
+    // jwt (checked for shape now; the validator itself is issue 3's)
+    #[allow(dead_code)]
+    issuer: Option<String>,
+    #[allow(dead_code)]
+    audience: Option<String>,
+    jwks_url: Option<String>,
+    public_key: Option<String>,
+    secret: Option<Spanned<String>>,
+    #[allow(dead_code)]
+    subject_claim: Option<String>,
+    // introspect
+    url: Option<Spanned<String>>,
+    header: Option<Spanned<String>>,
+    value: Option<Spanned<String>>,
+    subject: Option<Spanned<String>>,
+    account: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStaticToken {
+    sha256: Spanned<String>,
+    subject: String,
+    account: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    path_prefix: Spanned<String>,
+    upstream: Spanned<String>,
+    auth: Option<Spanned<String>>,
+    preserve_host: Option<bool>,
+    timeout: Option<Spanned<String>>,
+    upstream_ca: Option<Spanned<String>>,
+    upstream_auth: Option<RawUpstreamAuth>,
+    #[serde(default)]
+    identity_headers: HashMap<String, Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstreamAuth {
+    header: Spanned<String>,
+    value: Spanned<String>,
+}
+
+/// A byte size: an integer, or a string with an optional unit (`"0"`, `"10MB"`, `"1GiB"`).
+struct ByteSize(u64);
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a byte size such as 1048576, \"0\", \"10MB\" or \"1GiB\"")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                u64::try_from(v)
+                    .map(ByteSize)
+                    .map_err(|_| E::custom("a byte size cannot be negative"))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                parse_byte_size(v).map(ByteSize).map_err(E::custom)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// Parses `"0"`, `"512"`, `"64KiB"`, `"10MB"`, `"1 GiB"`.
+pub fn parse_byte_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| format!("invalid byte size {text:?}: expected e.g. \"10MB\""))?;
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        other => return Err(format!("invalid byte size unit {other:?} in {text:?}")),
+    };
+    number
+        .checked_mul(multiplier)
+        .ok_or_else(|| format!("byte size {text:?} is too large"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The checked configuration.
+
+/// The checked configuration the server runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The main listener.
+    pub server: ServerConfig,
+    /// The admin listener, when configured.
+    pub admin: Option<AdminConfig>,
+    /// Where tokengate looks for a credential, in order.
+    pub sources: Vec<Source>,
+    /// The validation cache.
+    pub cache: CacheConfig,
+    /// The validators, tried in order.
+    pub validators: Vec<ValidatorConfig>,
+    /// The routes, longest `path_prefix` first.
+    pub routes: Vec<RouteConfig>,
+    /// Where issued tokens live.
+    pub store: StoreConfig,
+    /// Issued API tokens.
+    pub tokens: TokensConfig,
+    /// The endpoints tokengate answers itself on the main listener.
+    pub endpoints: EndpointsConfig,
+    /// Sections the SPEC defines that this build accepts but does not act on yet.
+    pub not_yet_active: Vec<&'static str>,
+}
+
+/// `[store]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// In this process only.
+    Memory,
+    /// An SQLite file.
+    Sqlite {
+        /// The database file.
+        path: PathBuf,
+    },
+    /// A Redis server shared by replicas.
+    Redis {
+        /// `redis://` URL (may hold a password).
+        url: Secret,
+        /// Prefix of every key and channel, so several deployments can share a server.
+        prefix: String,
+    },
+}
+
+/// `[tokens]`.
+#[derive(Debug, Clone)]
+pub struct TokensConfig {
+    /// Lifetime of a new API token when the request names none; zero = until revoked.
+    pub default_ttl: Duration,
+    /// `opaque` (`tg_...`) or `jwt`.
+    pub format: TokenFormat,
+    /// The JWT signing key (PEM or HMAC secret) when `format = "jwt"`.
+    pub jwt_key: Option<Secret>,
+}
+
+/// The format of new API tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenFormat {
+    /// `tg_` + randomness + checksum.
+    Opaque,
+    /// A signed JWT whose `jti` is the token id.
+    Jwt,
+}
+
+/// `[endpoints]`.
+#[derive(Debug, Clone)]
+pub struct EndpointsConfig {
+    /// Mount point of the caller's own token API on the main listener.
+    pub tokens_prefix: String,
+    /// Serve the Insight.io endpoints.
+    pub insight: bool,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address of the main listener.
+    pub listen: SocketAddr,
+    /// Request heads larger than this are answered 431.
+    pub max_header_bytes: usize,
+    /// Request bodies larger than this are answered 413; 0 = unlimited (streamed).
+    pub max_body_bytes: u64,
+    /// A client that has not sent a whole request head within this is disconnected.
+    pub header_read_timeout: Duration,
+    /// Connections open at once; further clients wait in the accept queue.
+    pub max_connections: usize,
+    /// How long SIGTERM waits for in-flight requests.
+    pub drain_timeout: Duration,
+    /// TLS; `None` serves plain HTTP.
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[server.tls]`.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// CA bundle that client certificates must chain to; `None`: no client certificates.
+    pub client_ca: Option<PathBuf>,
+    /// Refuse clients without a certificate.
+    pub client_auth_required: bool,
+    /// Accept RFC 3820 / Globus proxy chains.
+    pub proxy_certificates: bool,
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// Address of the admin listener.
+    pub listen: SocketAddr,
+    /// The bearer token of the admin token API.
+    pub token: Option<Secret>,
+}
+
+/// `[cache]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// How long a successful validation is trusted.
+    pub ttl: Duration,
+    /// How long a failed validation is remembered.
+    pub negative_ttl: Duration,
+    /// The most entries kept; beyond it old entries are evicted.
+    pub max_entries: usize,
+}
+
+/// One `[[validator]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ValidatorConfig {
+    /// Fixed tokens by SHA-256 hash.
+    Static(Vec<StaticToken>),
+    /// An HTTP endpoint that answers 2xx for a valid credential.
+    Introspect(IntrospectConfig),
+}
+
+/// One `[[validator.token]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticToken {
+    /// SHA-256 of the token.
+    pub sha256: [u8; 32],
+    /// Who the token belongs to.
+    pub subject: String,
+    /// The account; the subject when not given.
+    pub account: String,
+}
+
+/// `type = "introspect"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IntrospectConfig {
+    /// The endpoint.
+    pub url: Uri,
+    /// The header the credential is presented in.
+    pub header: HeaderName,
+    /// The header's value; `{token}` is replaced with the credential.
+    pub value: Template,
+    /// Where the subject comes from: a JSON pointer into the response, or the hash prefix.
+    pub subject: Option<String>,
+    /// Where the account comes from: a JSON pointer; the subject when not given.
+    pub account: Option<String>,
+    /// How long one call may take.
+    pub timeout: Duration,
+}
+
+/// `auth = ...` of a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    /// A valid credential is needed.
+    Required,
+    /// A credential is validated when present; requests without one pass without identity.
+    Optional,
+    /// No validation; credentials are still stripped.
+    None,
+}
+
+/// One `[[route]]`.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// Requests whose path starts with this go here (longest wins).
+    pub path_prefix: String,
+    /// `scheme://authority` of the upstream.
+    pub upstream: Uri,
+    /// Whether a credential is needed.
+    pub auth: AuthMode,
+    /// Forward the client's Host header (else the upstream's authority).
+    pub preserve_host: bool,
+    /// Time allowed for the upstream's response head.
+    pub timeout: Duration,
+    /// CA bundle for an https:// upstream (else the system roots).
+    pub upstream_ca: Option<PathBuf>,
+    /// The credential form the upstream expects.
+    pub upstream_auth: Option<(HeaderName, Template)>,
+    /// Identity headers set from the verified identity.
+    pub identity_headers: Vec<(HeaderName, Template)>,
+}
+
+impl Config {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            path: path.to_owned(),
+            line: 0,
+            col: 0,
+            message: format!("cannot read config: {e}"),
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Checks config text; `path` is used in messages and to resolve relative file paths.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let checker = Checker { path, text };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let span = e.span().unwrap_or(0..0);
+            checker.error(span, e.message().trim().to_string())
+        })?;
+        checker.check(raw)
+    }
+}
+
+/// Turns raw structs into the checked config, with the text at hand for line:col.
+struct Checker<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Checker<'_> {
+    fn error(&self, span: Range<usize>, message: impl Into<String>) -> ConfigError {
+        let offset = span.start.min(self.text.len());
+        let before = &self.text[..offset];
+        let line = before.matches('\n').count() + 1;
+        let col = before.rfind('\n').map_or(before.chars().count(), |nl| {
+            before[nl + 1..].chars().count()
+        }) + 1;
+        ConfigError {
+            path: self.path.to_owned(),
+            line,
+            col,
+            message: message.into(),
+        }
+    }
+
+    fn at<T>(&self, value: &Spanned<T>, message: impl Into<String>) -> ConfigError {
+        self.error(value.span(), message)
+    }
+
+    fn duration(
+        &self,
+        value: &Option<Spanned<String>>,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        match value {
+            None => Ok(default),
+            Some(v) => parse_duration(v.get_ref()).map_err(|m| self.at(v, m)),
+        }
+    }
+
+    fn positive(&self, value: &Option<Spanned<i64>>, default: usize) -> Result<usize, ConfigError> {
+        match value {
+            None => Ok(default),
+            Some(v) if *v.get_ref() > 0 => Ok(*v.get_ref() as usize),
+            Some(v) => Err(self.at(v, "must be a positive number")),
+        }
+    }
+
+    /// Resolves `${env:NAME}` and `${file:/path}`; anything else is taken literally.
+    fn secret(&self, value: &Spanned<String>) -> Result<Secret, ConfigError> {
+        resolve_secret(value.get_ref())
+            .map(Secret)
+            .map_err(|m| self.at(value, m))
+    }
+
+    /// A file path from the config, relative to the config file's folder.
+    fn file(&self, value: &Spanned<String>) -> PathBuf {
+        let path = Path::new(value.get_ref());
+        if path.is_absolute() {
+            return path.to_owned();
+        }
+        match self.path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.join(path),
+            _ => path.to_owned(),
+        }
+    }
+
+    fn check(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let mut not_yet_active = Vec::new();
+        let server = self.server(raw.server)?;
+        let admin = match raw.admin {
+            None => None,
+            Some(admin) => Some(AdminConfig {
+                listen: self.socket_addr(&admin.listen)?,
+                token: admin.token.as_ref().map(|t| self.secret(t)).transpose()?,
+            }),
+        };
+        let endpoints = EndpointsConfig {
+            tokens_prefix: match &raw.endpoints.tokens_prefix {
+                None => "/_tokengate".to_string(),
+                Some(prefix) if prefix.get_ref().starts_with('/') => {
+                    prefix.get_ref().trim_end_matches('/').to_string()
+                }
+                Some(prefix) => return Err(self.at(prefix, "tokens_prefix must start with '/'")),
+            },
+            insight: raw.endpoints.insight.unwrap_or(false),
+        };
+        let sources = self.sources(&raw.credentials)?;
+        let cache = CacheConfig {
+            ttl: self.duration(&raw.cache.ttl, Duration::from_secs(3600))?,
+            negative_ttl: self.duration(&raw.cache.negative_ttl, Duration::from_secs(10))?,
+            max_entries: self.positive(&raw.cache.max_entries, 1_000_000)?,
+        };
+        let store = self.store(&raw.store)?;
+        let tokens = self.tokens(&raw.tokens, &mut not_yet_active)?;
+        if let Some(x509) = &raw.x509 {
+            self.x509(x509)?;
+            if x509.get_ref().enabled != Some(false) {
+                not_yet_active.push("[x509]");
+            }
+        }
+        let mut validators = Vec::new();
+        for v in &raw.validators {
+            if let Some(validator) = self.validator(v)? {
+                validators.push(validator);
+            } else {
+                not_yet_active.push("[[validator]] type = \"jwt\"");
+            }
+        }
+        let mut routes = Vec::new();
+        for r in &raw.routes {
+            let route = self.route(r)?;
+            if routes
+                .iter()
+                .any(|o: &RouteConfig| o.path_prefix == route.path_prefix)
+            {
+                return Err(self.at(&r.get_ref().path_prefix, "duplicate path_prefix"));
+            }
+            routes.push(route);
+        }
+        if routes.is_empty() {
+            return Err(self.error(0..0, "no [[route]]: at least one route is needed"));
+        }
+        routes.sort_by_key(|r| std::cmp::Reverse(r.path_prefix.len()));
+        Ok(Config {
+            server,
+            admin,
+            sources,
+            cache,
+            validators,
+            routes,
+            store,
+            tokens,
+            endpoints,
+            not_yet_active,
+        })
+    }
+
+    fn socket_addr(&self, value: &Spanned<String>) -> Result<SocketAddr, ConfigError> {
+        value.get_ref().parse().map_err(|_| {
+            self.at(
+                value,
+                format!(
+                    "invalid listen address {:?}: expected IP:PORT",
+                    value.get_ref()
+                ),
+            )
+        })
+    }
+
+    fn server(&self, raw: RawServer) -> Result<ServerConfig, ConfigError> {
+        let listen = match &raw.listen {
+            Some(l) => self.socket_addr(l)?,
+            None => SocketAddr::from(([0, 0, 0, 0], 8443)),
+        };
+        let max_header_bytes = self.positive(&raw.max_header_bytes, 16384)?;
+        // hyper's HTTP/1 read buffer cannot be smaller than 8 KiB.
+        if max_header_bytes < 8192 {
+            if let Some(v) = &raw.max_header_bytes {
+                return Err(self.at(v, "max_header_bytes must be at least 8192"));
+            }
+        }
+        let tls = match &raw.tls {
+            None => None,
+            Some(tls) => {
+                let t = tls.get_ref();
+                let client_auth_required =
+                    match t.client_auth.as_ref().map(|v| (v, v.get_ref().as_str())) {
+                        None | Some((_, "optional")) => false,
+                        Some((_, "required")) => true,
+                        Some((v, other)) => {
+                            return Err(self.at(
+                                v,
+                                format!(
+                                "client_auth must be \"optional\" or \"required\", not {other:?}"
+                            ),
+                            ))
+                        }
+                    };
+                if client_auth_required && t.client_ca.is_none() {
+                    return Err(self.at(tls, "client_auth = \"required\" needs client_ca"));
+                }
+                let config = TlsConfig {
+                    cert: self.file(&t.cert),
+                    key: self.file(&t.key),
+                    client_ca: t.client_ca.as_ref().map(|c| self.file(c)),
+                    client_auth_required,
+                    proxy_certificates: t.proxy_certificates.unwrap_or(false),
+                };
+                // Load the files now, so `check` catches a missing or mismatched certificate.
+                crate::tls::server_config(&config).map_err(|m| self.at(tls, m))?;
+                Some(config)
+            }
+        };
+        Ok(ServerConfig {
+            listen,
+            max_header_bytes,
+            max_body_bytes: raw.max_body_bytes.map_or(0, |b| b.into_inner().0),
+            header_read_timeout: self
+                .duration(&raw.header_read_timeout, Duration::from_secs(10))?,
+            max_connections: self.positive(&raw.max_connections, 10_000)?,
+            drain_timeout: self.duration(&raw.drain_timeout, Duration::from_secs(30))?,
+            tls,
+        })
+    }
+
+    fn sources(&self, raw: &RawCredentials) -> Result<Vec<Source>, ConfigError> {
+        let Some(list) = &raw.sources else {
+            return Ok(Source::defaults());
+        };
+        if list.get_ref().is_empty() {
+            return Err(self.at(list, "sources must name at least one credential source"));
+        }
+        let mut sources = Vec::new();
+        for s in list.get_ref() {
+            let source = Source::parse(s.get_ref()).map_err(|m| self.at(s, m))?;
+            if sources.contains(&source) {
+                return Err(self.at(
+                    s,
+                    format!("credential source {:?} listed twice", s.get_ref()),
+                ));
+            }
+            sources.push(source);
+        }
+        Ok(sources)
+    }
+
+    fn store(&self, raw: &RawStore) -> Result<StoreConfig, ConfigError> {
+        let backend = raw
+            .backend
+            .as_ref()
+            .map_or("sqlite", |b| b.get_ref().as_str());
+        match backend {
+            "memory" => Ok(StoreConfig::Memory),
+            "sqlite" => Ok(StoreConfig::Sqlite {
+                path: match &raw.path {
+                    Some(p) => self.file(p),
+                    None => self.file(&Spanned::new(0..0, "tokengate.db".to_string())),
+                },
+            }),
+            "redis" => {
+                let named = raw.backend.as_ref().expect("backend named redis");
+                let url = raw
+                    .url
+                    .as_ref()
+                    .ok_or_else(|| self.at(named, "backend = \"redis\" needs url"))?;
+                let secret = self.secret(url)?;
+                if !secret.expose().starts_with("redis://")
+                    && !secret.expose().starts_with("rediss://")
+                {
+                    return Err(self.at(url, "store url must start with redis:// or rediss://"));
+                }
+                Ok(StoreConfig::Redis {
+                    url: secret,
+                    prefix: raw
+                        .prefix
+                        .clone()
+                        .unwrap_or_else(|| "tokengate:".to_string()),
+                })
+            }
+            other => Err(self.at(
+                raw.backend.as_ref().expect("backend named"),
+                format!("store backend must be \"sqlite\", \"redis\" or \"memory\", not {other:?}"),
+            )),
+        }
+    }
+
+    fn tokens(
+        &self,
+        raw: &RawTokens,
+        not_yet_active: &mut Vec<&'static str>,
+    ) -> Result<TokensConfig, ConfigError> {
+        let format = match raw.format.as_ref().map(|f| (f, f.get_ref().as_str())) {
+            None | Some((_, "opaque")) => TokenFormat::Opaque,
+            Some((_, "jwt")) => TokenFormat::Jwt,
+            Some((f, _)) => return Err(self.at(f, "tokens format must be \"opaque\" or \"jwt\"")),
+        };
+        let jwt_key = raw.jwt_key.as_ref().map(|k| self.secret(k)).transpose()?;
+        if format == TokenFormat::Jwt {
+            if jwt_key.is_none() {
+                return Err(self.at(
+                    raw.format.as_ref().expect("format named"),
+                    "format = \"jwt\" needs jwt_key",
+                ));
+            }
+            not_yet_active.push("[tokens] format = \"jwt\"");
+        }
+        Ok(TokensConfig {
+            default_ttl: self.duration(&raw.default_ttl, Duration::ZERO)?,
+            format,
+            jwt_key,
+        })
+    }
+
+    fn x509(&self, raw: &Spanned<RawX509>) -> Result<(), ConfigError> {
+        let x = raw.get_ref();
+        self.duration(&x.token_ttl, Duration::from_secs(3600))?;
+        if let Some(format) = &x.dn_format {
+            if !matches!(format.get_ref().as_str(), "slash" | "rfc2253") {
+                return Err(self.at(format, "dn_format must be \"slash\" or \"rfc2253\""));
+            }
+        }
+        if x.identity
+            .iter()
+            .any(|i| i.accounts.is_empty() || i.dn.is_empty())
+        {
+            return Err(self.at(
+                raw,
+                "every [[x509.identity]] needs a dn and at least one account",
+            ));
+        }
+        Ok(())
+    }
+
+    /// `Ok(None)` for a validator type this build accepts but does not run yet (jwt).
+    fn validator(
+        &self,
+        raw: &Spanned<RawValidator>,
+    ) -> Result<Option<ValidatorConfig>, ConfigError> {
+        let v = raw.get_ref();
+        match v.kind.get_ref().as_str() {
+            "static" => {
+                if v.token.is_empty() {
+                    return Err(self.at(
+                        raw,
+                        "a static validator needs at least one [[validator.token]]",
+                    ));
+                }
+                let mut tokens = Vec::new();
+                for t in &v.token {
+                    let sha = self.secret(&t.get_ref().sha256)?;
+                    let bytes = hex::decode(sha.expose().trim())
+                        .ok()
+                        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                        .ok_or_else(|| {
+                            self.at(
+                                &t.get_ref().sha256,
+                                "sha256 must be 64 hex digits (see `tokengate hash TOKEN`)",
+                            )
+                        })?;
+                    tokens.push(StaticToken {
+                        sha256: bytes,
+                        subject: t.get_ref().subject.clone(),
+                        account: t
+                            .get_ref()
+                            .account
+                            .clone()
+                            .unwrap_or_else(|| t.get_ref().subject.clone()),
+                    });
+                }
+                Ok(Some(ValidatorConfig::Static(tokens)))
+            }
+            "introspect" => {
+                let url = v
+                    .url
+                    .as_ref()
+                    .ok_or_else(|| self.at(raw, "an introspect validator needs url"))?;
+                let uri: Uri = url
+                    .get_ref()
+                    .parse()
+                    .ok()
+                    .filter(|u: &Uri| {
+                        matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some()
+                    })
+                    .ok_or_else(|| {
+                        self.at(url, "url must be an absolute http:// or https:// URL")
+                    })?;
+                let header = match &v.header {
+                    Some(h) => self.header_name(h)?,
+                    None => http::header::AUTHORIZATION,
+                };
+                let value = match &v.value {
+                    Some(val) => self.template(val)?,
+                    None if header == http::header::AUTHORIZATION => {
+                        Template::parse("Bearer {token}").map_err(|m| self.at(raw, m))?
+                    }
+                    None => Template::parse("{token}").map_err(|m| self.at(raw, m))?,
+                };
+                Ok(Some(ValidatorConfig::Introspect(IntrospectConfig {
+                    url: uri,
+                    header,
+                    value,
+                    subject: v
+                        .subject
+                        .as_ref()
+                        .map(|s| self.json_pointer(s))
+                        .transpose()?,
+                    account: v
+                        .account
+                        .as_ref()
+                        .map(|s| self.json_pointer(s))
+                        .transpose()?,
+                    timeout: self.duration(&v.timeout, Duration::from_secs(2))?,
+                })))
+            }
+            "jwt" => {
+                let sources = [
+                    v.jwks_url.is_some(),
+                    v.public_key.is_some(),
+                    v.secret.is_some(),
+                ];
+                if sources.iter().filter(|s| **s).count() != 1 {
+                    return Err(self.at(
+                        raw,
+                        "a jwt validator needs exactly one of jwks_url, public_key, secret",
+                    ));
+                }
+                if let Some(secret) = &v.secret {
+                    self.secret(secret)?;
+                }
+                Ok(None)
+            }
+            other => Err(self.at(
+                &v.kind,
+                format!(
+                    "validator type must be \"static\", \"introspect\" or \"jwt\", not {other:?}"
+                ),
+            )),
+        }
+    }
+
+    fn json_pointer(&self, value: &Spanned<String>) -> Result<String, ConfigError> {
+        match value.get_ref().strip_prefix("json:") {
+            Some(pointer) if pointer.is_empty() || pointer.starts_with('/') => {
+                Ok(pointer.to_string())
+            }
+            _ => Err(self.at(value, "expected \"json:/pointer\", e.g. \"json:/uid\"")),
+        }
+    }
+
+    fn header_name(&self, value: &Spanned<String>) -> Result<HeaderName, ConfigError> {
+        HeaderName::from_bytes(value.get_ref().as_bytes())
+            .map_err(|_| self.at(value, format!("invalid header name {:?}", value.get_ref())))
+    }
+
+    fn template(&self, value: &Spanned<String>) -> Result<Template, ConfigError> {
+        let resolved = self.secret(value)?;
+        Template::parse(resolved.expose()).map_err(|m| self.at(value, m))
+    }
+
+    fn route(&self, raw: &Spanned<RawRoute>) -> Result<RouteConfig, ConfigError> {
+        let r = raw.get_ref();
+        let prefix = r.path_prefix.get_ref();
+        if !prefix.starts_with('/') {
+            return Err(self.at(&r.path_prefix, "path_prefix must start with '/'"));
+        }
+        let upstream: Uri = r
+            .upstream
+            .get_ref()
+            .parse()
+            .ok()
+            .filter(|u: &Uri| {
+                matches!(u.scheme_str(), Some("http" | "https"))
+                    && u.authority().is_some()
+                    && matches!(u.path(), "" | "/")
+                    && u.query().is_none()
+            })
+            .ok_or_else(|| {
+                self.at(
+                    &r.upstream,
+                    "upstream must be http://HOST:PORT or https://HOST:PORT, without a path",
+                )
+            })?;
+        let auth = match r.auth.as_ref().map(|a| (a, a.get_ref().as_str())) {
+            None | Some((_, "required")) => AuthMode::Required,
+            Some((_, "optional")) => AuthMode::Optional,
+            Some((_, "none")) => AuthMode::None,
+            Some((a, other)) => {
+                return Err(self.at(
+                    a,
+                    format!("auth must be \"required\", \"optional\" or \"none\", not {other:?}"),
+                ))
+            }
+        };
+        let upstream_auth = match &r.upstream_auth {
+            None => None,
+            Some(ua) => Some((self.header_name(&ua.header)?, self.template(&ua.value)?)),
+        };
+        let mut identity_headers = Vec::new();
+        let mut names: Vec<_> = r.identity_headers.iter().collect();
+        // HashMap order is random; keep the output stable.
+        names.sort_by_key(|(_, v)| v.span().start);
+        for (name, value) in names {
+            let header = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| self.at(value, format!("invalid header name {name:?}")))?;
+            identity_headers.push((header, self.template(value)?));
+        }
+        if let Some((name, _)) = &upstream_auth {
+            if identity_headers.iter().any(|(h, _)| h == name) {
+                return Err(self.at(
+                    &r.upstream_auth.as_ref().expect("checked").header,
+                    "upstream_auth header is also an identity header",
+                ));
+            }
+        }
+        Ok(RouteConfig {
+            path_prefix: prefix.clone(),
+            upstream,
+            auth,
+            preserve_host: r.preserve_host.unwrap_or(true),
+            timeout: self.duration(&r.timeout, Duration::from_secs(60))?,
+            upstream_ca: match &r.upstream_ca {
+                None => None,
+                Some(ca) => {
+                    let path = self.file(ca);
+                    crate::upstream::client(Some(&path)).map_err(|m| self.at(ca, m))?;
+                    Some(path)
+                }
+            },
+            upstream_auth,
+            identity_headers,
+        })
+    }
+}
+
+/// Parses `"250ms"`, `"10s"`, `"1h"`, `"30d"`, `"0"`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    if text.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(text.trim()).map_err(|_| {
+        format!("invalid duration {text:?}: expected e.g. \"250ms\", \"10s\", \"1h\", \"30d\"")
+    })
+}
+
+/// `${env:NAME}` → the variable, `${file:/path}` → the file's content (trailing newline
+/// trimmed), anything else → itself.
+pub fn resolve_secret(text: &str) -> Result<String, String> {
+    if let Some(name) = text
+        .strip_prefix("${env:")
+        .and_then(|r| r.strip_suffix('}'))
+    {
+        return std::env::var(name).map_err(|_| format!("environment variable {name} is not set"));
+    }
+    if let Some(path) = text
+        .strip_prefix("${file:")
+        .and_then(|r| r.strip_suffix('}'))
+    {
+        return std::fs::read_to_string(path)
+            .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
+            .map_err(|e| format!("cannot read secret file {path}: {e}"));
+    }
+    Ok(text.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[[route]]
+path_prefix = "/"
+upstream = "http://127.0.0.1:8080"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("t.toml"), text)
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.cache.ttl, Duration::from_secs(3600));
+        assert_eq!(c.cache.negative_ttl, Duration::from_secs(10));
+        assert_eq!(c.server.max_header_bytes, 16384);
+        assert_eq!(c.server.max_body_bytes, 0);
+        assert_eq!(c.sources, Source::defaults());
+        assert_eq!(c.routes[0].auth, AuthMode::Required);
+    }
+
+    #[test]
+    fn unknown_key_has_line_and_column() {
+        let e = parse("[server]\nlisten = \"127.0.0.1:1\"\n  bogus = 1\n").unwrap_err();
+        assert_eq!((e.line, e.col), (3, 3), "{e}");
+        assert!(e.message.contains("bogus"), "{e}");
+        assert!(e.to_string().starts_with("t.toml:3:3: "), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_has_line_and_column() {
+        let e = parse(&format!("{MINIMAL}[cache]\nttl = \"soon\"\n")).unwrap_err();
+        assert_eq!(e.line, 6, "{e}");
+        assert_eq!(e.col, 7, "{e}");
+        assert!(e.message.contains("invalid duration"), "{e}");
+    }
+
+    #[test]
+    fn routes_sorted_longest_first() {
+        let c = parse(&format!(
+            "{MINIMAL}[[route]]\npath_prefix = \"/api/v2\"\nupstream = \"http://127.0.0.1:9\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.routes[0].path_prefix, "/api/v2");
+    }
+
+    #[test]
+    fn secrets() {
+        std::env::set_var("TG_TEST_SECRET", "s3cret");
+        assert_eq!(resolve_secret("${env:TG_TEST_SECRET}").unwrap(), "s3cret");
+        assert!(resolve_secret("${env:TG_TEST_NOT_SET_ANYWHERE}").is_err());
+        assert_eq!(format!("{:?}", Secret("x".into())), "[redacted]");
+    }
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(parse_byte_size("0").unwrap(), 0);
+        assert_eq!(parse_byte_size("10MB").unwrap(), 10_000_000);
+        assert_eq!(parse_byte_size("1GiB").unwrap(), 1 << 30);
+        assert!(parse_byte_size("ten").is_err());
+        assert!(parse_byte_size("1XB").is_err());
+    }
+}

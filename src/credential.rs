@@ -1,0 +1,304 @@
+//! Dialects: where a client puts its credential, and how to find exactly one in a request.
+//!
+//! Pure functions over request parts, so every dialect is unit-tested without a socket.
+
+use std::borrow::Cow;
+
+use http::{header, request::Parts, HeaderMap, HeaderName};
+use percent_encoding::percent_decode_str;
+
+use crate::error::ProxyError;
+
+/// One configured credential source (SPEC §1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// `Authorization: Bearer <token>`.
+    Bearer,
+    /// `X-Auth-Token: <token>` (Insight.io).
+    XAuthToken,
+    /// `auth-token: <token>` (Aircloak).
+    AuthToken,
+    /// `X-Rucio-Auth-Token: <token>` (Rucio).
+    Rucio,
+    /// Any other header.
+    Header(HeaderName),
+    /// A query parameter, removed before forwarding.
+    Query(String),
+    /// A cookie, removed before forwarding.
+    Cookie(String),
+}
+
+/// `X-Auth-Token`.
+pub static X_AUTH_TOKEN: HeaderName = HeaderName::from_static("x-auth-token");
+/// `auth-token`.
+pub static AUTH_TOKEN: HeaderName = HeaderName::from_static("auth-token");
+/// `X-Rucio-Auth-Token`.
+pub static X_RUCIO_AUTH_TOKEN: HeaderName = HeaderName::from_static("x-rucio-auth-token");
+
+impl Source {
+    /// The SPEC's default: `["bearer", "x-auth-token", "auth-token", "rucio"]`.
+    pub fn defaults() -> Vec<Source> {
+        vec![
+            Source::Bearer,
+            Source::XAuthToken,
+            Source::AuthToken,
+            Source::Rucio,
+        ]
+    }
+
+    /// Parses a `[credentials] sources` entry.
+    pub fn parse(text: &str) -> Result<Source, String> {
+        let named = |rest: &str, what: &str| {
+            if rest.is_empty() {
+                Err(format!("{what}: needs a name, e.g. \"{what}:token\""))
+            } else {
+                Ok(rest.to_string())
+            }
+        };
+        match text {
+            "bearer" => Ok(Source::Bearer),
+            "x-auth-token" => Ok(Source::XAuthToken),
+            "auth-token" => Ok(Source::AuthToken),
+            "rucio" => Ok(Source::Rucio),
+            _ => {
+                if let Some(rest) = text.strip_prefix("header:") {
+                    let name = named(rest, "header")?;
+                    HeaderName::from_bytes(name.as_bytes())
+                        .map(Source::Header)
+                        .map_err(|_| format!("invalid header name {name:?}"))
+                } else if let Some(rest) = text.strip_prefix("query:") {
+                    named(rest, "query").map(Source::Query)
+                } else if let Some(rest) = text.strip_prefix("cookie:") {
+                    named(rest, "cookie").map(Source::Cookie)
+                } else {
+                    Err(format!(
+                        "unknown credential source {text:?}: expected bearer, x-auth-token, \
+                         auth-token, rucio, header:NAME, query:NAME or cookie:NAME"
+                    ))
+                }
+            }
+        }
+    }
+
+    /// The name used in logs and metrics (`{source}` placeholder).
+    pub fn label(&self) -> &str {
+        match self {
+            Source::Bearer => "bearer",
+            Source::XAuthToken => "x-auth-token",
+            Source::AuthToken => "auth-token",
+            Source::Rucio => "rucio",
+            Source::Header(name) => name.as_str(),
+            Source::Query(name) | Source::Cookie(name) => name,
+        }
+    }
+
+    /// The header this source reads, if it is a header source.
+    pub fn header(&self) -> Option<&HeaderName> {
+        match self {
+            Source::Bearer => Some(&header::AUTHORIZATION),
+            Source::XAuthToken => Some(&X_AUTH_TOKEN),
+            Source::AuthToken => Some(&AUTH_TOKEN),
+            Source::Rucio => Some(&X_RUCIO_AUTH_TOKEN),
+            Source::Header(name) => Some(name),
+            Source::Query(_) | Source::Cookie(_) => None,
+        }
+    }
+}
+
+/// The one credential a request carries, and where it was found.
+#[derive(Debug)]
+pub struct Credential<'p, 's> {
+    /// The raw token; never logged.
+    pub token: Cow<'p, str>,
+    /// Where it came from.
+    pub source: &'s Source,
+}
+
+/// Finds the request's credential in the configured sources.
+///
+/// `Ok(None)` when there is none (empty values count as absent); `ConflictingCredentials` when
+/// two different values are present (the same value in several places is one credential);
+/// `InvalidCredentials` for a value that cannot be a token (not visible ASCII).
+pub fn extract<'p, 's>(
+    parts: &'p Parts,
+    sources: &'s [Source],
+) -> Result<Option<Credential<'p, 's>>, ProxyError> {
+    let mut found: Option<Credential<'p, 's>> = None;
+    let mut offer = |token: Cow<'p, str>, source: &'s Source| -> Result<(), ProxyError> {
+        match &found {
+            None => found = Some(Credential { token, source }),
+            Some(existing) if existing.token == token => {}
+            Some(_) => return Err(ProxyError::ConflictingCredentials),
+        }
+        Ok(())
+    };
+    for source in sources {
+        match source {
+            Source::Bearer => {
+                for value in parts.headers.get_all(header::AUTHORIZATION) {
+                    let text = value.to_str().map_err(|_| ProxyError::InvalidCredentials)?;
+                    if let Some(token) = bearer_token(text) {
+                        offer(Cow::Borrowed(token), source)?;
+                    }
+                }
+            }
+            Source::Query(name) => {
+                if let Some(query) = parts.uri.query() {
+                    for (key, value) in query_pairs(query) {
+                        if key == name && !value.is_empty() {
+                            let token = percent_decode_str(value)
+                                .decode_utf8()
+                                .map_err(|_| ProxyError::InvalidCredentials)?;
+                            offer(token, source)?;
+                        }
+                    }
+                }
+            }
+            Source::Cookie(name) => {
+                for (key, value) in cookies(&parts.headers) {
+                    if key == name && !value.is_empty() {
+                        offer(Cow::Borrowed(value), source)?;
+                    }
+                }
+            }
+            _ => {
+                let name = source.header().expect("header source");
+                for value in parts.headers.get_all(name) {
+                    let token = value
+                        .to_str()
+                        .map_err(|_| ProxyError::InvalidCredentials)?
+                        .trim();
+                    if !token.is_empty() {
+                        offer(Cow::Borrowed(token), source)?;
+                    }
+                }
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// The token of an `Authorization: Bearer <token>` value; `None` for other schemes or an
+/// empty token. The scheme is case-insensitive (RFC 7235).
+pub fn bearer_token(value: &str) -> Option<&str> {
+    let value = value.trim();
+    let (scheme, rest) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let token = rest.trim();
+    (!token.is_empty()).then_some(token)
+}
+
+/// `key=value` pairs of a query string, undecoded.
+pub fn query_pairs(query: &str) -> impl Iterator<Item = (&str, &str)> {
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
+}
+
+/// `name=value` pairs of every `Cookie` header.
+pub fn cookies(headers: &HeaderMap) -> impl Iterator<Item = (&str, &str)> {
+    headers
+        .get_all(header::COOKIE)
+        .into_iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| {
+            let (key, value) = pair.split_once('=')?;
+            Some((key.trim(), value.trim().trim_matches('"')))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Request;
+
+    fn parts(build: impl FnOnce(http::request::Builder) -> http::request::Builder) -> Parts {
+        build(Request::builder()).body(()).unwrap().into_parts().0
+    }
+
+    fn all_sources() -> Vec<Source> {
+        let mut s = Source::defaults();
+        s.push(Source::parse("header:X-Api-Key").unwrap());
+        s.push(Source::parse("query:access_token").unwrap());
+        s.push(Source::parse("cookie:session").unwrap());
+        s
+    }
+
+    fn token_of(p: &Parts) -> Result<Option<(String, String)>, ProxyError> {
+        let sources = all_sources();
+        extract(p, &sources)
+            .map(|c| c.map(|c| (c.token.into_owned(), c.source.label().to_string())))
+    }
+
+    #[test]
+    fn every_dialect() {
+        let cases: Vec<(Parts, &str)> = vec![
+            (parts(|b| b.header("Authorization", "Bearer t1")), "bearer"),
+            (
+                parts(|b| b.header("authorization", "bearer   t1 ")),
+                "bearer",
+            ),
+            (parts(|b| b.header("X-Auth-Token", "t1")), "x-auth-token"),
+            (parts(|b| b.header("AUTH-TOKEN", "t1")), "auth-token"),
+            (parts(|b| b.header("X-Rucio-Auth-Token", "t1")), "rucio"),
+            (parts(|b| b.header("x-api-key", "t1")), "x-api-key"),
+            (parts(|b| b.uri("/p?a=1&access_token=t1")), "access_token"),
+            (parts(|b| b.uri("/p?access_token=t%31")), "access_token"),
+            (parts(|b| b.header("Cookie", "a=b; session=t1")), "session"),
+        ];
+        for (p, label) in cases {
+            assert_eq!(
+                token_of(&p).unwrap(),
+                Some(("t1".to_string(), label.to_string())),
+                "{:?}",
+                p.headers
+            );
+        }
+    }
+
+    #[test]
+    fn empty_and_foreign_values_are_absent() {
+        for p in [
+            parts(|b| b.header("X-Auth-Token", "")),
+            parts(|b| b.header("auth-token", "   ")),
+            parts(|b| b.header("Authorization", "Bearer ")),
+            parts(|b| b.header("Authorization", "Basic dXNlcjpwYXNz")),
+            parts(|b| b.uri("/p?access_token=")),
+            parts(|b| b.header("Cookie", "session=")),
+        ] {
+            assert_eq!(token_of(&p).unwrap(), None, "{:?}", p);
+        }
+    }
+
+    #[test]
+    fn same_token_twice_is_one_credential() {
+        let p = parts(|b| {
+            b.header("X-Auth-Token", "t1")
+                .header("Authorization", "Bearer t1")
+        });
+        assert_eq!(token_of(&p).unwrap().unwrap().0, "t1");
+    }
+
+    #[test]
+    fn two_different_tokens_conflict() {
+        for p in [
+            parts(|b| b.header("X-Auth-Token", "t1").header("auth-token", "t2")),
+            parts(|b| b.header("auth-token", "t1").header("auth-token", "t2")),
+            parts(|b| b.header("auth-token", "t1").uri("/?access_token=t2")),
+        ] {
+            assert_eq!(token_of(&p), Err(ProxyError::ConflictingCredentials));
+        }
+    }
+
+    #[test]
+    fn source_parsing() {
+        assert!(Source::parse("header:").is_err());
+        assert!(Source::parse("nonsense").is_err());
+        assert!(Source::parse("header:bad header").is_err());
+        assert_eq!(Source::parse("rucio").unwrap(), Source::Rucio);
+    }
+}

@@ -1,0 +1,335 @@
+//! Endpoints tokengate answers itself (SPEC §5): the caller's own token API under
+//! `[endpoints] tokens_prefix`, the Insight.io token endpoints, and the token operations the
+//! admin listener's API shares with them.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use serde_json::{json, Value};
+
+use crate::cache::Cache;
+use crate::config::{EndpointsConfig, TokensConfig};
+use crate::error::{full, json_response, Body, ProxyError};
+use crate::store::{Kind, Store, TokenRecord};
+use crate::token::{issue, Issue};
+
+/// The largest JSON body a token request may have.
+const MAX_REQUEST_BODY: usize = 16 * 1024;
+
+/// An endpoint of the main listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `{prefix}/tokens`: POST creates, GET lists the caller's tokens.
+    Tokens,
+    /// `{prefix}/tokens/{id}`: DELETE revokes one of the caller's tokens.
+    Token(String),
+    /// `GET /api/createApiToken`.
+    InsightCreate,
+    /// `GET /api/revokeApiToken`.
+    InsightRevoke,
+    /// `GET /api/getApiTokens`.
+    InsightList,
+}
+
+impl Endpoint {
+    /// The name in the access log's `route` field.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Endpoint::Tokens | Endpoint::Token(_) => "tokengate:tokens",
+            Endpoint::InsightCreate | Endpoint::InsightRevoke | Endpoint::InsightList => {
+                "tokengate:insight"
+            }
+        }
+    }
+}
+
+/// Which endpoint, if any, a path is.
+pub fn route(config: &EndpointsConfig, path: &str) -> Option<Endpoint> {
+    if let Some(rest) = path.strip_prefix(config.tokens_prefix.as_str()) {
+        if rest == "/tokens" || rest == "/tokens/" {
+            return Some(Endpoint::Tokens);
+        }
+        if let Some(id) = rest.strip_prefix("/tokens/") {
+            if !id.is_empty() && !id.contains('/') {
+                return Some(Endpoint::Token(id.to_string()));
+            }
+        }
+    }
+    if config.insight {
+        return match path {
+            "/api/createApiToken" => Some(Endpoint::InsightCreate),
+            "/api/revokeApiToken" => Some(Endpoint::InsightRevoke),
+            "/api/getApiTokens" => Some(Endpoint::InsightList),
+            _ => None,
+        };
+    }
+    None
+}
+
+/// What token operations need.
+pub struct TokenService<'a> {
+    /// Where tokens live.
+    pub store: &'a Store,
+    /// The validation cache (revocation evicts from it).
+    pub cache: &'a Cache,
+    /// `[tokens]`.
+    pub config: &'a TokensConfig,
+}
+
+/// What a create request may say.
+pub struct CreateRequest {
+    /// The label.
+    pub name: String,
+    /// Lifetime; `None`: the default.
+    pub ttl: Option<Duration>,
+    /// The owner (admin API only).
+    pub user: Option<String>,
+    /// The account (admin API only).
+    pub account: Option<String>,
+}
+
+/// Reads a JSON create request (`{"name":..,"ttl":..}`, both optional; `ttl` a duration string
+/// or seconds). An empty body is an empty request.
+pub async fn read_create_request<B>(body: B) -> Result<CreateRequest, String>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    let bytes = Limited::new(body, MAX_REQUEST_BODY)
+        .collect()
+        .await
+        .map_err(|_| "request body is too large or unreadable".to_string())?
+        .to_bytes();
+    let value: Value = if bytes.iter().all(u8::is_ascii_whitespace) {
+        json!({})
+    } else {
+        serde_json::from_slice(&bytes).map_err(|e| format!("body is not JSON: {e}"))?
+    };
+    let Value::Object(map) = value else {
+        return Err("body must be a JSON object".to_string());
+    };
+    for key in map.keys() {
+        if !matches!(key.as_str(), "name" | "ttl" | "user" | "account") {
+            return Err(format!("unknown field {key:?}"));
+        }
+    }
+    let text = |key: &str| -> Result<Option<String>, String> {
+        match map.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(format!("{key} must be a string")),
+        }
+    };
+    let ttl = match map.get("ttl") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(crate::config::parse_duration(s)?),
+        Some(Value::Number(n)) => Some(Duration::from_secs(
+            n.as_u64().ok_or("ttl must be a whole number of seconds")?,
+        )),
+        Some(_) => {
+            return Err("ttl must be a duration such as \"30d\", or seconds".to_string());
+        }
+    };
+    Ok(CreateRequest {
+        name: text("name")?.unwrap_or_default(),
+        ttl,
+        user: text("user")?,
+        account: text("account")?,
+    })
+}
+
+impl TokenService<'_> {
+    /// Creates an API token for `subject`: `201 {"id","token","created","expires"}`.
+    pub async fn create(
+        &self,
+        subject: &str,
+        account: Option<&str>,
+        request: &CreateRequest,
+    ) -> Response<Body> {
+        let what = Issue {
+            subject,
+            account,
+            name: &request.name,
+            ttl: request.ttl,
+            kind: Kind::Api,
+            dn: None,
+        };
+        match issue(self.store, self.config, what).await {
+            Ok((token, record)) => {
+                let body = json!({
+                    "id": record.id,
+                    "token": token,
+                    "name": record.name,
+                    "subject": record.subject,
+                    "account": record.account,
+                    "created": rfc3339(record.created_ms),
+                    "expires": record.expires_ms.map(rfc3339),
+                });
+                no_store(json_response(
+                    StatusCode::CREATED,
+                    Bytes::from(body.to_string()),
+                ))
+            }
+            Err(e) => store_down(&e),
+        }
+    }
+
+    /// Lists tokens (never their secrets), of one subject or all.
+    pub async fn list(&self, subject: Option<&str>) -> Response<Body> {
+        match self.store.list(subject).await {
+            Ok(records) => {
+                let list: Vec<Value> = records.iter().map(describe).collect();
+                json_response(StatusCode::OK, Bytes::from(Value::Array(list).to_string()))
+            }
+            Err(e) => store_down(&e),
+        }
+    }
+
+    /// Revokes a token by id (only `owner`'s, when given): 204, or 404.
+    pub async fn revoke(&self, id: &str, owner: Option<&str>) -> Response<Body> {
+        match self.store.revoke(id, owner).await {
+            Ok(Some(record)) => {
+                self.cache.evict(&record.hash);
+                let mut response = Response::new(full(Bytes::new()));
+                *response.status_mut() = StatusCode::NO_CONTENT;
+                response
+            }
+            Ok(None) => json_response(
+                StatusCode::NOT_FOUND,
+                Bytes::from(r#"{"error":"No such token"}"#),
+            ),
+            Err(e) => store_down(&e),
+        }
+    }
+
+    /// Insight.io `createApiToken`: the new token as the body.
+    pub async fn insight_create(&self, subject: &str, account: &str) -> Response<Body> {
+        let what = Issue {
+            subject,
+            account: Some(account),
+            name: "insight",
+            ttl: None,
+            kind: Kind::Api,
+            dn: None,
+        };
+        match issue(self.store, self.config, what).await {
+            Ok((token, _)) => {
+                let mut response = no_store(Response::new(full(token)));
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; charset=utf-8"),
+                );
+                response
+            }
+            Err(e) => store_down(&e),
+        }
+    }
+
+    /// Insight.io `revokeApiToken`: revokes the presented token; 200 whatever it was.
+    pub async fn insight_revoke(&self, token: Option<&str>) -> Response<Body> {
+        if let Some(token) = token {
+            let hash = crate::validate::hash(token);
+            self.cache.evict(&hash);
+            if let Err(e) = self.store.revoke_hash(&hash, None).await {
+                return store_down(&e);
+            }
+        }
+        json_response(StatusCode::OK, Bytes::from_static(b"{}"))
+    }
+
+    /// Insight.io `getApiTokens`: `[{"uid","apiToken","created","lastUsed"}]`, times in ms.
+    pub async fn insight_list(&self, subject: &str) -> Response<Body> {
+        match self.store.list(Some(subject)).await {
+            Ok(records) => {
+                let list: Vec<Value> = records
+                    .iter()
+                    .map(|r| json!({"uid": r.subject, "apiToken": r.id, "created": r.created_ms, "lastUsed": r.last_used_ms}))
+                    .collect();
+                json_response(StatusCode::OK, Bytes::from(Value::Array(list).to_string()))
+            }
+            Err(e) => store_down(&e),
+        }
+    }
+}
+
+/// Answers a main-listener endpoint for an authenticated caller.
+pub async fn serve(
+    service: &TokenService<'_>,
+    endpoint: &Endpoint,
+    method: &Method,
+    caller: &crate::validate::Identity,
+    presented: &str,
+    body: hyper::body::Incoming,
+) -> Result<Response<Body>, ProxyError> {
+    let subject = caller.subject.as_str();
+    let response = match (endpoint, method) {
+        (Endpoint::Tokens, &Method::POST) => match read_create_request(body).await {
+            Ok(request) if request.user.is_some() || request.account.is_some() => {
+                let _ = request;
+                bad_request("user and account can only be set through the admin API")
+            }
+            Ok(request) => {
+                service
+                    .create(subject, Some(&caller.account), &request)
+                    .await
+            }
+            Err(message) => bad_request(&message),
+        },
+        (Endpoint::Tokens, &Method::GET) => service.list(Some(subject)).await,
+        (Endpoint::Token(id), &Method::DELETE) => service.revoke(id, Some(subject)).await,
+        (Endpoint::InsightCreate, &Method::GET) => {
+            service.insight_create(subject, &caller.account).await
+        }
+        (Endpoint::InsightRevoke, &Method::GET) => service.insight_revoke(Some(presented)).await,
+        (Endpoint::InsightList, &Method::GET) => service.insight_list(subject).await,
+        _ => json_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            Bytes::from(r#"{"error":"Method not allowed"}"#),
+        ),
+    };
+    Ok(response)
+}
+
+/// A token as lists show it: everything but the secret.
+pub fn describe(r: &TokenRecord) -> Value {
+    json!({
+        "id": r.id,
+        "name": r.name,
+        "subject": r.subject,
+        "account": r.account,
+        "kind": r.kind.as_str(),
+        "created": rfc3339(r.created_ms),
+        "expires": r.expires_ms.map(rfc3339),
+        "lastUsed": r.last_used_ms.map(rfc3339),
+    })
+}
+
+/// RFC 3339 (UTC, seconds) of a ms timestamp.
+pub fn rfc3339(ms: i64) -> String {
+    let at = UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    humantime::format_rfc3339_seconds(at).to_string()
+}
+
+/// A token in a response must not be cached by anyone.
+fn no_store(mut response: Response<Body>) -> Response<Body> {
+    response.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache, no-store"),
+    );
+    response
+}
+
+/// 400 with a message.
+pub fn bad_request(message: &str) -> Response<Body> {
+    json_response(
+        StatusCode::BAD_REQUEST,
+        Bytes::from(json!({ "error": message }).to_string()),
+    )
+}
+
+fn store_down(e: &crate::store::StoreError) -> Response<Body> {
+    tracing::warn!(error = %e, "token store unavailable");
+    ProxyError::BackendUnavailable.into_response()
+}

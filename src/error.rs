@@ -1,0 +1,158 @@
+//! The one error type of the request path, and the one table that turns it into a response.
+//!
+//! Every step of the chain (`credential`, `validate`, `upstream`, ...) returns a [`ProxyError`];
+//! [`ProxyError::into_response`] is the only place that decides status codes and bodies, so the
+//! SPEC §4 table lives here and is locked by a unit test.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
+
+/// The body type every response of tokengate carries (ours, or the upstream's streamed through).
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+/// A boxed error, as body streams carry them.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a request did not reach the upstream, or the upstream did not answer.
+///
+/// Tagged by where the fault lies: the client (`MissingCredentials`, `InvalidCredentials`,
+/// `ConflictingCredentials`, `BodyTooLarge`, `BadRequest`), the authentication backend
+/// (`BackendUnavailable`), or the upstream (`UpstreamUnavailable`, `UpstreamTimeout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyError {
+    /// No credential on a route with `auth = "required"`.
+    MissingCredentials,
+    /// A credential no validator recognises, expired or revoked.
+    InvalidCredentials,
+    /// Two different credentials in one request.
+    ConflictingCredentials,
+    /// A validator or store could not be reached and nothing was cached (fail closed).
+    BackendUnavailable,
+    /// The upstream refused or reset the connection.
+    UpstreamUnavailable,
+    /// The upstream did not answer within the route's timeout.
+    UpstreamTimeout,
+    /// The request body is larger than `server.max_body_bytes`.
+    BodyTooLarge,
+    /// No route matches the request path.
+    NoRoute,
+    /// A request tokengate cannot forward (e.g. a header value it cannot carry).
+    BadRequest,
+}
+
+impl ProxyError {
+    /// The status code of the SPEC §4 table.
+    pub fn status(self) -> StatusCode {
+        match self {
+            ProxyError::MissingCredentials | ProxyError::InvalidCredentials => {
+                StatusCode::UNAUTHORIZED
+            }
+            ProxyError::ConflictingCredentials | ProxyError::BadRequest => StatusCode::BAD_REQUEST,
+            ProxyError::BackendUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+        }
+    }
+
+    /// The human-readable message of the JSON body.
+    pub fn message(self) -> &'static str {
+        match self {
+            ProxyError::MissingCredentials => "Credentials required",
+            ProxyError::InvalidCredentials => "Invalid credentials",
+            ProxyError::ConflictingCredentials => "Conflicting credentials",
+            ProxyError::BackendUnavailable => "Authentication backend unavailable",
+            ProxyError::UpstreamUnavailable => "Upstream unavailable",
+            ProxyError::UpstreamTimeout => "Upstream timeout",
+            ProxyError::BodyTooLarge => "Request body too large",
+            ProxyError::NoRoute => "No route",
+            ProxyError::BadRequest => "Bad request",
+        }
+    }
+
+    /// The ready-made response: JSON body, and `WWW-Authenticate` when credentials are missing.
+    pub fn into_response(self) -> Response<Body> {
+        let mut response = json_response(self.status(), error_body(self.message()));
+        if self == ProxyError::MissingCredentials {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"tokengate\""),
+            );
+        }
+        response
+    }
+}
+
+impl std::fmt::Display for ProxyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.message())
+    }
+}
+
+impl std::error::Error for ProxyError {}
+
+/// `{"error":"<message>"}`, serialised once.
+fn error_body(message: &str) -> Bytes {
+    Bytes::from(serde_json::json!({ "error": message }).to_string())
+}
+
+/// A response with a JSON body tokengate makes itself.
+pub fn json_response(status: StatusCode, body: Bytes) -> Response<Body> {
+    let mut response = Response::new(full(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// A complete in-memory body, boxed like a streamed one.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_table_matches_spec() {
+        let table = [
+            (ProxyError::MissingCredentials, 401, "Credentials required"),
+            (ProxyError::InvalidCredentials, 401, "Invalid credentials"),
+            (
+                ProxyError::ConflictingCredentials,
+                400,
+                "Conflicting credentials",
+            ),
+            (
+                ProxyError::BackendUnavailable,
+                503,
+                "Authentication backend unavailable",
+            ),
+            (ProxyError::UpstreamUnavailable, 502, "Upstream unavailable"),
+            (ProxyError::UpstreamTimeout, 504, "Upstream timeout"),
+            (ProxyError::BodyTooLarge, 413, "Request body too large"),
+        ];
+        for (error, status, message) in table {
+            assert_eq!(error.status().as_u16(), status, "{error:?}");
+            assert_eq!(error.message(), message, "{error:?}");
+        }
+    }
+
+    #[test]
+    fn missing_credentials_challenges() {
+        let response = ProxyError::MissingCredentials.into_response();
+        assert_eq!(
+            response.headers()[header::WWW_AUTHENTICATE],
+            "Bearer realm=\"tokengate\""
+        );
+        assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
+        let other = ProxyError::InvalidCredentials.into_response();
+        assert!(other.headers().get(header::WWW_AUTHENTICATE).is_none());
+    }
+}

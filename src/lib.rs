@@ -1,0 +1,136 @@
+//! tokengate: an authenticating reverse-proxy sidecar.
+//!
+//! A request's life, one module per step: accept and drain ([`server`]) → TLS ([`tls`]) →
+//! route, then the chain in [`proxy`]: extract the credential ([`credential`]) → validate
+//! ([`cache`], then [`validate`]) → rewrite ([`rewrite`]) → forward ([`upstream`]) → one access
+//! log line. Errors become responses in one place ([`error`]).
+
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod cache;
+pub mod config;
+pub mod credential;
+pub mod demo;
+pub mod endpoints;
+pub mod error;
+pub mod proxy;
+pub mod reload;
+pub mod rewrite;
+pub mod server;
+pub mod store;
+pub mod telemetry;
+pub mod tls;
+pub mod token;
+pub mod upstream;
+pub mod validate;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use config::Config;
+
+/// Runs the proxy with a checked config until `shutdown` resolves, then drains. With
+/// `config_path`, SIGHUP and changes to the config or its certificate files reload it.
+pub async fn run(
+    config: Config,
+    config_path: Option<PathBuf>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), String> {
+    for section in &config.not_yet_active {
+        tracing::warn!(
+            section,
+            "accepted in the config but not active in this version"
+        );
+    }
+    let addr = config.server.listen;
+    let tls = config.server.tls.is_some();
+    let routes: Vec<String> = config
+        .routes
+        .iter()
+        .map(|r| format!("{} -> {}", r.path_prefix, r.upstream))
+        .collect();
+    let validators: Vec<&str> = config
+        .validators
+        .iter()
+        .map(|v| match v {
+            config::ValidatorConfig::Static(_) => "static",
+            config::ValidatorConfig::Introspect(_) => "introspect",
+        })
+        .collect();
+    let metrics = telemetry::install();
+    let admin_addr = config.admin.as_ref().map(|a| a.listen);
+    let store = Arc::new(
+        store::Store::open(&config.store)
+            .await
+            .map_err(|e| format!("token store: {e}"))?,
+    );
+    let (usage, usage_marks) = tokio::sync::mpsc::channel(USAGE_QUEUE);
+    let gate = proxy::Gate::new(config, Arc::clone(&store), usage, None)?;
+    let gate: proxy::SharedGate = Arc::new(ArcSwap::from_pointee(gate));
+    let listener = server::bind(addr).await?;
+    let health = Arc::new(admin::Health::default());
+    let mut background = Vec::new();
+    if let Some(handle) = &metrics {
+        background.push(tokio::spawn(telemetry::upkeep(handle.clone())));
+    }
+    if let Some(admin_addr) = admin_addr {
+        let admin_listener = server::bind(admin_addr).await?;
+        let state = admin::AdminState {
+            gate: Arc::clone(&gate),
+            health: Arc::clone(&health),
+            metrics,
+        };
+        background.push(tokio::spawn(admin::serve(admin_listener, state)));
+        tracing::info!(listen = %admin_addr, "admin listener");
+    }
+    background.push(tokio::spawn(write_usage(Arc::clone(&store), usage_marks)));
+    background.push(tokio::spawn(follow_revocations(
+        Arc::clone(&store),
+        Arc::clone(&gate),
+    )));
+    if let Some(path) = config_path {
+        background.push(tokio::spawn(reload::watch(path, Arc::clone(&gate))));
+    }
+    tracing::info!(listen = %addr, tls, routes = ?routes, validators = ?validators, "tokengate listening");
+    let result = server::serve(gate, listener, health, shutdown).await;
+    for task in background {
+        task.abort();
+    }
+    result
+}
+
+/// Last-use marks waiting to be written; beyond this, marks are dropped (they are advisory).
+const USAGE_QUEUE: usize = 4096;
+
+/// Writes `lastUsed` marks to the store, off the request path.
+async fn write_usage(
+    store: Arc<store::Store>,
+    mut marks: tokio::sync::mpsc::Receiver<([u8; 32], i64)>,
+) {
+    while let Some((hash, at)) = marks.recv().await {
+        if let Err(e) = store.touch(&hash, at).await {
+            tracing::warn!(error = %e, "cannot record a token's last use");
+        }
+    }
+}
+
+/// Evicts tokens revoked elsewhere from the cache of the gate in force.
+async fn follow_revocations(store: Arc<store::Store>, gate: proxy::SharedGate) {
+    store
+        .follow_revocations(move |revoked| {
+            let gate = gate.load();
+            match revoked {
+                store::Revoked::One(hash) => gate.cache().evict(&hash),
+                store::Revoked::Unknown => {
+                    gate.cache()
+                        .evict_where(|identity| identity.validator == "store");
+                }
+            }
+        })
+        .await;
+}

@@ -1,0 +1,346 @@
+//! The `tokengate` command.
+
+#![forbid(unsafe_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tokengate::config::Config;
+
+/// Authenticating reverse-proxy sidecar.
+#[derive(Parser)]
+#[command(name = "tokengate", version, about)]
+struct Cli {
+    /// Log line format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Json)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Serve {
+        /// The config file.
+        #[arg(long, env = "TOKENGATE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Check a config file: prints `config ok`, or `PATH:LINE:COL: message` and exits 2.
+    Check {
+        /// The config file.
+        #[arg(long, env = "TOKENGATE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Start a local echo upstream and the proxy with the example config, and print curl
+    /// commands to try.
+    Demo {
+        /// Another config instead of the built-in example (its routes point at the echo upstream).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Listen here instead of the config's address.
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+    },
+    /// Create, list and revoke issued tokens in the configured store.
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
+    },
+    /// Print the SHA-256 of a token, for `[[validator.token]] sha256`. Reads the token from
+    /// standard input when none is given (keeps it out of shell history).
+    Hash {
+        /// The token.
+        token: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenAction {
+    /// Create an API token; prints it once.
+    Create {
+        /// The config file (its [store] and [tokens]).
+        #[arg(long, env = "TOKENGATE_CONFIG")]
+        config: PathBuf,
+        /// The owner (subject).
+        #[arg(long)]
+        user: String,
+        /// The account (default: the user).
+        #[arg(long)]
+        account: Option<String>,
+        /// A label.
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Lifetime, e.g. "30d"; "0" = until revoked (default: [tokens] default_ttl).
+        #[arg(long)]
+        ttl: Option<String>,
+    },
+    /// List tokens (never their secrets).
+    List {
+        /// The config file.
+        #[arg(long, env = "TOKENGATE_CONFIG")]
+        config: PathBuf,
+        /// Only this user's.
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// Revoke a token by id; running servers drop it within a second.
+    Revoke {
+        /// The config file.
+        #[arg(long, env = "TOKENGATE_CONFIG")]
+        config: PathBuf,
+        /// The token id (from `token list`).
+        id: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => match load(&config) {
+            Ok(c) => {
+                for section in &c.not_yet_active {
+                    eprintln!("note: {section} is accepted but not active in this version");
+                }
+                println!("config ok");
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Token { action } => token_command(action),
+        Command::Hash { token } => {
+            let token = match token {
+                Some(t) => t,
+                None => {
+                    let mut t = String::new();
+                    if let Err(e) = std::io::stdin().read_to_string(&mut t) {
+                        eprintln!("cannot read the token from standard input: {e}");
+                        return ExitCode::from(2);
+                    }
+                    t.trim_end_matches(['\n', '\r']).to_string()
+                }
+            };
+            println!("{}", hex::encode(tokengate::validate::hash(&token)));
+            ExitCode::SUCCESS
+        }
+        Command::Demo { config, listen } => {
+            let _log = init_logging(cli.log_format);
+            let runtime = match runtime() {
+                Ok(r) => r,
+                Err(code) => return code,
+            };
+            match runtime.block_on(tokengate::demo::run(
+                config.as_deref(),
+                listen,
+                shutdown_signal(),
+            )) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tokengate demo: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Serve { config: path } => {
+            let config = match load(&path) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let _log = init_logging(cli.log_format);
+            serve(config, path)
+        }
+    }
+}
+
+/// Loads a config; on error prints `PATH:LINE:COL: message` and gives exit status 2.
+fn load(path: &Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(2)
+    })
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        })
+}
+
+fn serve(config: Config, path: PathBuf) -> ExitCode {
+    let runtime = match runtime() {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    match runtime.block_on(tokengate::run(config, Some(path), shutdown_signal())) {
+        Ok(()) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot serve");
+            eprintln!("tokengate: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        _ = int.recv() => tracing::info!("SIGINT: draining"),
+    }
+}
+
+/// Logs go to standard output through a background writer, so a slow log reader never blocks
+/// a request. `RUST_LOG` filters (default `info`).
+fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
+    match format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+        LogFormat::Text => builder.with_ansi(false).init(),
+    }
+    guard
+}
+
+/// `tokengate token ...`: works on the store the config names.
+fn token_command(action: TokenAction) -> ExitCode {
+    let path = match &action {
+        TokenAction::Create { config, .. }
+        | TokenAction::List { config, .. }
+        | TokenAction::Revoke { config, .. } => config.clone(),
+    };
+    let config = match load(&path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if config.store == tokengate::config::StoreConfig::Memory {
+        eprintln!("the memory store lives inside one server process: use the admin API (POST /tokens) instead");
+        return ExitCode::from(2);
+    }
+    let runtime = match runtime() {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    runtime.block_on(async {
+        let store = match tokengate::store::Store::open(&config.store).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("token store: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let result = match action {
+            TokenAction::Create {
+                user,
+                account,
+                name,
+                ttl,
+                ..
+            } => {
+                let ttl = match ttl
+                    .as_deref()
+                    .map(tokengate::config::parse_duration)
+                    .transpose()
+                {
+                    Ok(t) => t,
+                    Err(e) => {
+                        eprintln!("--ttl: {e}");
+                        return ExitCode::from(2);
+                    }
+                };
+                let what = tokengate::token::Issue {
+                    subject: &user,
+                    account: account.as_deref(),
+                    name: &name,
+                    ttl,
+                    kind: tokengate::store::Kind::Api,
+                    dn: None,
+                };
+                tokengate::token::issue(&store, &config.tokens, what)
+                    .await
+                    .map(|(token, record)| {
+                        eprintln!(
+                            "created token {} for {} (account {}), expires {}; it is shown once:",
+                            record.id,
+                            record.subject,
+                            record.account,
+                            record
+                                .expires_ms
+                                .map_or("never".to_string(), tokengate::endpoints::rfc3339)
+                        );
+                        println!("{token}");
+                    })
+            }
+            TokenAction::List { user, .. } => store.list(user.as_deref()).await.map(|records| {
+                println!(
+                    "{:<18} {:<16} {:<16} {:<5} {:<20} {:<20} {:<20} name",
+                    "id", "user", "account", "kind", "created", "expires", "last used"
+                );
+                for r in records {
+                    let time =
+                        |ms: Option<i64>| ms.map_or("-".to_string(), tokengate::endpoints::rfc3339);
+                    println!(
+                        "{:<18} {:<16} {:<16} {:<5} {:<20} {:<20} {:<20} {}",
+                        r.id,
+                        r.subject,
+                        r.account,
+                        r.kind.as_str(),
+                        time(Some(r.created_ms)),
+                        time(r.expires_ms),
+                        time(r.last_used_ms),
+                        r.name
+                    );
+                }
+            }),
+            TokenAction::Revoke { id, .. } => match store.revoke(&id, None).await {
+                Ok(Some(r)) => {
+                    println!("revoked {} ({})", r.id, r.subject);
+                    Ok(())
+                }
+                Ok(None) => {
+                    eprintln!("no token with id {id}");
+                    return ExitCode::FAILURE;
+                }
+                Err(e) => Err(e),
+            },
+        };
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("token store: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}

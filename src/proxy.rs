@@ -1,0 +1,386 @@
+//! The request path: an outer handler (access log, error → response) around an inner handler
+//! that is a straight chain of steps: route → extract credential → validate → rewrite →
+//! forward.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use http::{header, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+
+use std::borrow::Cow;
+
+use tokio::sync::mpsc;
+
+use crate::cache::{Cache, Provenance};
+use crate::config::{AuthMode, Config, RouteConfig};
+use crate::credential;
+use crate::endpoints::{self, TokenService};
+use crate::error::{Body, BoxError, ProxyError};
+use crate::rewrite::{self, Forwarding, Values};
+use crate::store::{self, Store};
+use crate::telemetry::{AuthMetrics, AuthResult, RouteMetrics};
+use crate::token;
+use crate::upstream::{self, HttpClient};
+use crate::validate::{self, Identity, Validators, Verdict};
+
+/// Everything the request path needs, built once from a config (and again on reload).
+pub struct Gate {
+    /// The checked config.
+    pub config: Config,
+    /// The TLS acceptor of the main listener, when TLS is configured.
+    pub acceptor: Option<TlsAcceptor>,
+    routes: Vec<Route>,
+    validators: Arc<Validators>,
+    cache: Arc<Cache>,
+    auth_metrics: AuthMetrics,
+    /// Where issued tokens live (shared by every gate generation).
+    pub store: Arc<Store>,
+    usage: UsageSender,
+}
+
+/// Hands `(token hash, ms)` last-use marks to the background writer.
+pub type UsageSender = mpsc::Sender<([u8; 32], i64)>;
+
+/// The gate in force; reload swaps it, requests load it.
+pub type SharedGate = Arc<ArcSwap<Gate>>;
+
+struct Route {
+    config: RouteConfig,
+    client: HttpClient,
+    metrics: RouteMetrics,
+}
+
+/// What the connection knows about the client.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    /// The client's address.
+    pub addr: SocketAddr,
+    /// Whether the connection is TLS.
+    pub tls: bool,
+}
+
+impl Gate {
+    /// Builds the TLS acceptor, clients, validators and the cache for a config. The previous
+    /// gate's cache is kept when the validators and cache settings are unchanged, so a reload
+    /// does not send every client back to the validators.
+    pub fn new(
+        config: Config,
+        store: Arc<Store>,
+        usage: UsageSender,
+        previous: Option<&Gate>,
+    ) -> Result<Gate, String> {
+        let acceptor = match &config.server.tls {
+            Some(tls) => Some(TlsAcceptor::from(crate::tls::server_config(tls)?)),
+            None => None,
+        };
+        let default_client = upstream::client(None)?;
+        let mut routes = Vec::with_capacity(config.routes.len());
+        for route in &config.routes {
+            let client = match &route.upstream_ca {
+                Some(ca) => upstream::client(Some(ca))?,
+                None => default_client.clone(),
+            };
+            routes.push(Route {
+                config: route.clone(),
+                client,
+                metrics: RouteMetrics::new(&route.path_prefix),
+            });
+        }
+        let validators = Arc::new(Validators::new(
+            &config.validators,
+            &default_client,
+            Arc::clone(&store),
+        ));
+        let cache = match previous {
+            Some(p)
+                if p.config.validators == config.validators && p.config.cache == config.cache =>
+            {
+                Arc::clone(&p.cache)
+            }
+            _ => Cache::new(&config.cache),
+        };
+        Ok(Gate {
+            config,
+            acceptor,
+            routes,
+            validators,
+            cache,
+            auth_metrics: AuthMetrics::new(),
+            store,
+            usage,
+        })
+    }
+
+    /// Where last-use marks go (kept across reloads).
+    pub fn usage(&self) -> UsageSender {
+        self.usage.clone()
+    }
+
+    /// The validation cache.
+    pub fn cache(&self) -> &Arc<Cache> {
+        &self.cache
+    }
+
+    /// The route with the longest `path_prefix` that `path` starts with.
+    fn route_for(&self, path: &str) -> Option<&Route> {
+        self.routes
+            .iter()
+            .find(|r| path.starts_with(r.config.path_prefix.as_str()))
+    }
+}
+
+/// What the access log line says about a request, filled in as the chain goes.
+#[derive(Default)]
+pub(crate) struct Outcome<'g> {
+    route: Option<&'g Route>,
+    endpoint: Option<&'static str>,
+    identity: Option<Arc<Identity>>,
+    source: Option<&'g str>,
+    /// The decision, and who made it (`cache` or the validator).
+    auth: Option<(AuthResult, &'static str)>,
+    upstream: Option<std::time::Duration>,
+}
+
+/// Handles one request: the inner chain, then one access-log line, whatever happened.
+pub async fn handle(gate: Arc<Gate>, peer: Peer, request: Request<Incoming>) -> Response<Body> {
+    let start = Instant::now();
+    let method = request.method().clone();
+    let uri = request.uri().clone();
+    let mut outcome = Outcome::default();
+    let response = match forward_request(&gate, peer, request, &mut outcome).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    };
+    let duration = start.elapsed();
+    let status = response.status().as_u16();
+    if let Some(route) = outcome.route {
+        route.metrics.request(status, duration, outcome.upstream);
+    }
+    if let Some((result, by)) = outcome.auth {
+        gate.auth_metrics.record(result, by);
+    }
+    tracing::info!(
+        target: "access",
+        method = %method,
+        // The query may carry a credential (`query:NAME` sources): only the path is logged.
+        path = uri.path(),
+        status,
+        route = outcome
+            .route
+            .map(|r| r.config.path_prefix.as_str())
+            .or(outcome.endpoint)
+            .unwrap_or("-"),
+        subject = outcome.identity.as_deref().map_or("-", |i| i.subject.as_str()),
+        source = outcome.source.unwrap_or("-"),
+        auth = outcome.auth.map_or("-", |(result, _)| result.label()),
+        validator = outcome.auth.map_or("-", |(_, by)| by),
+        client = %peer.addr.ip(),
+        duration_ms = duration.as_secs_f64() * 1000.0,
+        upstream_ms = outcome.upstream.map_or(-1.0, |d| d.as_secs_f64() * 1000.0),
+    );
+    response
+}
+
+/// The inner chain. Every early return is an error that `handle` turns into a response.
+async fn forward_request<'g>(
+    gate: &'g Gate,
+    peer: Peer,
+    mut request: Request<Incoming>,
+    outcome: &mut Outcome<'g>,
+) -> Result<Response<Body>, ProxyError> {
+    if let Some(endpoint) = endpoints::route(&gate.config.endpoints, request.uri().path()) {
+        outcome.endpoint = Some(endpoint.label());
+        let (parts, body) = request.into_parts();
+        let Some((caller, token)) = identify(gate, &parts, outcome).await? else {
+            outcome.auth = Some((AuthResult::Missing, "none"));
+            return Err(ProxyError::MissingCredentials);
+        };
+        outcome.identity = Some(Arc::clone(&caller));
+        let service = TokenService {
+            store: &gate.store,
+            cache: &gate.cache,
+            config: &gate.config.tokens,
+        };
+        return endpoints::serve(&service, &endpoint, &parts.method, &caller, &token, body).await;
+    }
+    let route = gate
+        .route_for(request.uri().path())
+        .ok_or(ProxyError::NoRoute)?;
+    outcome.route = Some(route);
+
+    let max_body = gate.config.server.max_body_bytes;
+    if max_body > 0 && declared_length(&request).is_some_and(|n| n > max_body) {
+        return Err(ProxyError::BodyTooLarge);
+    }
+    let client_upgrade = rewrite::upgrade_protocol(request.headers())
+        .is_some()
+        .then(|| hyper::upgrade::on(&mut request));
+    let (mut parts, body) = request.into_parts();
+
+    // Extract and validate.
+    let sources = gate.config.sources.as_slice();
+    let mut token_for_upstream = None;
+    let identity = if route.config.auth == AuthMode::None {
+        None
+    } else {
+        match identify(gate, &parts, outcome).await? {
+            None if route.config.auth == AuthMode::Required => {
+                outcome.auth = Some((AuthResult::Missing, "none"));
+                return Err(ProxyError::MissingCredentials);
+            }
+            None => None,
+            Some((identity, token)) => {
+                let needs_token = route
+                    .config
+                    .upstream_auth
+                    .as_ref()
+                    .is_some_and(|(_, t)| t.uses_token());
+                if needs_token {
+                    token_for_upstream = Some(token.into_owned());
+                }
+                Some(identity)
+            }
+        }
+    };
+
+    // Rewrite.
+    let forwarding = Forwarding {
+        client_ip: peer.addr.ip(),
+        tls: peer.tls,
+        values: Values {
+            token: token_for_upstream.as_deref(),
+            identity: identity.as_deref(),
+            source: outcome.source,
+        },
+    };
+    rewrite::request(&mut parts, &route.config, sources, &forwarding);
+    outcome.identity = identity;
+
+    // Forward.
+    let body: Body = if max_body > 0 {
+        Limited::new(body, max_body as usize).boxed_unsync()
+    } else {
+        body.map_err(BoxError::from).boxed_unsync()
+    };
+    let upstream_start = Instant::now();
+    let response = upstream::forward(
+        &route.client,
+        Request::from_parts(parts, body),
+        route.config.timeout,
+    )
+    .await;
+    outcome.upstream = Some(upstream_start.elapsed());
+    let mut response = response?;
+
+    let upgraded = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+    let upgrade = if upgraded {
+        rewrite::upgrade_protocol(response.headers()).cloned()
+    } else {
+        None
+    };
+    rewrite::remove_hop_by_hop(response.headers_mut(), upgrade.as_ref());
+    if let (true, Some(client_upgrade)) = (upgraded, client_upgrade) {
+        let upstream_upgrade = hyper::upgrade::on(&mut response);
+        tokio::spawn(relay_upgrade(client_upgrade, upstream_upgrade));
+    }
+    Ok(response.map(|b| b.map_err(BoxError::from).boxed_unsync()))
+}
+
+/// Extract and validate: the caller's identity and credential, `None` without a credential.
+async fn identify<'p, 'g>(
+    gate: &'g Gate,
+    parts: &'p http::request::Parts,
+    outcome: &mut Outcome<'g>,
+) -> Result<Option<(Arc<Identity>, Cow<'p, str>)>, ProxyError> {
+    let Some(credential) = credential::extract(parts, &gate.config.sources)? else {
+        return Ok(None);
+    };
+    outcome.source = Some(credential.source.label());
+    // A mistyped or random `tg_` string is refused before any cache or store work.
+    if token::is_ours(&credential.token) && !token::well_formed(&credential.token) {
+        outcome.auth = Some((AuthResult::Denied, "none"));
+        return Err(ProxyError::InvalidCredentials);
+    }
+    let identity = authenticate(gate, &credential.token, outcome).await?;
+    if let Some(usage) = &identity.usage {
+        let now = store::now_ms();
+        if usage.due(now) {
+            // Off the request path; if the writer is behind, this use is simply not recorded.
+            let _ = gate.usage.try_send((usage.hash, now));
+        }
+    }
+    Ok(Some((identity, credential.token)))
+}
+
+/// Cache, then validators: the identity behind a credential.
+async fn authenticate(
+    gate: &Gate,
+    token: &str,
+    outcome: &mut Outcome<'_>,
+) -> Result<Arc<Identity>, ProxyError> {
+    let key = validate::hash(token);
+    let validators = &gate.validators;
+    let (verdict, provenance) = gate
+        .cache
+        .get_or_validate(key, || {
+            let validators = Arc::clone(validators);
+            let token = token.to_string();
+            async move { validators.validate(&token, &key).await }
+        })
+        .await;
+    match verdict {
+        Ok(Verdict::Allowed(identity)) => {
+            let by = match provenance {
+                Provenance::Cache => "cache",
+                Provenance::Validated => identity.validator,
+            };
+            outcome.auth = Some((AuthResult::Allowed, by));
+            Ok(identity)
+        }
+        Ok(Verdict::Denied) => {
+            let by = match provenance {
+                Provenance::Cache => "cache",
+                Provenance::Validated => "none",
+            };
+            outcome.auth = Some((AuthResult::Denied, by));
+            Err(ProxyError::InvalidCredentials)
+        }
+        Err(_) => {
+            outcome.auth = Some((AuthResult::Error, "none"));
+            Err(ProxyError::BackendUnavailable)
+        }
+    }
+}
+
+/// The request's `Content-Length`, when it declares one.
+fn declared_length<B>(request: &Request<B>) -> Option<u64> {
+    request
+        .headers()
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// Copies bytes both ways between an upgraded client connection and the upstream's.
+async fn relay_upgrade(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::warn!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(error = %e, "upgraded connection closed");
+    }
+}

@@ -1,0 +1,100 @@
+//! Live reload: SIGHUP, or a change to the config file or to a certificate, key or CA file it
+//! names (cert-manager and Kubernetes Secrets rewrite them in place), builds a new gate and
+//! swaps it in. Open connections and in-flight requests are untouched; new requests and new
+//! handshakes use the new gate. A broken new config or certificate is logged, counted, and the
+//! old gate keeps serving.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use crate::config::Config;
+use crate::proxy::{Gate, SharedGate};
+
+/// How often the watched files are looked at.
+const POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A file's identity for change detection: modification time and size (`metadata` follows
+/// symlinks, so a Secret's `..data` swap is seen).
+type Stamp = Option<(SystemTime, u64)>;
+
+fn stamp(path: &Path) -> Stamp {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+/// The config file and every file it names.
+fn watched_files(path: &Path, config: &Config) -> Vec<PathBuf> {
+    let mut files = vec![path.to_owned()];
+    if let Some(tls) = &config.server.tls {
+        files.push(tls.cert.clone());
+        files.push(tls.key.clone());
+        files.extend(tls.client_ca.clone());
+    }
+    files.extend(config.routes.iter().filter_map(|r| r.upstream_ca.clone()));
+    files
+}
+
+/// Reloads on SIGHUP and on file changes, forever.
+pub async fn watch(path: PathBuf, gate: SharedGate) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangup = match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGHUP handler; reloading on file changes only");
+            None
+        }
+    };
+    let mut files = watched_files(&path, &gate.load().config);
+    let mut stamps: Vec<Stamp> = files.iter().map(|f| stamp(f)).collect();
+    let mut tick = tokio::time::interval(POLL_INTERVAL);
+    loop {
+        let why = tokio::select! {
+            Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => "SIGHUP",
+            _ = tick.tick() => {
+                let now: Vec<Stamp> = files.iter().map(|f| stamp(f)).collect();
+                if now == stamps {
+                    continue;
+                }
+                // A writer may still be mid-way: let the files settle for a moment.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                "file change"
+            }
+        };
+        reload(&path, &gate, why);
+        files = watched_files(&path, &gate.load().config);
+        stamps = files.iter().map(|f| stamp(f)).collect();
+    }
+}
+
+/// Loads the config again and swaps in a new gate; on error keeps the old one.
+pub fn reload(path: &Path, gate: &SharedGate, why: &str) {
+    let current = gate.load_full();
+    let result = Config::load(path)
+        .map_err(|e| e.to_string())
+        .and_then(|config| {
+            if config.store != current.config.store {
+                tracing::warn!("[store] changed: takes effect after a restart");
+            }
+            Gate::new(
+                config,
+                Arc::clone(&current.store),
+                current.usage(),
+                Some(&current),
+            )
+        });
+    match result {
+        Ok(next) => {
+            if next.config.server.listen != current.config.server.listen {
+                tracing::warn!("server.listen changed: takes effect after a restart");
+            }
+            gate.store(Arc::new(next));
+            crate::telemetry::config_reload(true);
+            tracing::info!(reason = why, "config reloaded");
+        }
+        Err(e) => {
+            crate::telemetry::config_reload(false);
+            tracing::error!(reason = why, error = %e, "config reload rejected; keeping the running config");
+        }
+    }
+}

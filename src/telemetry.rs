@@ -1,0 +1,217 @@
+//! Metrics (SPEC §7), through the `metrics` facade and the Prometheus exporter.
+//!
+//! The request path records through handles registered ahead of time (per route, per status on
+//! first use), so a request costs a few atomic adds: no label allocation, no registry lookup.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter,
+    Histogram,
+};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+/// Request-duration buckets (seconds): sidecar latencies are sub-millisecond to seconds.
+const BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0,
+];
+/// How often histogram samples are folded into their buckets.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Installs the process-wide Prometheus recorder once; later calls return the same handle.
+pub fn install() -> Option<PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new().set_buckets(BUCKETS).ok()?;
+            match builder.install_recorder() {
+                Ok(handle) => {
+                    describe();
+                    Some(handle)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics recorder not installed");
+                    None
+                }
+            }
+        })
+        .clone()
+}
+
+/// Folds histogram samples periodically (the exporter leaves this to its user).
+pub async fn upkeep(handle: PrometheusHandle) {
+    let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
+    loop {
+        tick.tick().await;
+        handle.run_upkeep();
+    }
+}
+
+fn describe() {
+    describe_counter!(
+        "tokengate_requests_total",
+        "Requests answered, by route and status."
+    );
+    describe_histogram!(
+        "tokengate_request_duration_seconds",
+        metrics::Unit::Seconds,
+        "Time from request head to response head, by route."
+    );
+    describe_histogram!(
+        "tokengate_upstream_duration_seconds",
+        metrics::Unit::Seconds,
+        "Time the upstream took to send its response head, by route."
+    );
+    describe_counter!(
+        "tokengate_auth_total",
+        "Authentication decisions, by result (allowed, denied, missing, error) and source."
+    );
+    describe_gauge!(
+        "tokengate_cache_entries",
+        "Entries in the validation cache."
+    );
+    describe_counter!("tokengate_tokens_issued_total", "Tokens issued, by kind.");
+    describe_counter!("tokengate_tokens_revoked_total", "Tokens revoked.");
+    describe_counter!(
+        "tokengate_tls_handshake_errors_total",
+        "TLS handshakes that failed (bad or untrusted client certificate, protocol errors, timeouts)."
+    );
+    describe_counter!(
+        "tokengate_config_reloads_total",
+        "Config reloads, by result (ok, error)."
+    );
+    // Counters that other parts of the product drive; registered so they read 0, not absent.
+    counter!("tokengate_tokens_revoked_total").absolute(0);
+    counter!("tokengate_tls_handshake_errors_total").absolute(0);
+}
+
+/// The metrics of one route.
+pub struct RouteMetrics {
+    route: Arc<str>,
+    /// `tokengate_requests_total{route,status}`, registered on a status's first use.
+    requests: Box<[OnceLock<Counter>]>,
+    duration: Histogram,
+    upstream: Histogram,
+}
+
+/// Status codes 100..=599 have a slot each.
+const STATUS_SLOTS: usize = 500;
+
+impl RouteMetrics {
+    /// Registers the route's metrics.
+    pub fn new(route: &str) -> RouteMetrics {
+        let label = route.to_string();
+        RouteMetrics {
+            route: Arc::from(route),
+            requests: (0..STATUS_SLOTS).map(|_| OnceLock::new()).collect(),
+            duration: histogram!("tokengate_request_duration_seconds", "route" => label.clone()),
+            upstream: histogram!("tokengate_upstream_duration_seconds", "route" => label),
+        }
+    }
+
+    /// Records one answered request.
+    pub fn request(&self, status: u16, duration: Duration, upstream: Option<Duration>) {
+        let slot = usize::from(status).wrapping_sub(100);
+        if let Some(cell) = self.requests.get(slot) {
+            cell.get_or_init(|| {
+                counter!("tokengate_requests_total", "route" => self.route.to_string(), "status" => status.to_string())
+            })
+            .increment(1);
+        }
+        self.duration.record(duration.as_secs_f64());
+        if let Some(upstream) = upstream {
+            self.upstream.record(upstream.as_secs_f64());
+        }
+    }
+}
+
+/// An authentication decision (`result` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthResult {
+    /// A valid credential.
+    Allowed,
+    /// An invalid, expired or revoked credential.
+    Denied,
+    /// No credential where one was required.
+    Missing,
+    /// A backend could not be reached.
+    Error,
+}
+
+impl AuthResult {
+    /// The `result` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            AuthResult::Allowed => "allowed",
+            AuthResult::Denied => "denied",
+            AuthResult::Missing => "missing",
+            AuthResult::Error => "error",
+        }
+    }
+}
+
+/// Who decided (`source` label): the cache, or the validator that answered.
+pub const AUTH_SOURCES: [&str; 7] = [
+    "cache",
+    "store",
+    "static",
+    "jwt",
+    "introspect",
+    "x509",
+    "none",
+];
+
+/// `tokengate_auth_total{result,source}`, all combinations registered up front.
+pub struct AuthMetrics {
+    counters: [[Counter; AUTH_SOURCES.len()]; 4],
+}
+
+impl AuthMetrics {
+    /// Registers every result × source counter.
+    pub fn new() -> AuthMetrics {
+        let row = |result: AuthResult| {
+            AUTH_SOURCES.map(|source| counter!("tokengate_auth_total", "result" => result.label(), "source" => source))
+        };
+        AuthMetrics {
+            counters: [
+                row(AuthResult::Allowed),
+                row(AuthResult::Denied),
+                row(AuthResult::Missing),
+                row(AuthResult::Error),
+            ],
+        }
+    }
+
+    /// Counts one decision; an unknown source counts as `none`.
+    pub fn record(&self, result: AuthResult, source: &str) {
+        let column = AUTH_SOURCES
+            .iter()
+            .position(|s| *s == source)
+            .unwrap_or(AUTH_SOURCES.len() - 1);
+        self.counters[result as usize][column].increment(1);
+    }
+}
+
+impl Default for AuthMetrics {
+    fn default() -> Self {
+        AuthMetrics::new()
+    }
+}
+
+/// Sets `tokengate_cache_entries`.
+pub fn cache_entries(entries: usize) {
+    gauge!("tokengate_cache_entries").set(entries as f64);
+}
+
+/// Counts a failed TLS handshake.
+pub fn tls_handshake_error() {
+    counter!("tokengate_tls_handshake_errors_total").increment(1);
+}
+
+/// Counts a config reload.
+pub fn config_reload(ok: bool) {
+    counter!("tokengate_config_reloads_total", "result" => if ok { "ok" } else { "error" })
+        .increment(1);
+}

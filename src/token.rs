@@ -1,0 +1,149 @@
+//! The format of the tokens tokengate issues (SPEC §5): `tg_` + 43 base64url characters of
+//! 256-bit OS randomness + a 6-character base62 CRC-32 checksum, as GitHub's `ghp_` tokens. A
+//! mistyped or random string fails the checksum and is rejected before any cache or store work.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use std::time::Duration;
+
+use ring::rand::{SecureRandom, SystemRandom};
+
+use crate::config::TokensConfig;
+use crate::store::{now_ms, Kind, Store, StoreError, TokenRecord};
+
+/// Every issued opaque token starts with this.
+pub const PREFIX: &str = "tg_";
+const BODY_LEN: usize = 43;
+const CHECKSUM_LEN: usize = 6;
+/// Length of a whole token.
+pub const LEN: usize = PREFIX.len() + BODY_LEN + CHECKSUM_LEN;
+const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+/// A new token, and a new token id (shown in lists; never the secret).
+pub fn generate() -> Result<(String, String), String> {
+    let rng = SystemRandom::new();
+    let mut secret = [0u8; 32];
+    rng.fill(&mut secret)
+        .map_err(|_| "the OS random number generator failed".to_string())?;
+    let mut token = String::with_capacity(LEN);
+    token.push_str(PREFIX);
+    URL_SAFE_NO_PAD.encode_string(secret, &mut token);
+    let checksum = base62(crc32fast::hash(token.as_bytes()));
+    token.push_str(&checksum);
+    Ok((token, new_id(&rng)?))
+}
+
+/// A random 16-character base62 token id.
+fn new_id(rng: &SystemRandom) -> Result<String, String> {
+    let mut bytes = [0u8; 16];
+    rng.fill(&mut bytes)
+        .map_err(|_| "the OS random number generator failed".to_string())?;
+    Ok(bytes
+        .iter()
+        .map(|b| BASE62[usize::from(*b) % 62] as char)
+        .collect())
+}
+
+/// Whether `token` looks like one of ours (`tg_` prefix), so that only the store can decide.
+pub fn is_ours(token: &str) -> bool {
+    token.starts_with(PREFIX)
+}
+
+/// Whether a `tg_` token is well formed: length, alphabet and checksum.
+pub fn well_formed(token: &str) -> bool {
+    if token.len() != LEN || !token.starts_with(PREFIX) {
+        return false;
+    }
+    let (payload, checksum) = token.split_at(LEN - CHECKSUM_LEN);
+    let body = &payload[PREFIX.len()..];
+    body.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        && base62(crc32fast::hash(payload.as_bytes())) == checksum
+}
+
+/// What a new token is for.
+pub struct Issue<'a> {
+    /// Its owner.
+    pub subject: &'a str,
+    /// The account it acts as (the subject's when `None`).
+    pub account: Option<&'a str>,
+    /// A label.
+    pub name: &'a str,
+    /// Its lifetime; `None`: `tokens.default_ttl`; zero: until revoked.
+    pub ttl: Option<Duration>,
+    /// API or x509.
+    pub kind: Kind,
+    /// The certificate DN (x509).
+    pub dn: Option<&'a str>,
+}
+
+/// Creates a token, stores its hash, and returns the token (shown once) with its record.
+pub async fn issue(
+    store: &Store,
+    config: &TokensConfig,
+    what: Issue<'_>,
+) -> Result<(String, TokenRecord), StoreError> {
+    let (token, id) = generate().map_err(StoreError)?;
+    let created_ms = now_ms();
+    let ttl = what.ttl.unwrap_or(config.default_ttl);
+    let record = TokenRecord {
+        id,
+        hash: crate::validate::hash(&token),
+        subject: what.subject.to_string(),
+        account: what.account.unwrap_or(what.subject).to_string(),
+        name: what.name.to_string(),
+        kind: what.kind,
+        dn: what.dn.map(str::to_string),
+        created_ms,
+        expires_ms: (!ttl.is_zero())
+            .then(|| created_ms.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX))),
+        last_used_ms: None,
+    };
+    store.insert(&record).await?;
+    metrics::counter!("tokengate_tokens_issued_total", "kind" => what.kind.as_str()).increment(1);
+    Ok((token, record))
+}
+
+/// A u32 as exactly six base62 digits (62^6 > 2^32).
+fn base62(mut n: u32) -> String {
+    let mut digits = [b'0'; CHECKSUM_LEN];
+    for d in digits.iter_mut().rev() {
+        *d = BASE62[(n % 62) as usize];
+        n /= 62;
+    }
+    String::from_utf8_lossy(&digits).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_tokens_are_well_formed_and_distinct() {
+        let (a, id_a) = generate().unwrap();
+        let (b, id_b) = generate().unwrap();
+        assert_ne!(a, b);
+        assert_ne!(id_a, id_b);
+        assert_eq!(a.len(), LEN);
+        assert_eq!(id_a.len(), 16);
+        assert!(well_formed(&a), "{a}");
+        assert!(well_formed(&b), "{b}");
+    }
+
+    #[test]
+    fn any_change_breaks_the_checksum() {
+        let (token, _) = generate().unwrap();
+        let mut bytes = token.clone().into_bytes();
+        for i in PREFIX.len()..bytes.len() {
+            let original = bytes[i];
+            bytes[i] = if original == b'A' { b'B' } else { b'A' };
+            let changed = String::from_utf8(bytes.clone()).unwrap();
+            assert!(!well_formed(&changed), "{changed}");
+            bytes[i] = original;
+        }
+        assert!(!well_formed(&token[..LEN - 1]));
+        assert!(!well_formed(&format!("{token}x")));
+        assert!(!well_formed("tg_short"));
+        assert!(!well_formed(&token.replacen("tg_", "tx_", 1)));
+    }
+}

@@ -1,0 +1,347 @@
+//! Validate: who a credential belongs to. The validators are tried in order; the first that
+//! recognises the credential decides; one that cannot be reached makes the answer "backend
+//! unavailable" unless a later one recognises the credential (fail closed).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Limited};
+
+use crate::config::{IntrospectConfig, StaticToken, ValidatorConfig};
+use crate::error::full;
+use crate::store::{Store, TokenRecord};
+use crate::upstream::HttpClient;
+
+/// A verified identity.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// Who the credential belongs to.
+    pub subject: String,
+    /// The account acted as.
+    pub account: String,
+    /// The certificate DN, when the credential came from a client certificate.
+    pub dn: Option<String>,
+    /// The id of a token tokengate issued.
+    pub token_id: Option<String>,
+    /// Which validator recognised it (`static`, `introspect`, ...).
+    pub validator: &'static str,
+    /// When the credential itself expires; the cache entry never outlives it.
+    pub expires: Option<SystemTime>,
+    /// For tokens tokengate issued: when their last use was last written back.
+    pub usage: Option<Arc<Usage>>,
+}
+
+/// Last-use bookkeeping of an issued token, shared by every request that uses it, so the
+/// write-back happens at most once a minute per token without a lookup on the request path.
+#[derive(Debug)]
+pub struct Usage {
+    /// The token's hash.
+    pub hash: [u8; 32],
+    last_written_ms: AtomicI64,
+}
+
+/// At most one `lastUsed` write per token per this interval.
+pub const USAGE_WRITE_INTERVAL_MS: i64 = 60_000;
+
+impl Usage {
+    /// Bookkeeping for a token last written back at `last_used_ms`.
+    pub fn new(hash: [u8; 32], last_used_ms: Option<i64>) -> Usage {
+        Usage {
+            hash,
+            last_written_ms: AtomicI64::new(last_used_ms.unwrap_or(i64::MIN / 2)),
+        }
+    }
+
+    /// Whether a use at `now_ms` should be written back; true for one caller per interval.
+    pub fn due(&self, now_ms: i64) -> bool {
+        let last = self.last_written_ms.load(Ordering::Relaxed);
+        now_ms - last >= USAGE_WRITE_INTERVAL_MS
+            && self
+                .last_written_ms
+                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+}
+
+impl Identity {
+    /// The identity behind an issued token.
+    pub fn of_record(record: TokenRecord) -> Identity {
+        let to_time = |ms: i64| UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+        Identity {
+            usage: Some(Arc::new(Usage::new(record.hash, record.last_used_ms))),
+            expires: record.expires_ms.map(to_time),
+            subject: record.subject,
+            account: record.account,
+            dn: record.dn,
+            token_id: Some(record.id),
+            validator: "store",
+        }
+    }
+}
+
+/// The outcome of a validation that reached its backends.
+#[derive(Debug, Clone)]
+pub enum Verdict {
+    /// Valid: the identity.
+    Allowed(Arc<Identity>),
+    /// No validator recognises the credential.
+    Denied,
+}
+
+/// A validator could not be reached or answered nonsense.
+#[derive(Debug, Clone)]
+pub struct BackendError(pub String);
+
+/// SHA-256 of a credential: the cache key and the static validator's key. Raw tokens are never
+/// kept.
+pub fn hash(token: &str) -> [u8; 32] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
+}
+
+/// The validators, in order: the store (for tokens tokengate issued), then the configured ones.
+pub struct Validators {
+    store: Arc<Store>,
+    list: Vec<Validator>,
+}
+
+enum Validator {
+    /// Token hashes → identity. Looking up a SHA-256 (not the secret) keeps the comparison
+    /// free of timing leaks about the token itself.
+    Static(HashMap<[u8; 32], Arc<Identity>>),
+    Introspect(Box<Introspector>),
+}
+
+struct Introspector {
+    config: IntrospectConfig,
+    client: HttpClient,
+}
+
+/// The most of an introspection response that is read.
+const INTROSPECT_BODY_LIMIT: usize = 64 * 1024;
+
+impl Validators {
+    /// Builds the validators of the config.
+    pub fn new(configs: &[ValidatorConfig], client: &HttpClient, store: Arc<Store>) -> Validators {
+        let list = configs
+            .iter()
+            .map(|c| match c {
+                ValidatorConfig::Static(tokens) => Validator::Static(static_map(tokens)),
+                ValidatorConfig::Introspect(config) => {
+                    Validator::Introspect(Box::new(Introspector {
+                        config: config.clone(),
+                        client: client.clone(),
+                    }))
+                }
+            })
+            .collect();
+        Validators { store, list }
+    }
+
+    /// Asks each validator in turn.
+    pub async fn validate(&self, token: &str, key: &[u8; 32]) -> Result<Verdict, BackendError> {
+        // A `tg_` token is ours: only the store can vouch for it (its checksum was checked
+        // before the cache).
+        if crate::token::is_ours(token) {
+            return match self.store.find(key).await {
+                Ok(Some(record)) => Ok(Verdict::Allowed(Arc::new(Identity::of_record(record)))),
+                Ok(None) => Ok(Verdict::Denied),
+                Err(e) => {
+                    tracing::warn!(error = %e, "token store unavailable");
+                    Err(BackendError(e.0))
+                }
+            };
+        }
+        let mut failure = None;
+        for validator in &self.list {
+            let answer = match validator {
+                Validator::Static(map) => Ok(map.get(key).cloned()),
+                Validator::Introspect(i) => i.introspect(token, key).await,
+            };
+            match answer {
+                Ok(Some(identity)) => return Ok(Verdict::Allowed(identity)),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e.0, "validator unavailable");
+                    failure = Some(e);
+                }
+            }
+        }
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(Verdict::Denied),
+        }
+    }
+}
+
+fn static_map(tokens: &[StaticToken]) -> HashMap<[u8; 32], Arc<Identity>> {
+    tokens
+        .iter()
+        .map(|t| {
+            let identity = Identity {
+                subject: t.subject.clone(),
+                account: t.account.clone(),
+                dn: None,
+                token_id: None,
+                validator: "static",
+                expires: None,
+                usage: None,
+            };
+            (t.sha256, Arc::new(identity))
+        })
+        .collect()
+}
+
+impl Introspector {
+    /// `Ok(None)`: the endpoint does not recognise the credential (401/403/404).
+    async fn introspect(
+        &self,
+        token: &str,
+        key: &[u8; 32],
+    ) -> Result<Option<Arc<Identity>>, BackendError> {
+        let c = &self.config;
+        let values = crate::rewrite::Values {
+            token: Some(token),
+            ..Default::default()
+        };
+        let value = c
+            .value
+            .render(&values)
+            .ok_or_else(|| BackendError("credential cannot be carried in a header".into()))?;
+        let request = Request::builder()
+            .method(Method::GET)
+            .uri(c.url.clone())
+            .header(c.header.clone(), value)
+            .header(http::header::ACCEPT, "application/json")
+            .body(full(Bytes::new()))
+            .map_err(|e| BackendError(format!("introspection request: {e}")))?;
+        let call = async {
+            let response = self
+                .client
+                .request(request)
+                .await
+                .map_err(|e| BackendError(format!("introspection endpoint {}: {e}", c.url)))?;
+            let status = response.status();
+            let body = Limited::new(response.into_body(), INTROSPECT_BODY_LIMIT)
+                .collect()
+                .await
+                .map_err(|e| BackendError(format!("introspection body: {e}")))?
+                .to_bytes();
+            Ok::<_, BackendError>((status, body))
+        };
+        let (status, body) = tokio::time::timeout(c.timeout, call)
+            .await
+            .map_err(|_| BackendError(format!("introspection endpoint {} timed out", c.url)))??;
+        if matches!(
+            status,
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::NOT_FOUND
+        ) {
+            return Ok(None);
+        }
+        if !status.is_success() {
+            return Err(BackendError(format!(
+                "introspection endpoint {} answered {status}",
+                c.url
+            )));
+        }
+        let json = || {
+            serde_json::from_slice::<serde_json::Value>(&body)
+                .map_err(|e| BackendError(format!("introspection response is not JSON: {e}")))
+        };
+        let parsed = if c.subject.is_some() || c.account.is_some() {
+            Some(json()?)
+        } else {
+            None
+        };
+        let pick = |pointer: &Option<String>| -> Result<Option<String>, BackendError> {
+            let (Some(pointer), Some(doc)) = (pointer, &parsed) else {
+                return Ok(None);
+            };
+            match doc.pointer(pointer) {
+                Some(serde_json::Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
+                Some(v @ serde_json::Value::Number(_)) => Ok(Some(v.to_string())),
+                _ => Err(BackendError(format!(
+                    "introspection response has no value at {pointer}"
+                ))),
+            }
+        };
+        let subject = match pick(&c.subject)? {
+            Some(s) => s,
+            None => hex::encode(&key[..8]),
+        };
+        let account = pick(&c.account)?.unwrap_or_else(|| subject.clone());
+        Ok(Some(Arc::new(Identity {
+            subject,
+            account,
+            dn: None,
+            token_id: None,
+            validator: "introspect",
+            expires: None,
+            usage: None,
+        })))
+    }
+}
+
+/// How long a verdict may be cached: the cache's TTL, never past the credential's own expiry.
+pub fn lifetime(verdict: &Verdict, ttl: Duration, negative_ttl: Duration) -> Duration {
+    match verdict {
+        Verdict::Denied => negative_ttl,
+        Verdict::Allowed(identity) => match identity.expires {
+            None => ttl,
+            Some(at) => at
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO)
+                .min(ttl),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_is_sha256() {
+        assert_eq!(
+            hex::encode(hash("test")),
+            "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+        );
+    }
+
+    #[test]
+    fn lifetime_never_outlives_credential() {
+        let mut id = Identity {
+            subject: "a".into(),
+            account: "a".into(),
+            dn: None,
+            token_id: None,
+            validator: "static",
+            expires: None,
+            usage: None,
+        };
+        let hour = Duration::from_secs(3600);
+        let ten = Duration::from_secs(10);
+        assert_eq!(
+            lifetime(&Verdict::Allowed(Arc::new(id.clone())), hour, ten),
+            hour
+        );
+        assert_eq!(lifetime(&Verdict::Denied, hour, ten), ten);
+        id.expires = Some(SystemTime::now() + Duration::from_secs(60));
+        let l = lifetime(&Verdict::Allowed(Arc::new(id.clone())), hour, ten);
+        assert!(
+            l <= Duration::from_secs(60) && l > Duration::from_secs(58),
+            "{l:?}"
+        );
+        id.expires = Some(SystemTime::now() - Duration::from_secs(60));
+        assert_eq!(
+            lifetime(&Verdict::Allowed(Arc::new(id)), hour, ten),
+            Duration::ZERO
+        );
+    }
+}
