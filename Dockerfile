@@ -1,0 +1,28 @@
+# syntax=docker/dockerfile:1
+# tokengate container image: a release build on Debian bookworm, run on distroless
+# cc-debian12 (glibc and libgcc, which the binary links dynamically; CA certificates for https
+# upstreams and introspection; no shell), as the unprivileged user 65532.
+#
+#   docker build -t tokengate:0.1.0 .
+#   docker run --rm -v "$PWD/config.example.toml:/etc/tokengate/tokengate.toml:ro" tokengate:0.1.0 check --config /etc/tokengate/tokengate.toml
+#
+# The Helm chart (helm/tokengate) runs this image as a sidecar with the config in a ConfigMap.
+
+FROM rust:1-bookworm AS build
+WORKDIR /src
+# Only what `cargo build` of the lib and the binary needs; tests, benches and examples are
+# not built.
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked --bin tokengate \
+    && install -D -m 0755 target/release/tokengate /out/tokengate
+
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /out/tokengate /usr/local/bin/tokengate
+USER 65532:65532
+# Main listener (the chart's tokengate.port) and the admin listener (/metrics, /healthz, /readyz).
+EXPOSE 8443 9901
+ENTRYPOINT ["/usr/local/bin/tokengate"]
+CMD ["serve", "--config", "/etc/tokengate/tokengate.toml"]
