@@ -332,8 +332,8 @@ pub struct TokensConfig {
     pub default_ttl: Duration,
     /// `opaque` (`tg_...`) or `jwt`.
     pub format: TokenFormat,
-    /// The JWT signing key (PEM or HMAC secret) when `format = "jwt"`.
-    pub jwt_key: Option<Secret>,
+    /// The JWT signing key (`jwt_key`: PEM or HMAC secret), when configured.
+    pub jwt: Option<std::sync::Arc<crate::jwt::JwtKey>>,
 }
 
 /// The format of new API tokens.
@@ -591,7 +591,7 @@ impl Checker<'_> {
             max_entries: self.positive(&raw.cache.max_entries, 1_000_000)?,
         };
         let store = self.store(&raw.store)?;
-        let tokens = self.tokens(&raw.tokens, &mut not_yet_active)?;
+        let tokens = self.tokens(&raw.tokens)?;
         if let Some(x509) = &raw.x509 {
             self.x509(x509)?;
             if x509.get_ref().enabled != Some(false) {
@@ -764,30 +764,31 @@ impl Checker<'_> {
         }
     }
 
-    fn tokens(
-        &self,
-        raw: &RawTokens,
-        not_yet_active: &mut Vec<&'static str>,
-    ) -> Result<TokensConfig, ConfigError> {
+    fn tokens(&self, raw: &RawTokens) -> Result<TokensConfig, ConfigError> {
         let format = match raw.format.as_ref().map(|f| (f, f.get_ref().as_str())) {
             None | Some((_, "opaque")) => TokenFormat::Opaque,
             Some((_, "jwt")) => TokenFormat::Jwt,
             Some((f, _)) => return Err(self.at(f, "tokens format must be \"opaque\" or \"jwt\"")),
         };
-        let jwt_key = raw.jwt_key.as_ref().map(|k| self.secret(k)).transpose()?;
-        if format == TokenFormat::Jwt {
-            if jwt_key.is_none() {
-                return Err(self.at(
-                    raw.format.as_ref().expect("format named"),
-                    "format = \"jwt\" needs jwt_key",
-                ));
+        let jwt = match &raw.jwt_key {
+            None => None,
+            Some(spanned) => {
+                let secret = self.secret(spanned)?;
+                let key = crate::jwt::JwtKey::from_config(secret.expose())
+                    .map_err(|m| self.at(spanned, m))?;
+                Some(std::sync::Arc::new(key))
             }
-            not_yet_active.push("[tokens] format = \"jwt\"");
+        };
+        if format == TokenFormat::Jwt && jwt.is_none() {
+            return Err(self.at(
+                raw.format.as_ref().expect("format named"),
+                "format = \"jwt\" needs jwt_key",
+            ));
         }
         Ok(TokensConfig {
             default_ttl: self.duration(&raw.default_ttl, Duration::ZERO)?,
             format,
-            jwt_key,
+            jwt,
         })
     }
 

@@ -155,6 +155,7 @@ impl TokenService<'_> {
             ttl: request.ttl,
             kind: Kind::Api,
             dn: None,
+            format: None,
         };
         match issue(self.store, self.config, what).await {
             Ok((token, record)) => {
@@ -213,6 +214,7 @@ impl TokenService<'_> {
             ttl: None,
             kind: Kind::Api,
             dn: None,
+            format: None,
         };
         match issue(self.store, self.config, what).await {
             Ok((token, _)) => {

@@ -16,6 +16,7 @@ pub mod credential;
 pub mod demo;
 pub mod endpoints;
 pub mod error;
+pub mod jwt;
 pub mod proxy;
 pub mod reload;
 pub mod rewrite;
@@ -128,7 +129,7 @@ async fn follow_revocations(store: Arc<store::Store>, gate: proxy::SharedGate) {
                 store::Revoked::One(hash) => gate.cache().evict(&hash),
                 store::Revoked::Unknown => {
                     gate.cache()
-                        .evict_where(|identity| identity.validator == "store");
+                        .evict_where(|identity| identity.token_id.is_some());
                 }
             }
         })

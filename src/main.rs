@@ -63,6 +63,13 @@ enum Command {
     },
 }
 
+/// The format of a new token, on the command line.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum FormatArg {
+    Opaque,
+    Jwt,
+}
+
 #[derive(Subcommand)]
 enum TokenAction {
     /// Create an API token; prints it once.
@@ -82,6 +89,9 @@ enum TokenAction {
         /// Lifetime, e.g. "30d"; "0" = until revoked (default: [tokens] default_ttl).
         #[arg(long)]
         ttl: Option<String>,
+        /// `opaque` (tg_...) or `jwt` (needs [tokens] jwt_key); default: [tokens] format.
+        #[arg(long, value_enum)]
+        format: Option<FormatArg>,
     },
     /// List tokens (never their secrets).
     List {
@@ -266,6 +276,7 @@ fn token_command(action: TokenAction) -> ExitCode {
                 account,
                 name,
                 ttl,
+                format,
                 ..
             } => {
                 let ttl = match ttl
@@ -286,6 +297,10 @@ fn token_command(action: TokenAction) -> ExitCode {
                     ttl,
                     kind: tokengate::store::Kind::Api,
                     dn: None,
+                    format: format.map(|f| match f {
+                        FormatArg::Opaque => tokengate::config::TokenFormat::Opaque,
+                        FormatArg::Jwt => tokengate::config::TokenFormat::Jwt,
+                    }),
                 };
                 tokengate::token::issue(&store, &config.tokens, what)
                     .await

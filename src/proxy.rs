@@ -96,10 +96,13 @@ impl Gate {
             &config.validators,
             &default_client,
             Arc::clone(&store),
+            config.tokens.jwt.clone(),
         ));
         let cache = match previous {
             Some(p)
-                if p.config.validators == config.validators && p.config.cache == config.cache =>
+                if p.config.validators == config.validators
+                    && p.config.cache == config.cache
+                    && same_jwt_key(&p.config, &config) =>
             {
                 Arc::clone(&p.cache)
             }
@@ -132,6 +135,15 @@ impl Gate {
         self.routes
             .iter()
             .find(|r| path.starts_with(r.config.path_prefix.as_str()))
+    }
+}
+
+/// Whether two configs sign and check JWT API keys with the same key.
+fn same_jwt_key(a: &Config, b: &Config) -> bool {
+    match (&a.tokens.jwt, &b.tokens.jwt) {
+        (None, None) => true,
+        (Some(a), Some(b)) => a.kid() == b.kid(),
+        _ => false,
     }
 }
 

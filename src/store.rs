@@ -15,6 +15,8 @@ use redis::AsyncCommands;
 
 use crate::config::{Secret, StoreConfig};
 
+mod identities;
+
 /// What kind of token a record is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -277,6 +279,8 @@ pub enum Revoked {
 pub struct MemoryStore {
     tokens: DashMap<[u8; 32], TokenRecord>,
     ids: DashMap<String, [u8; 32]>,
+    /// x509 DN → accounts (see `identities`).
+    identities: DashMap<String, Vec<String>>,
 }
 
 // ---------------------------------------------------------------------------------------------

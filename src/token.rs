@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use ring::rand::{SecureRandom, SystemRandom};
 
-use crate::config::TokensConfig;
+use crate::config::{TokenFormat, TokensConfig};
 use crate::store::{now_ms, Kind, Store, StoreError, TokenRecord};
 
 /// Every issued opaque token starts with this.
@@ -75,6 +75,8 @@ pub struct Issue<'a> {
     pub kind: Kind,
     /// The certificate DN (x509).
     pub dn: Option<&'a str>,
+    /// Opaque or JWT; `None`: `tokens.format`.
+    pub format: Option<TokenFormat>,
 }
 
 /// Creates a token, stores its hash, and returns the token (shown once) with its record.
@@ -83,20 +85,37 @@ pub async fn issue(
     config: &TokensConfig,
     what: Issue<'_>,
 ) -> Result<(String, TokenRecord), StoreError> {
-    let (token, id) = generate().map_err(StoreError)?;
+    let (mut token, id) = generate().map_err(StoreError)?;
     let created_ms = now_ms();
     let ttl = what.ttl.unwrap_or(config.default_ttl);
+    let expires_ms = (!ttl.is_zero())
+        .then(|| created_ms.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)));
+    let account = what.account.unwrap_or(what.subject);
+    if what.format.unwrap_or(config.format) == TokenFormat::Jwt {
+        let key = config.jwt.as_ref().ok_or_else(|| {
+            StoreError("JWT API keys need [tokens] jwt_key in the config".to_string())
+        })?;
+        let claims = crate::jwt::Claims {
+            iss: crate::jwt::ISSUER.to_string(),
+            sub: what.subject.to_string(),
+            account: account.to_string(),
+            jti: id.clone(),
+            iat: created_ms / 1000,
+            // Whole seconds, never later than the stored expiry.
+            exp: expires_ms.map(|ms| ms / 1000),
+        };
+        token = key.sign(&claims).map_err(StoreError)?;
+    }
     let record = TokenRecord {
         id,
         hash: crate::validate::hash(&token),
         subject: what.subject.to_string(),
-        account: what.account.unwrap_or(what.subject).to_string(),
+        account: account.to_string(),
         name: what.name.to_string(),
         kind: what.kind,
         dn: what.dn.map(str::to_string),
         created_ms,
-        expires_ms: (!ttl.is_zero())
-            .then(|| created_ms.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX))),
+        expires_ms,
         last_used_ms: None,
     };
     store.insert(&record).await?;

@@ -13,6 +13,7 @@ use http_body_util::{BodyExt, Limited};
 
 use crate::config::{IntrospectConfig, StaticToken, ValidatorConfig};
 use crate::error::full;
+use crate::jwt::JwtKey;
 use crate::store::{Store, TokenRecord};
 use crate::upstream::HttpClient;
 
@@ -108,6 +109,7 @@ pub fn hash(token: &str) -> [u8; 32] {
 /// The validators, in order: the store (for tokens tokengate issued), then the configured ones.
 pub struct Validators {
     store: Arc<Store>,
+    jwt: Option<Arc<JwtKey>>,
     list: Vec<Validator>,
 }
 
@@ -128,7 +130,13 @@ const INTROSPECT_BODY_LIMIT: usize = 64 * 1024;
 
 impl Validators {
     /// Builds the validators of the config.
-    pub fn new(configs: &[ValidatorConfig], client: &HttpClient, store: Arc<Store>) -> Validators {
+    /// `jwt`: the key of JWT API keys, when configured (`[tokens] jwt_key`).
+    pub fn new(
+        configs: &[ValidatorConfig],
+        client: &HttpClient,
+        store: Arc<Store>,
+        jwt: Option<Arc<JwtKey>>,
+    ) -> Validators {
         let list = configs
             .iter()
             .map(|c| match c {
@@ -141,7 +149,7 @@ impl Validators {
                 }
             })
             .collect();
-        Validators { store, list }
+        Validators { store, jwt, list }
     }
 
     /// Asks each validator in turn.
@@ -149,13 +157,14 @@ impl Validators {
         // A `tg_` token is ours: only the store can vouch for it (its checksum was checked
         // before the cache).
         if crate::token::is_ours(token) {
-            return match self.store.find(key).await {
-                Ok(Some(record)) => Ok(Verdict::Allowed(Arc::new(Identity::of_record(record)))),
-                Ok(None) => Ok(Verdict::Denied),
-                Err(e) => {
-                    tracing::warn!(error = %e, "token store unavailable");
-                    Err(BackendError(e.0))
-                }
+            return self.issued(key, "store").await;
+        }
+        // A JWT API key of ours: signature, algorithm, issuer and expiry first (a forged or
+        // expired key never reaches the store), then the store says whether it was revoked.
+        if let Some(jwt) = self.jwt.as_ref().filter(|k| k.recognises(token)) {
+            return match jwt.verify(token) {
+                Some(_) => self.issued(key, "jwt").await,
+                None => Ok(Verdict::Denied),
             };
         }
         let mut failure = None;
@@ -176,6 +185,28 @@ impl Validators {
         match failure {
             Some(e) => Err(e),
             None => Ok(Verdict::Denied),
+        }
+    }
+}
+
+impl Validators {
+    /// A token tokengate issued: only the store can vouch for it.
+    async fn issued(
+        &self,
+        key: &[u8; 32],
+        validator: &'static str,
+    ) -> Result<Verdict, BackendError> {
+        match self.store.find(key).await {
+            Ok(Some(record)) => {
+                let mut identity = Identity::of_record(record);
+                identity.validator = validator;
+                Ok(Verdict::Allowed(Arc::new(identity)))
+            }
+            Ok(None) => Ok(Verdict::Denied),
+            Err(e) => {
+                tracing::warn!(error = %e, "token store unavailable");
+                Err(BackendError(e.0))
+            }
         }
     }
 }

@@ -1,0 +1,406 @@
+//! JWT API keys (`[tokens] format = "jwt"`, Cloud SOAR style `Authorization: Bearer <JWT>`).
+//!
+//! The `jsonwebtoken` crate encodes, decodes and checks the claims; the signatures are made
+//! and checked by `ring`, the crypto library rustls already uses here, through a small
+//! [`CryptoProvider`] (so no second crypto library is linked). Algorithms: `EdDSA` (Ed25519),
+//! `ES256` (P-256), chosen by the PKCS#8 PEM key in `jwt_key`, or `HS256` when `jwt_key` is a
+//! plain secret of at least 32 bytes.
+//!
+//! A key is recognised as ours by its header's `kid` (a fingerprint of the signing key); its
+//! signature and expiry are checked before the store is asked, and the store is then asked
+//! whether its `jti` (the token id) was revoked, by the SHA-256 of the whole JWT, as for every
+//! issued token.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::Once;
+
+use jsonwebtoken::crypto::{CryptoProvider, JwtSigner, JwtVerifier, KeyUtils};
+use jsonwebtoken::errors::{Error as JwtError, ErrorKind};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use ring::signature::{self as sig, KeyPair};
+use serde::{Deserialize, Serialize};
+use signature::{Error as SigError, Signer, Verifier};
+
+/// The `iss` of every JWT API key.
+pub const ISSUER: &str = "tokengate";
+
+/// The claims of a JWT API key.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Claims {
+    /// `tokengate`.
+    pub iss: String,
+    /// The owner.
+    pub sub: String,
+    /// The account it acts as.
+    pub account: String,
+    /// The token id: revoking it revokes the key.
+    pub jti: String,
+    /// Issued at, seconds since the epoch.
+    pub iat: i64,
+    /// Expiry, seconds since the epoch; absent = until revoked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exp: Option<i64>,
+}
+
+/// The signing key of JWT API keys, and what checks them.
+pub struct JwtKey {
+    algorithm: Algorithm,
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+    kid: String,
+}
+
+impl fmt::Debug for JwtKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the key material.
+        f.debug_struct("JwtKey")
+            .field("algorithm", &self.algorithm)
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
+    }
+}
+
+impl JwtKey {
+    /// Reads `jwt_key`: a PKCS#8 PEM Ed25519 or P-256 private key, or an HMAC secret of at
+    /// least 32 bytes.
+    pub fn from_config(text: &str) -> Result<JwtKey, String> {
+        install_provider();
+        let trimmed = text.trim();
+        let (algorithm, encoding, decoding, public) = if trimmed.starts_with("-----BEGIN") {
+            let pem = trimmed.as_bytes();
+            if let Ok(encoding) = EncodingKey::from_ed_pem(pem) {
+                let pair = sig::Ed25519KeyPair::from_pkcs8_maybe_unchecked(encoding.as_bytes())
+                    .map_err(|e| format!("jwt_key is not a usable Ed25519 key: {e}"))?;
+                let public = pair.public_key().as_ref().to_vec();
+                let decoding = DecodingKey::from_ed_der(&public);
+                (Algorithm::EdDSA, encoding, decoding, public)
+            } else if let Ok(encoding) = EncodingKey::from_ec_pem(pem) {
+                let pair = sig::EcdsaKeyPair::from_pkcs8(
+                    &sig::ECDSA_P256_SHA256_FIXED_SIGNING,
+                    encoding.as_bytes(),
+                    &ring::rand::SystemRandom::new(),
+                )
+                .map_err(|e| format!("jwt_key is not a P-256 (ES256) PKCS#8 key: {e}"))?;
+                let public = pair.public_key().as_ref().to_vec();
+                let decoding = DecodingKey::from_ec_der(&public);
+                (Algorithm::ES256, encoding, decoding, public)
+            } else {
+                return Err(
+                    "jwt_key must be an Ed25519 or P-256 private key in PKCS#8 PEM \
+                     (openssl genpkey -algorithm ed25519), or an HMAC secret"
+                        .to_string(),
+                );
+            }
+        } else {
+            if trimmed.len() < 32 {
+                return Err("an HS256 jwt_key secret needs at least 32 bytes".to_string());
+            }
+            let secret = trimmed.as_bytes();
+            (
+                Algorithm::HS256,
+                EncodingKey::from_secret(secret),
+                DecodingKey::from_secret(secret),
+                secret.to_vec(),
+            )
+        };
+        // The kid names the key without revealing it: a digest of the public key (or of the
+        // secret, domain-separated, for HS256).
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(b"tokengate-jwt-kid\0");
+        ctx.update(&public);
+        let kid = format!("tg-{}", hex::encode(&ctx.finish().as_ref()[..6]));
+        let mut validation = Validation::new(algorithm);
+        validation.required_spec_claims = HashSet::from(["jti".to_string()]);
+        validation.validate_exp = true;
+        validation.leeway = 0;
+        validation.set_issuer(&[ISSUER]);
+        Ok(JwtKey {
+            algorithm,
+            encoding,
+            decoding,
+            validation,
+            kid,
+        })
+    }
+
+    /// The algorithm (`EdDSA`, `ES256` or `HS256`).
+    pub fn algorithm(&self) -> Algorithm {
+        self.algorithm
+    }
+
+    /// The key's fingerprint, carried as the JWT header's `kid`.
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    /// Signs `claims` into a compact JWT.
+    pub fn sign(&self, claims: &Claims) -> Result<String, String> {
+        let mut header = Header::new(self.algorithm);
+        header.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(&header, claims, &self.encoding)
+            .map_err(|e| format!("cannot sign the JWT: {e}"))
+    }
+
+    /// Whether `token` claims to be one of ours: a compact JWT whose header names our key.
+    /// Cheap enough for a cache miss; does not check the signature.
+    pub fn recognises(&self, token: &str) -> bool {
+        token.starts_with("eyJ")
+            && token.bytes().filter(|b| *b == b'.').count() == 2
+            && jsonwebtoken::decode_header(token)
+                .is_ok_and(|h| h.kid.as_deref() == Some(self.kid.as_str()))
+    }
+
+    /// The claims of `token` when its signature, algorithm, issuer and expiry are good.
+    pub fn verify(&self, token: &str) -> Option<Claims> {
+        jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .ok()
+            .map(|data| data.claims)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The ring-backed crypto provider for jsonwebtoken.
+
+static PROVIDER: CryptoProvider = CryptoProvider {
+    signer_factory: new_signer,
+    verifier_factory: new_verifier,
+    key_utils: KeyUtils::new_unimplemented(),
+};
+
+/// Makes the ring provider jsonwebtoken's default, once per process.
+fn install_provider() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // Err only if another provider was installed first; then that one is used.
+        let _ = PROVIDER.install_default();
+    });
+}
+
+fn new_signer(
+    algorithm: &Algorithm,
+    key: &EncodingKey,
+) -> jsonwebtoken::errors::Result<Box<dyn JwtSigner>> {
+    let signer: Box<dyn JwtSigner> = match algorithm {
+        Algorithm::HS256 => Box::new(Hs256(ring::hmac::Key::new(
+            ring::hmac::HMAC_SHA256,
+            key.as_bytes(),
+        ))),
+        Algorithm::ES256 => Box::new(Es256Signer(
+            sig::EcdsaKeyPair::from_pkcs8(
+                &sig::ECDSA_P256_SHA256_FIXED_SIGNING,
+                key.as_bytes(),
+                &ring::rand::SystemRandom::new(),
+            )
+            .map_err(|_| ErrorKind::InvalidEcdsaKey)?,
+        )),
+        Algorithm::EdDSA => Box::new(Ed25519Signer(
+            sig::Ed25519KeyPair::from_pkcs8_maybe_unchecked(key.as_bytes())
+                .map_err(|_| ErrorKind::InvalidEddsaKey)?,
+        )),
+        _ => return Err(JwtError::from(ErrorKind::InvalidAlgorithm)),
+    };
+    Ok(signer)
+}
+
+fn new_verifier(
+    algorithm: &Algorithm,
+    key: &DecodingKey,
+) -> jsonwebtoken::errors::Result<Box<dyn JwtVerifier>> {
+    let bytes = key.try_get_as_bytes()?;
+    let verifier: Box<dyn JwtVerifier> = match algorithm {
+        Algorithm::HS256 => Box::new(Hs256(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, bytes))),
+        Algorithm::ES256 => Box::new(PublicKey {
+            algorithm: Algorithm::ES256,
+            ring: &sig::ECDSA_P256_SHA256_FIXED,
+            key: bytes.to_vec(),
+        }),
+        Algorithm::EdDSA => Box::new(PublicKey {
+            algorithm: Algorithm::EdDSA,
+            ring: &sig::ED25519,
+            key: bytes.to_vec(),
+        }),
+        _ => return Err(JwtError::from(ErrorKind::InvalidAlgorithm)),
+    };
+    Ok(verifier)
+}
+
+struct Hs256(ring::hmac::Key);
+
+impl Signer<Vec<u8>> for Hs256 {
+    fn try_sign(&self, msg: &[u8]) -> Result<Vec<u8>, SigError> {
+        Ok(ring::hmac::sign(&self.0, msg).as_ref().to_vec())
+    }
+}
+
+impl Verifier<Vec<u8>> for Hs256 {
+    fn verify(&self, msg: &[u8], signature: &Vec<u8>) -> Result<(), SigError> {
+        // Constant-time comparison inside ring.
+        ring::hmac::verify(&self.0, msg, signature).map_err(|_| SigError::new())
+    }
+}
+
+impl JwtSigner for Hs256 {
+    fn algorithm(&self) -> Algorithm {
+        Algorithm::HS256
+    }
+}
+
+impl JwtVerifier for Hs256 {
+    fn algorithm(&self) -> Algorithm {
+        Algorithm::HS256
+    }
+}
+
+struct Es256Signer(sig::EcdsaKeyPair);
+
+impl Signer<Vec<u8>> for Es256Signer {
+    fn try_sign(&self, msg: &[u8]) -> Result<Vec<u8>, SigError> {
+        self.0
+            .sign(&ring::rand::SystemRandom::new(), msg)
+            .map(|s| s.as_ref().to_vec())
+            .map_err(|_| SigError::new())
+    }
+}
+
+impl JwtSigner for Es256Signer {
+    fn algorithm(&self) -> Algorithm {
+        Algorithm::ES256
+    }
+}
+
+struct Ed25519Signer(sig::Ed25519KeyPair);
+
+impl Signer<Vec<u8>> for Ed25519Signer {
+    fn try_sign(&self, msg: &[u8]) -> Result<Vec<u8>, SigError> {
+        Ok(self.0.sign(msg).as_ref().to_vec())
+    }
+}
+
+impl JwtSigner for Ed25519Signer {
+    fn algorithm(&self) -> Algorithm {
+        Algorithm::EdDSA
+    }
+}
+
+struct PublicKey {
+    algorithm: Algorithm,
+    ring: &'static dyn sig::VerificationAlgorithm,
+    key: Vec<u8>,
+}
+
+impl Verifier<Vec<u8>> for PublicKey {
+    fn verify(&self, msg: &[u8], signature: &Vec<u8>) -> Result<(), SigError> {
+        sig::UnparsedPublicKey::new(self.ring, &self.key)
+            .verify(msg, signature)
+            .map_err(|_| SigError::new())
+    }
+}
+
+impl JwtVerifier for PublicKey {
+    fn algorithm(&self) -> Algorithm {
+        self.algorithm
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(exp: Option<i64>) -> Claims {
+        Claims {
+            iss: ISSUER.to_string(),
+            sub: "alice".to_string(),
+            account: "ops".to_string(),
+            jti: "abc".to_string(),
+            iat: 1_700_000_000,
+            exp,
+        }
+    }
+
+    fn keys_with(secret: &str) -> Vec<JwtKey> {
+        let ed = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let ec = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        vec![
+            JwtKey::from_config(&ed.serialize_pem()).unwrap(),
+            JwtKey::from_config(&ec.serialize_pem()).unwrap(),
+            JwtKey::from_config(secret).unwrap(),
+        ]
+    }
+
+    fn keys() -> Vec<JwtKey> {
+        keys_with("a-secret-of-at-least-thirty-two-bytes!")
+    }
+
+    #[test]
+    fn each_algorithm_signs_and_verifies_and_refuses_tampering() {
+        let far = 4_000_000_000;
+        for key in keys() {
+            let jwt = key.sign(&claims(Some(far))).unwrap();
+            assert!(key.recognises(&jwt), "{:?}", key.algorithm());
+            let got = key.verify(&jwt).expect("own signature verifies");
+            assert_eq!((got.sub.as_str(), got.jti.as_str()), ("alice", "abc"));
+            // Change one character of the payload: the signature no longer fits.
+            let (head, rest) = jwt.split_once('.').unwrap();
+            let (payload, signature) = rest.split_once('.').unwrap();
+            let forged = serde_json::to_vec(&claims(Some(far)))
+                .map(|mut v| {
+                    v.splice(0..0, b" ".iter().copied());
+                    v
+                })
+                .unwrap();
+            use base64::Engine;
+            let forged = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(forged);
+            assert_ne!(forged, payload);
+            assert!(key
+                .verify(&format!("{head}.{forged}.{signature}"))
+                .is_none());
+            // Expired.
+            let old = key.sign(&claims(Some(1_000))).unwrap();
+            assert!(key.verify(&old).is_none(), "{:?}", key.algorithm());
+            // Without exp: valid until revoked.
+            assert!(key.verify(&key.sign(&claims(None)).unwrap()).is_some());
+        }
+    }
+
+    #[test]
+    fn another_key_is_not_recognised_nor_accepted() {
+        let a = keys();
+        let b = keys_with("another-secret-of-at-least-thirty-two-bytes");
+        for (a, b) in a.iter().zip(&b) {
+            let jwt = a.sign(&claims(None)).unwrap();
+            assert!(!b.recognises(&jwt));
+            assert!(b.verify(&jwt).is_none());
+        }
+        assert!(!a[0].recognises("eyJhbGciOiJub25lIn0.e30."));
+        assert!(!a[0].recognises("not a jwt"));
+    }
+
+    #[test]
+    fn alg_none_and_algorithm_swaps_are_refused() {
+        let key = &keys()[0];
+        let jwt = key.sign(&claims(None)).unwrap();
+        let (_, rest) = jwt.split_once('.').unwrap();
+        let (payload, _) = rest.split_once('.').unwrap();
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let none = b64.encode(format!(r#"{{"alg":"none","kid":"{}"}}"#, key.kid));
+        assert!(key.verify(&format!("{none}.{payload}.")).is_none());
+        let hs = b64.encode(format!(r#"{{"alg":"HS256","kid":"{}"}}"#, key.kid));
+        assert!(key.verify(&format!("{hs}.{payload}.AAAA")).is_none());
+    }
+
+    #[test]
+    fn bad_keys_are_refused_with_a_reason() {
+        assert!(JwtKey::from_config("short")
+            .unwrap_err()
+            .contains("32 bytes"));
+        let rsa_like = "-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n";
+        assert!(JwtKey::from_config(rsa_like)
+            .unwrap_err()
+            .contains("PKCS#8"));
+        let p384 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+        assert!(JwtKey::from_config(&p384.serialize_pem()).is_err());
+    }
+}
