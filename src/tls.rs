@@ -5,6 +5,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rustls::crypto::CryptoProvider;
+use rustls::server::danger::ClientCertVerifier;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
@@ -14,6 +16,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::TlsConfig;
+use crate::x509::ProxyChainVerifier;
 
 /// How long a client may take to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -55,16 +58,7 @@ pub fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, String> {
                     ca.display()
                 ));
             }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
-            let verifier = if tls.client_auth_required {
-                verifier
-            } else {
-                verifier.allow_unauthenticated()
-            };
-            let verifier = verifier
-                .build()
-                .map_err(|e| format!("client certificate verifier: {e}"))?;
-            builder.with_client_cert_verifier(verifier)
+            builder.with_client_cert_verifier(client_verifier(tls, roots, provider)?)
         }
     };
     let mut config = builder.with_single_cert(certs, key).map_err(|e| {
@@ -76,6 +70,30 @@ pub fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, String> {
     })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// The client-certificate verifier: rustls' stock webpki verifier, which refuses proxy
+/// certificates, or with `proxy_certificates` one that also accepts grid proxy chains
+/// ([`crate::x509`]).
+fn client_verifier(
+    tls: &TlsConfig,
+    roots: RootCertStore,
+    provider: Arc<CryptoProvider>,
+) -> Result<Arc<dyn ClientCertVerifier>, String> {
+    let roots = Arc::new(roots);
+    if tls.proxy_certificates {
+        let verifier = ProxyChainVerifier::new(roots, provider, tls.client_auth_required)?;
+        return Ok(Arc::new(verifier));
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider);
+    let verifier = if tls.client_auth_required {
+        verifier
+    } else {
+        verifier.allow_unauthenticated()
+    };
+    verifier
+        .build()
+        .map_err(|e| format!("client certificate verifier: {e}"))
 }
 
 /// Runs the server side of a handshake, bounded in time.
