@@ -14,6 +14,7 @@ use toml::Spanned;
 
 use crate::credential::Source;
 use crate::rewrite::Template;
+pub use crate::x509::DnFormat;
 
 /// A configuration error with the place it was found at.
 #[derive(Debug)]
@@ -302,8 +303,34 @@ pub struct Config {
     pub tokens: TokensConfig,
     /// The endpoints tokengate answers itself on the main listener.
     pub endpoints: EndpointsConfig,
+    /// `[x509]`.
+    pub x509: X509Config,
     /// Sections the SPEC defines that this build accepts but does not act on yet.
     pub not_yet_active: Vec<&'static str>,
+}
+
+/// `[x509]`: token exchange for client certificates (Rucio).
+#[derive(Debug, Clone)]
+pub struct X509Config {
+    /// Serve `/auth/x509`, `/auth/x509_proxy` and `/auth/validate`.
+    pub enabled: bool,
+    /// Lifetime of an exchanged token.
+    pub token_ttl: Duration,
+    /// How DNs are written (identity mapping, `{dn}`, `/auth/validate`).
+    pub dn_format: DnFormat,
+    /// `[[x509.identity]]`: DN → accounts, the first the default.
+    pub identities: Vec<(String, Vec<String>)>,
+}
+
+impl Default for X509Config {
+    fn default() -> Self {
+        X509Config {
+            enabled: false,
+            token_ttl: Duration::from_secs(3600),
+            dn_format: DnFormat::Slash,
+            identities: Vec::new(),
+        }
+    }
 }
 
 /// `[store]`.
@@ -592,12 +619,10 @@ impl Checker<'_> {
         };
         let store = self.store(&raw.store)?;
         let tokens = self.tokens(&raw.tokens)?;
-        if let Some(x509) = &raw.x509 {
-            self.x509(x509)?;
-            if x509.get_ref().enabled != Some(false) {
-                not_yet_active.push("[x509]");
-            }
-        }
+        let x509 = match &raw.x509 {
+            Some(x) => self.x509(x, &server)?,
+            None => X509Config::default(),
+        };
         let mut validators = Vec::new();
         for v in &raw.validators {
             if let Some(validator) = self.validator(v)? {
@@ -631,6 +656,7 @@ impl Checker<'_> {
             store,
             tokens,
             endpoints,
+            x509,
             not_yet_active,
         })
     }
@@ -792,24 +818,52 @@ impl Checker<'_> {
         })
     }
 
-    fn x509(&self, raw: &Spanned<RawX509>) -> Result<(), ConfigError> {
+    fn x509(
+        &self,
+        raw: &Spanned<RawX509>,
+        server: &ServerConfig,
+    ) -> Result<X509Config, ConfigError> {
         let x = raw.get_ref();
-        self.duration(&x.token_ttl, Duration::from_secs(3600))?;
-        if let Some(format) = &x.dn_format {
-            if !matches!(format.get_ref().as_str(), "slash" | "rfc2253") {
-                return Err(self.at(format, "dn_format must be \"slash\" or \"rfc2253\""));
-            }
+        let token_ttl = self.duration(&x.token_ttl, Duration::from_secs(3600))?;
+        if token_ttl.is_zero() {
+            return Err(self.at(
+                x.token_ttl.as_ref().expect("a zero ttl was written"),
+                "x509 token_ttl must be longer than 0",
+            ));
         }
-        if x.identity
-            .iter()
-            .any(|i| i.accounts.is_empty() || i.dn.is_empty())
-        {
+        let dn_format = match &x.dn_format {
+            None => DnFormat::Slash,
+            Some(f) => match f.get_ref().as_str() {
+                "slash" => DnFormat::Slash,
+                "rfc2253" => DnFormat::Rfc2253,
+                _ => return Err(self.at(f, "dn_format must be \"slash\" or \"rfc2253\"")),
+            },
+        };
+        if x.identity.iter().any(|i| {
+            i.accounts.iter().any(String::is_empty) || i.accounts.is_empty() || i.dn.is_empty()
+        }) {
             return Err(self.at(
                 raw,
                 "every [[x509.identity]] needs a dn and at least one account",
             ));
         }
-        Ok(())
+        let enabled = x.enabled != Some(false);
+        if enabled && server.tls.as_ref().is_none_or(|t| t.client_ca.is_none()) {
+            return Err(self.at(
+                raw,
+                "[x509] needs client certificates: set [server.tls] client_ca (or enabled = false)",
+            ));
+        }
+        Ok(X509Config {
+            enabled,
+            token_ttl,
+            dn_format,
+            identities: x
+                .identity
+                .iter()
+                .map(|i| (i.dn.clone(), i.accounts.clone()))
+                .collect(),
+        })
     }
 
     /// `Ok(None)` for a validator type this build accepts but does not run yet (jwt).

@@ -38,6 +38,8 @@ pub enum ProxyError {
     NoRoute,
     /// A request tokengate cannot forward (e.g. a header value it cannot carry).
     BadRequest,
+    /// A method an endpoint of tokengate's own does not answer.
+    MethodNotAllowed,
 }
 
 impl ProxyError {
@@ -53,6 +55,7 @@ impl ProxyError {
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
 
@@ -68,6 +71,7 @@ impl ProxyError {
             ProxyError::BodyTooLarge => "Request body too large",
             ProxyError::NoRoute => "No route",
             ProxyError::BadRequest => "Bad request",
+            ProxyError::MethodNotAllowed => "Method not allowed",
         }
     }
 

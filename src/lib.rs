@@ -20,6 +20,7 @@ pub mod jwt;
 pub mod proxy;
 pub mod reload;
 pub mod rewrite;
+pub mod rucio;
 pub mod server;
 pub mod store;
 pub mod telemetry;
@@ -27,6 +28,7 @@ pub mod tls;
 pub mod token;
 pub mod upstream;
 pub mod validate;
+pub mod x509;
 
 use std::future::Future;
 use std::path::PathBuf;

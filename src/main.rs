@@ -55,6 +55,12 @@ enum Command {
         #[command(subcommand)]
         action: TokenAction,
     },
+    /// Map certificate DNs to accounts for the x509 token exchange, in the configured store
+    /// (shared by every replica; adds to `[[x509.identity]]`).
+    Identity {
+        #[command(subcommand)]
+        action: IdentityAction,
+    },
     /// Print the SHA-256 of a token, for `[[validator.token]] sha256`. Reads the token from
     /// standard input when none is given (keeps it out of shell history).
     Hash {
@@ -68,6 +74,43 @@ enum Command {
 enum FormatArg {
     Opaque,
     Jwt,
+}
+
+#[derive(Subcommand)]
+enum IdentityAction {
+    /// Allow a DN to use an account (the first account of a DN is its default).
+    Add {
+        /// The config file (its [store] and [x509]).
+        #[arg(long, env = "TOKENGATE_CONFIG")]
+        config: PathBuf,
+        /// The DN, in the config's x509.dn_format (e.g. "/C=CH/O=Example/CN=Alice Smith").
+        #[arg(long)]
+        dn: String,
+        /// The account.
+        #[arg(long)]
+        account: String,
+        /// Make it the DN's default account.
+        #[arg(long)]
+        default: bool,
+    },
+    /// List the DN → accounts mapping (config entries marked "config").
+    List {
+        /// The config file.
+        #[arg(long, env = "TOKENGATE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Remove an account from a DN, or the DN altogether.
+    Remove {
+        /// The config file.
+        #[arg(long, env = "TOKENGATE_CONFIG")]
+        config: PathBuf,
+        /// The DN.
+        #[arg(long)]
+        dn: String,
+        /// Only this account (default: every stored account of the DN).
+        #[arg(long)]
+        account: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -126,6 +169,7 @@ fn main() -> ExitCode {
             Err(code) => code,
         },
         Command::Token { action } => token_command(action),
+        Command::Identity { action } => identity_command(action),
         Command::Hash { token } => {
             let token = match token {
                 Some(t) => t,
@@ -241,6 +285,83 @@ fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
         LogFormat::Text => builder.with_ansi(false).init(),
     }
     guard
+}
+
+/// `tokengate identity ...`: the DN → accounts mapping in the store the config names.
+fn identity_command(action: IdentityAction) -> ExitCode {
+    let path = match &action {
+        IdentityAction::Add { config, .. }
+        | IdentityAction::List { config }
+        | IdentityAction::Remove { config, .. } => config.clone(),
+    };
+    let config = match load(&path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if config.store == tokengate::config::StoreConfig::Memory {
+        eprintln!("the memory store lives inside one server process: use [[x509.identity]] in the config instead");
+        return ExitCode::from(2);
+    }
+    let runtime = match runtime() {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    runtime.block_on(async {
+        let store = match tokengate::store::Store::open(&config.store).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("token store: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let result = match action {
+            IdentityAction::Add {
+                dn,
+                account,
+                default,
+                ..
+            } => {
+                if dn.trim().is_empty() || account.trim().is_empty() {
+                    eprintln!("--dn and --account must not be empty");
+                    return ExitCode::from(2);
+                }
+                store
+                    .add_identity(dn.trim(), account.trim(), default)
+                    .await
+                    .map(|()| println!("{} may use account {}", dn.trim(), account.trim()))
+            }
+            IdentityAction::List { .. } => store.list_identities().await.map(|stored| {
+                for (dn, accounts) in &config.x509.identities {
+                    println!("{dn}\t{}\t(config)", accounts.join(","));
+                }
+                for (dn, accounts) in stored {
+                    println!("{dn}\t{}", accounts.join(","));
+                }
+            }),
+            IdentityAction::Remove { dn, account, .. } => {
+                match store.remove_identity(&dn, account.as_deref()).await {
+                    Ok(true) => {
+                        println!("removed");
+                        Ok(())
+                    }
+                    Ok(false) => {
+                        eprintln!(
+                            "no such stored mapping (entries in the config file are edited there)"
+                        );
+                        return ExitCode::FAILURE;
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("token store: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
 }
 
 /// `tokengate token ...`: works on the store the config names.

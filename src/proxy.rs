@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use http::{header, Request, Response, StatusCode};
+use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -20,9 +20,10 @@ use tokio::sync::mpsc;
 use crate::cache::{Cache, Provenance};
 use crate::config::{AuthMode, Config, RouteConfig};
 use crate::credential;
-use crate::endpoints::{self, TokenService};
+use crate::endpoints::{self, Endpoint, TokenService};
 use crate::error::{Body, BoxError, ProxyError};
 use crate::rewrite::{self, Forwarding, Values};
+use crate::rucio::{self, RucioEndpoint};
 use crate::store::{self, Store};
 use crate::telemetry::{AuthMetrics, AuthResult, RouteMetrics};
 use crate::token;
@@ -57,12 +58,52 @@ struct Route {
 }
 
 /// What the connection knows about the client.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Peer {
     /// The client's address.
     pub addr: SocketAddr,
     /// Whether the connection is TLS.
     pub tls: bool,
+    /// The verified client certificate, when the client presented one.
+    pub client: Option<Arc<ClientCert>>,
+}
+
+/// The identity of a verified client certificate (or proxy chain): its end-entity DN, in both
+/// forms, computed once per connection.
+#[derive(Debug)]
+pub struct ClientCert {
+    /// `/C=CH/O=Example/CN=Alice`.
+    pub slash: String,
+    /// `CN=Alice,O=Example,C=CH`.
+    pub rfc2253: String,
+}
+
+impl ClientCert {
+    /// The DN of the verified chain `certs` (leaf first), or `None` without a certificate.
+    pub fn of_chain(certs: &[rustls_pki_types::CertificateDer<'_>]) -> Option<ClientCert> {
+        if certs.is_empty() {
+            return None;
+        }
+        let dn = |format| match crate::x509::end_entity_dn(certs, format) {
+            Ok(dn) => Some(dn),
+            Err(e) => {
+                tracing::warn!(error = %e, "verified client certificate without a usable DN");
+                None
+            }
+        };
+        Some(ClientCert {
+            slash: dn(crate::x509::DnFormat::Slash)?,
+            rfc2253: dn(crate::x509::DnFormat::Rfc2253)?,
+        })
+    }
+
+    /// The DN in `format`.
+    pub fn dn(&self, format: crate::x509::DnFormat) -> &str {
+        match format {
+            crate::x509::DnFormat::Slash => &self.slash,
+            crate::x509::DnFormat::Rfc2253 => &self.rfc2253,
+        }
+    }
 }
 
 impl Gate {
@@ -165,7 +206,7 @@ pub async fn handle(gate: Arc<Gate>, peer: Peer, request: Request<Incoming>) -> 
     let method = request.method().clone();
     let uri = request.uri().clone();
     let mut outcome = Outcome::default();
-    let response = match forward_request(&gate, peer, request, &mut outcome).await {
+    let response = match forward_request(&gate, &peer, request, &mut outcome).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
     };
@@ -202,23 +243,48 @@ pub async fn handle(gate: Arc<Gate>, peer: Peer, request: Request<Incoming>) -> 
 /// The inner chain. Every early return is an error that `handle` turns into a response.
 async fn forward_request<'g>(
     gate: &'g Gate,
-    peer: Peer,
+    peer: &Peer,
     mut request: Request<Incoming>,
     outcome: &mut Outcome<'g>,
 ) -> Result<Response<Body>, ProxyError> {
+    if let Some(endpoint) = rucio::route(&gate.config.x509, request.uri().path()) {
+        outcome.endpoint = Some(endpoint.label());
+        let (parts, _) = request.into_parts();
+        return serve_rucio(gate, peer, endpoint, &parts, outcome).await;
+    }
     if let Some(endpoint) = endpoints::route(&gate.config.endpoints, request.uri().path()) {
         outcome.endpoint = Some(endpoint.label());
         let (parts, body) = request.into_parts();
-        let Some((caller, token)) = identify(gate, &parts, outcome).await? else {
-            outcome.auth = Some((AuthResult::Missing, "none"));
-            return Err(ProxyError::MissingCredentials);
-        };
-        outcome.identity = Some(Arc::clone(&caller));
         let service = TokenService {
             store: &gate.store,
             cache: &gate.cache,
             config: &gate.config.tokens,
         };
+        if endpoint == Endpoint::InsightRevoke && parts.method == Method::GET {
+            // Always 200, valid or not (no oracle): the presented token is not validated first.
+            let presented = parts
+                .headers
+                .get("x-auth-token")
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+                .filter(|t| !t.is_empty() && (!token::is_ours(t) || token::well_formed(t)));
+            return Ok(service.insight_revoke(presented).await);
+        }
+        let (caller, token) = match identify(gate, &parts, outcome).await? {
+            Some(found) => found,
+            // Insight.io: a verified client certificate is a caller too.
+            None => match (&endpoint, client_caller(gate, peer).await?) {
+                (Endpoint::InsightCreate | Endpoint::InsightList, Some(caller)) => {
+                    outcome.auth = Some((AuthResult::Allowed, "x509"));
+                    (caller, Cow::Borrowed(""))
+                }
+                _ => {
+                    outcome.auth = Some((AuthResult::Missing, "none"));
+                    return Err(ProxyError::MissingCredentials);
+                }
+            },
+        };
+        outcome.identity = Some(Arc::clone(&caller));
         return endpoints::serve(&service, &endpoint, &parts.method, &caller, &token, body).await;
     }
     let route = gate
@@ -269,6 +335,10 @@ async fn forward_request<'g>(
             token: token_for_upstream.as_deref(),
             identity: identity.as_deref(),
             source: outcome.source,
+            client_dn: peer
+                .client
+                .as_deref()
+                .map(|c| c.dn(gate.config.x509.dn_format)),
         },
     };
     rewrite::request(&mut parts, &route.config, sources, &forwarding);
@@ -328,6 +398,81 @@ async fn identify<'p, 'g>(
         }
     }
     Ok(Some((identity, credential.token)))
+}
+
+/// The Rucio endpoints: token exchange for a client certificate, and token validation.
+async fn serve_rucio<'g>(
+    gate: &'g Gate,
+    peer: &Peer,
+    endpoint: RucioEndpoint,
+    parts: &http::request::Parts,
+    outcome: &mut Outcome<'g>,
+) -> Result<Response<Body>, ProxyError> {
+    if parts.method != Method::GET && parts.method != Method::HEAD {
+        return Err(ProxyError::MethodNotAllowed);
+    }
+    match endpoint {
+        RucioEndpoint::X509 | RucioEndpoint::X509Proxy => {
+            let response = rucio::exchange(
+                &gate.store,
+                &gate.config.x509,
+                &gate.config.tokens,
+                peer.client.as_deref(),
+                &parts.headers,
+            )
+            .await;
+            let result = match response.status() {
+                StatusCode::OK => AuthResult::Allowed,
+                StatusCode::SERVICE_UNAVAILABLE => AuthResult::Error,
+                _ if peer.client.is_none() => AuthResult::Missing,
+                _ => AuthResult::Denied,
+            };
+            outcome.source = Some("x509");
+            outcome.auth = Some((result, "x509"));
+            Ok(response)
+        }
+        RucioEndpoint::Validate => match identify(gate, parts, outcome).await {
+            Ok(Some((identity, _))) => {
+                let response = rucio::validated(&identity);
+                outcome.identity = Some(identity);
+                Ok(response)
+            }
+            Ok(None) => {
+                outcome.auth = Some((AuthResult::Missing, "none"));
+                Ok(rucio::no_token())
+            }
+            Err(ProxyError::InvalidCredentials) => Ok(rucio::cannot_authenticate(
+                "Cannot authenticate: the token is invalid or has expired",
+            )),
+            Err(e) => Err(e),
+        },
+    }
+}
+
+/// The caller behind a verified client certificate with no token: its DN's default account.
+async fn client_caller(gate: &Gate, peer: &Peer) -> Result<Option<Arc<Identity>>, ProxyError> {
+    let Some(client) = peer.client.as_deref() else {
+        return Ok(None);
+    };
+    let dn = client.dn(gate.config.x509.dn_format);
+    let accounts = rucio::accounts_for(&gate.store, &gate.config.x509, dn)
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "token store unavailable");
+            ProxyError::BackendUnavailable
+        })?;
+    Ok(Some(Arc::new(Identity {
+        subject: dn.to_string(),
+        account: accounts
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| dn.to_string()),
+        dn: Some(dn.to_string()),
+        token_id: None,
+        validator: "x509",
+        expires: None,
+        usage: None,
+    })))
 }
 
 /// Cache, then validators: the identity behind a credential.

@@ -55,6 +55,9 @@ pub struct Values<'a> {
     pub identity: Option<&'a Identity>,
     /// Where the credential came from.
     pub source: Option<&'a str>,
+    /// The DN of a verified client certificate on the connection, used for `{dn}` when the
+    /// identity has none of its own.
+    pub client_dn: Option<&'a str>,
 }
 
 impl Template {
@@ -120,7 +123,7 @@ impl Template {
                 Piece::Token => values.token,
                 Piece::Subject => identity.map(|i| i.subject.as_str()),
                 Piece::Account => identity.map(|i| i.account.as_str()),
-                Piece::Dn => identity.and_then(|i| i.dn.as_deref()),
+                Piece::Dn => identity.and_then(|i| i.dn.as_deref()).or(values.client_dn),
                 Piece::TokenId => identity.and_then(|i| i.token_id.as_deref()),
                 Piece::Source => values.source,
             }
@@ -371,6 +374,7 @@ mod tests {
             token: Some("t1"),
             identity: Some(&id),
             source: Some("bearer"),
+            client_dn: None,
         };
         let render = |t: &str| Template::parse(t).unwrap().render(&values);
         assert_eq!(render("{token}").unwrap(), "t1");
@@ -381,6 +385,12 @@ mod tests {
         );
         assert_eq!(render("fixed-secret").unwrap(), "fixed-secret");
         assert!(render("{dn}").is_none(), "no dn: header not set");
+        let with_cert = Values {
+            client_dn: Some("/CN=Client"),
+            ..Values::default()
+        };
+        let dn = Template::parse("{dn}").unwrap();
+        assert_eq!(dn.render(&with_cert).unwrap(), "/CN=Client");
         assert!(Template::parse("{nope}").is_err());
         assert_eq!(
             format!("{:?}", Template::parse("key {token}").unwrap()),

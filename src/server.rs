@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::admin::Health;
-use crate::proxy::{self, Peer, SharedGate};
+use crate::proxy::{self, ClientCert, Peer, SharedGate};
 
 /// How often expired cache entries are swept.
 const CACHE_SWEEP_INTERVAL: Duration = Duration::from_secs(30);
@@ -97,20 +97,32 @@ pub async fn serve(
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let _permit = permit;
-            let peer = |tls| Peer { addr, tls };
+            let peer = |tls, client| Peer { addr, tls, client };
             match acceptor {
                 None => {
-                    serve_connection(shared, &builder, watcher, TokioIo::new(tcp), peer(false))
-                        .await
+                    serve_connection(
+                        shared,
+                        &builder,
+                        watcher,
+                        TokioIo::new(tcp),
+                        peer(false, None),
+                    )
+                    .await
                 }
                 Some(acceptor) => match crate::tls::handshake(&acceptor, tcp).await {
                     Ok(stream) => {
+                        let client = stream
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(ClientCert::of_chain)
+                            .map(Arc::new);
                         serve_connection(
                             shared,
                             &builder,
                             watcher,
                             TokioIo::new(stream),
-                            peer(true),
+                            peer(true, client),
                         )
                         .await
                     }
@@ -147,12 +159,14 @@ async fn serve_connection<I>(
 ) where
     I: Read + Write + Unpin + Send + 'static,
 {
+    let addr = peer.addr;
     let service = service_fn(move |request| {
         let gate = shared.load_full();
+        let peer = peer.clone();
         async move { Ok::<_, Infallible>(proxy::handle(gate, peer, request).await) }
     });
     let connection = builder.serve_connection_with_upgrades(io, service);
     if let Err(e) = watcher.watch(connection.into_owned()).await {
-        tracing::debug!(client = %peer.addr.ip(), error = %e, "connection ended with an error");
+        tracing::debug!(client = %addr.ip(), error = %e, "connection ended with an error");
     }
 }

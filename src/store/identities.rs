@@ -63,7 +63,8 @@ impl Store {
                         accounts.retain(|x| x != a);
                         accounts.len() != before
                     });
-                    m.identities.remove_if(dn, |_, accounts| accounts.is_empty());
+                    m.identities
+                        .remove_if(dn, |_, accounts| accounts.is_empty());
                     removed
                 }
             }),
