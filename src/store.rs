@@ -545,12 +545,19 @@ impl RedisStore {
             .set_connection_timeout(Some(REDIS_CONNECT_TIMEOUT))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        let connection = ConnectionManager::new_with_config(client.clone(), config).await?;
-        Ok(RedisStore {
+        // Connect lazily: a Redis that is down when tokengate starts is an outage like any
+        // other (requests that need the store get 503, `/readyz` says not ready, and both
+        // recover when Redis answers), not a reason to refuse to start.
+        let connection = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
+        let store = RedisStore {
             client,
             connection,
             prefix: prefix.to_string(),
-        })
+        };
+        if let Err(e) = store.ping().await {
+            tracing::warn!(error = %e, "redis token store unreachable; retrying on demand");
+        }
+        Ok(store)
     }
 
     fn token_key(&self, hash: &[u8; 32]) -> String {
@@ -617,12 +624,15 @@ impl RedisStore {
                 // Every token: walk the id keys (SCAN, not KEYS, so Redis is never blocked).
                 let mut ids = Vec::new();
                 let mut iter = c
-                    .scan_match::<_, String>(format!("{}i:*", self.prefix))
+                    .scan_match::<_, String>(format!("{}i:*", glob_escape(&self.prefix)))
                     .await?;
                 let skip = self.prefix.len() + 2;
                 while let Some(key) = iter.next().await {
                     ids.push(key?.get(skip..).unwrap_or_default().to_string());
                 }
+                // SCAN may return a key more than once.
+                ids.sort_unstable();
+                ids.dedup();
                 ids
             }
         };
@@ -735,6 +745,18 @@ impl RedisStore {
     }
 }
 
+/// `text` as a literal in a Redis glob pattern (`MATCH`): `*`, `?`, `[`, `]` and `\` escaped.
+fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 fn redis_record(hash: [u8; 32], f: &HashMap<String, String>) -> Option<TokenRecord> {
     let number = |name: &str| f.get(name).and_then(|v| v.parse::<i64>().ok());
     Some(TokenRecord {
@@ -749,4 +771,15 @@ fn redis_record(hash: [u8; 32], f: &HashMap<String, String>) -> Option<TokenReco
         expires_ms: number("expires"),
         last_used_ms: number("last_used"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glob_escape_makes_a_prefix_literal() {
+        assert_eq!(glob_escape("tokengate:"), "tokengate:");
+        assert_eq!(glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
+    }
 }
