@@ -287,19 +287,20 @@ fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
     guard
 }
 
-/// `tokengate identity ...`: the DN → accounts mapping in the store the config names.
-fn identity_command(action: IdentityAction) -> ExitCode {
-    let path = match &action {
-        IdentityAction::Add { config, .. }
-        | IdentityAction::List { config }
-        | IdentityAction::Remove { config, .. } => config.clone(),
-    };
-    let config = match load(&path) {
+/// Loads the config at `path`, opens its store, and runs `f` on them; a store error is
+/// reported and gives a failure status. The memory store exists only inside a server:
+/// `memory_hint` says what to do instead.
+fn with_store<F, Fut>(path: &Path, memory_hint: &str, f: F) -> ExitCode
+where
+    F: FnOnce(Config, tokengate::store::Store) -> Fut,
+    Fut: std::future::Future<Output = Result<ExitCode, tokengate::store::StoreError>>,
+{
+    let config = match load(path) {
         Ok(c) => c,
         Err(code) => return code,
     };
     if config.store == tokengate::config::StoreConfig::Memory {
-        eprintln!("the memory store lives inside one server process: use [[x509.identity]] in the config instead");
+        eprintln!("the memory store lives inside one server process: {memory_hint}");
         return ExitCode::from(2);
     }
     let runtime = match runtime() {
@@ -314,54 +315,70 @@ fn identity_command(action: IdentityAction) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let result = match action {
-            IdentityAction::Add {
-                dn,
-                account,
-                default,
-                ..
-            } => {
-                if dn.trim().is_empty() || account.trim().is_empty() {
-                    eprintln!("--dn and --account must not be empty");
-                    return ExitCode::from(2);
-                }
-                store
-                    .add_identity(dn.trim(), account.trim(), default)
-                    .await
-                    .map(|()| println!("{} may use account {}", dn.trim(), account.trim()))
-            }
-            IdentityAction::List { .. } => store.list_identities().await.map(|stored| {
-                for (dn, accounts) in &config.x509.identities {
-                    println!("{dn}\t{}\t(config)", accounts.join(","));
-                }
-                for (dn, accounts) in stored {
-                    println!("{dn}\t{}", accounts.join(","));
-                }
-            }),
-            IdentityAction::Remove { dn, account, .. } => {
-                match store.remove_identity(&dn, account.as_deref()).await {
-                    Ok(true) => {
-                        println!("removed");
-                        Ok(())
-                    }
-                    Ok(false) => {
-                        eprintln!(
-                            "no such stored mapping (entries in the config file are edited there)"
-                        );
-                        return ExitCode::FAILURE;
-                    }
-                    Err(e) => Err(e),
-                }
-            }
-        };
-        match result {
-            Ok(()) => ExitCode::SUCCESS,
+        match f(config, store).await {
+            Ok(code) => code,
             Err(e) => {
                 eprintln!("token store: {e}");
                 ExitCode::FAILURE
             }
         }
     })
+}
+
+/// `tokengate identity ...`: the DN → accounts mapping in the store the config names.
+fn identity_command(action: IdentityAction) -> ExitCode {
+    let path = match &action {
+        IdentityAction::Add { config, .. }
+        | IdentityAction::List { config }
+        | IdentityAction::Remove { config, .. } => config.clone(),
+    };
+    with_store(
+        &path,
+        "use [[x509.identity]] in the config instead",
+        |config, store| async move {
+            let result = match action {
+                IdentityAction::Add {
+                    dn,
+                    account,
+                    default,
+                    ..
+                } => {
+                    if dn.trim().is_empty() || account.trim().is_empty() {
+                        eprintln!("--dn and --account must not be empty");
+                        return Ok(ExitCode::from(2));
+                    }
+                    store
+                        .add_identity(dn.trim(), account.trim(), default)
+                        .await
+                        .map(|()| println!("{} may use account {}", dn.trim(), account.trim()))
+                }
+                IdentityAction::List { .. } => store.list_identities().await.map(|stored| {
+                    for (dn, accounts) in &config.x509.identities {
+                        println!("{dn}\t{}\t(config)", accounts.join(","));
+                    }
+                    for (dn, accounts) in stored {
+                        println!("{dn}\t{}", accounts.join(","));
+                    }
+                }),
+                IdentityAction::Remove { dn, account, .. } => {
+                    match store.remove_identity(&dn, account.as_deref()).await {
+                        Ok(true) => {
+                            println!("removed");
+                            Ok(())
+                        }
+                        Ok(false) => {
+                            eprintln!(
+                            "no such stored mapping (entries in the config file are edited there)"
+                        );
+                            return Ok(ExitCode::FAILURE);
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+            };
+            result.map(|()| ExitCode::SUCCESS)
+        },
+    )
 }
 
 /// `tokengate token ...`: works on the store the config names.
@@ -371,62 +388,46 @@ fn token_command(action: TokenAction) -> ExitCode {
         | TokenAction::List { config, .. }
         | TokenAction::Revoke { config, .. } => config.clone(),
     };
-    let config = match load(&path) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    if config.store == tokengate::config::StoreConfig::Memory {
-        eprintln!("the memory store lives inside one server process: use the admin API (POST /tokens) instead");
-        return ExitCode::from(2);
-    }
-    let runtime = match runtime() {
-        Ok(r) => r,
-        Err(code) => return code,
-    };
-    runtime.block_on(async {
-        let store = match tokengate::store::Store::open(&config.store).await {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("token store: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        let result = match action {
-            TokenAction::Create {
-                user,
-                account,
-                name,
-                ttl,
-                format,
-                ..
-            } => {
-                let ttl = match ttl
-                    .as_deref()
-                    .map(tokengate::config::parse_duration)
-                    .transpose()
-                {
-                    Ok(t) => t,
-                    Err(e) => {
-                        eprintln!("--ttl: {e}");
-                        return ExitCode::from(2);
-                    }
-                };
-                let what = tokengate::token::Issue {
-                    subject: &user,
-                    account: account.as_deref(),
-                    name: &name,
+    with_store(
+        &path,
+        "use the admin API (POST /tokens) instead",
+        |config, store| async move {
+            let result = match action {
+                TokenAction::Create {
+                    user,
+                    account,
+                    name,
                     ttl,
-                    kind: tokengate::store::Kind::Api,
-                    dn: None,
-                    format: format.map(|f| match f {
-                        FormatArg::Opaque => tokengate::config::TokenFormat::Opaque,
-                        FormatArg::Jwt => tokengate::config::TokenFormat::Jwt,
-                    }),
-                };
-                tokengate::token::issue(&store, &config.tokens, what)
-                    .await
-                    .map(|(token, record)| {
-                        eprintln!(
+                    format,
+                    ..
+                } => {
+                    let ttl = match ttl
+                        .as_deref()
+                        .map(tokengate::config::parse_duration)
+                        .transpose()
+                    {
+                        Ok(t) => t,
+                        Err(e) => {
+                            eprintln!("--ttl: {e}");
+                            return Ok(ExitCode::from(2));
+                        }
+                    };
+                    let what = tokengate::token::Issue {
+                        subject: &user,
+                        account: account.as_deref(),
+                        name: &name,
+                        ttl,
+                        kind: tokengate::store::Kind::Api,
+                        dn: None,
+                        format: format.map(|f| match f {
+                            FormatArg::Opaque => tokengate::config::TokenFormat::Opaque,
+                            FormatArg::Jwt => tokengate::config::TokenFormat::Jwt,
+                        }),
+                    };
+                    tokengate::token::issue(&store, &config.tokens, what)
+                        .await
+                        .map(|(token, record)| {
+                            eprintln!(
                             "created token {} for {} (account {}), expires {}; it is shown once:",
                             record.id,
                             record.subject,
@@ -435,48 +436,46 @@ fn token_command(action: TokenAction) -> ExitCode {
                                 .expires_ms
                                 .map_or("never".to_string(), tokengate::endpoints::rfc3339)
                         );
-                        println!("{token}");
+                            println!("{token}");
+                        })
+                }
+                TokenAction::List { user, .. } => {
+                    store.list(user.as_deref()).await.map(|records| {
+                        println!(
+                            "{:<18} {:<16} {:<16} {:<5} {:<20} {:<20} {:<20} name",
+                            "id", "user", "account", "kind", "created", "expires", "last used"
+                        );
+                        for r in records {
+                            let time = |ms: Option<i64>| {
+                                ms.map_or("-".to_string(), tokengate::endpoints::rfc3339)
+                            };
+                            println!(
+                                "{:<18} {:<16} {:<16} {:<5} {:<20} {:<20} {:<20} {}",
+                                r.id,
+                                r.subject,
+                                r.account,
+                                r.kind.as_str(),
+                                time(Some(r.created_ms)),
+                                time(r.expires_ms),
+                                time(r.last_used_ms),
+                                r.name
+                            );
+                        }
                     })
-            }
-            TokenAction::List { user, .. } => store.list(user.as_deref()).await.map(|records| {
-                println!(
-                    "{:<18} {:<16} {:<16} {:<5} {:<20} {:<20} {:<20} name",
-                    "id", "user", "account", "kind", "created", "expires", "last used"
-                );
-                for r in records {
-                    let time =
-                        |ms: Option<i64>| ms.map_or("-".to_string(), tokengate::endpoints::rfc3339);
-                    println!(
-                        "{:<18} {:<16} {:<16} {:<5} {:<20} {:<20} {:<20} {}",
-                        r.id,
-                        r.subject,
-                        r.account,
-                        r.kind.as_str(),
-                        time(Some(r.created_ms)),
-                        time(r.expires_ms),
-                        time(r.last_used_ms),
-                        r.name
-                    );
                 }
-            }),
-            TokenAction::Revoke { id, .. } => match store.revoke(&id, None).await {
-                Ok(Some(r)) => {
-                    println!("revoked {} ({})", r.id, r.subject);
-                    Ok(())
-                }
-                Ok(None) => {
-                    eprintln!("no token with id {id}");
-                    return ExitCode::FAILURE;
-                }
-                Err(e) => Err(e),
-            },
-        };
-        match result {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("token store: {e}");
-                ExitCode::FAILURE
-            }
-        }
-    })
+                TokenAction::Revoke { id, .. } => match store.revoke(&id, None).await {
+                    Ok(Some(r)) => {
+                        println!("revoked {} ({})", r.id, r.subject);
+                        Ok(())
+                    }
+                    Ok(None) => {
+                        eprintln!("no token with id {id}");
+                        return Ok(ExitCode::FAILURE);
+                    }
+                    Err(e) => Err(e),
+                },
+            };
+            result.map(|()| ExitCode::SUCCESS)
+        },
+    )
 }

@@ -4,6 +4,7 @@
 //! handshakes use the new gate. A broken new config or certificate is logged, counted, and the
 //! old gate keeps serving.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -36,7 +37,11 @@ fn watched_files(path: &Path, config: &Config) -> Vec<PathBuf> {
 }
 
 /// Reloads on SIGHUP and on file changes, forever.
-pub async fn watch(path: PathBuf, gate: SharedGate) {
+///
+/// The SIGHUP handler is installed when this is called, not when the returned future first
+/// runs: until a handler exists, SIGHUP's default action kills the process, so a reload signal
+/// sent just after startup must not find the gap of a not-yet-scheduled task.
+pub fn watch(path: PathBuf, gate: SharedGate) -> impl Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hangup = match signal(SignalKind::hangup()) {
         Ok(s) => Some(s),
@@ -45,26 +50,55 @@ pub async fn watch(path: PathBuf, gate: SharedGate) {
             None
         }
     };
-    let mut files = watched_files(&path, &gate.load().config);
-    let mut stamps: Vec<Stamp> = files.iter().map(|f| stamp(f)).collect();
-    let mut tick = tokio::time::interval(POLL_INTERVAL);
-    loop {
-        let why = tokio::select! {
-            Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => "SIGHUP",
-            _ = tick.tick() => {
-                let now: Vec<Stamp> = files.iter().map(|f| stamp(f)).collect();
-                if now == stamps {
-                    continue;
+    async move {
+        let mut files = watched_files(&path, &gate.load().config);
+        let mut stamps: Vec<Stamp> = files.iter().map(|f| stamp(f)).collect();
+        let mut tick = tokio::time::interval(POLL_INTERVAL);
+        loop {
+            let why = tokio::select! {
+                Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => "SIGHUP",
+                _ = tick.tick() => {
+                    let now: Vec<Stamp> = files.iter().map(|f| stamp(f)).collect();
+                    if now == stamps {
+                        continue;
+                    }
+                    // A writer may still be mid-way: let the files settle for a moment.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    "file change"
                 }
-                // A writer may still be mid-way: let the files settle for a moment.
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                "file change"
-            }
-        };
-        reload(&path, &gate, why);
-        files = watched_files(&path, &gate.load().config);
-        stamps = files.iter().map(|f| stamp(f)).collect();
+            };
+            reload(&path, &gate, why);
+            files = watched_files(&path, &gate.load().config);
+            stamps = files.iter().map(|f| stamp(f)).collect();
+        }
     }
+}
+
+/// Settings read once at startup: a reload that changes them is applied except for these, and
+/// says so rather than ignoring them silently.
+fn restart_only_changes(current: &Config, next: &Config) -> Vec<&'static str> {
+    let (a, b) = (&current.server, &next.server);
+    let admin_listen = |c: &Config| c.admin.as_ref().map(|a| a.listen);
+    [
+        ("server.listen", a.listen != b.listen),
+        (
+            "server.max_header_bytes",
+            a.max_header_bytes != b.max_header_bytes,
+        ),
+        (
+            "server.header_read_timeout",
+            a.header_read_timeout != b.header_read_timeout,
+        ),
+        (
+            "server.max_connections",
+            a.max_connections != b.max_connections,
+        ),
+        ("server.drain_timeout", a.drain_timeout != b.drain_timeout),
+        ("admin.listen", admin_listen(current) != admin_listen(next)),
+    ]
+    .into_iter()
+    .filter_map(|(key, changed)| changed.then_some(key))
+    .collect()
 }
 
 /// Loads the config again and swaps in a new gate; on error keeps the old one.
@@ -85,8 +119,8 @@ pub fn reload(path: &Path, gate: &SharedGate, why: &str) {
         });
     match result {
         Ok(next) => {
-            if next.config.server.listen != current.config.server.listen {
-                tracing::warn!("server.listen changed: takes effect after a restart");
+            for key in restart_only_changes(&current.config, &next.config) {
+                tracing::warn!(key, "changed: takes effect after a restart");
             }
             gate.store(Arc::new(next));
             crate::telemetry::config_reload(true);

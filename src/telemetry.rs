@@ -85,6 +85,9 @@ fn describe() {
     // Counters that other parts of the product drive; registered so they read 0, not absent.
     counter!("tokengate_tokens_revoked_total").absolute(0);
     counter!("tokengate_tls_handshake_errors_total").absolute(0);
+    for ok in [true, false] {
+        reload_counter(ok).absolute(0);
+    }
 }
 
 /// The metrics of one route.
@@ -212,6 +215,9 @@ pub fn tls_handshake_error() {
 
 /// Counts a config reload.
 pub fn config_reload(ok: bool) {
+    reload_counter(ok).increment(1);
+}
+
+fn reload_counter(ok: bool) -> Counter {
     counter!("tokengate_config_reloads_total", "result" => if ok { "ok" } else { "error" })
-        .increment(1);
 }
