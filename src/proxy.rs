@@ -40,10 +40,25 @@ pub struct Gate {
     validators: Arc<Validators>,
     cache: Arc<Cache>,
     auth_metrics: AuthMetrics,
+    /// `route` metrics of tokengate's own endpoints, and of requests no route matched.
+    own_metrics: [(&'static str, RouteMetrics); OWN_ROUTES.len()],
     /// Where issued tokens live (shared by every gate generation).
     pub store: Arc<Store>,
     usage: UsageSender,
 }
+
+/// The `route` label of requests no route matched.
+const NO_ROUTE: &str = "-";
+
+/// `route` labels of what tokengate answers itself (`Endpoint::label`, `RucioEndpoint::label`).
+const OWN_ROUTES: [&str; 6] = [
+    NO_ROUTE,
+    "tokengate:tokens",
+    "tokengate:insight",
+    "tokengate:auth/x509",
+    "tokengate:auth/x509_proxy",
+    "tokengate:auth/validate",
+];
 
 /// Hands `(token hash, ms)` last-use marks to the background writer.
 pub type UsageSender = mpsc::Sender<([u8; 32], i64)>;
@@ -156,6 +171,7 @@ impl Gate {
             validators,
             cache,
             auth_metrics: AuthMetrics::new(),
+            own_metrics: OWN_ROUTES.map(|label| (label, RouteMetrics::new(label))),
             store,
             usage,
         })
@@ -169,6 +185,13 @@ impl Gate {
     /// The validation cache.
     pub fn cache(&self) -> &Arc<Cache> {
         &self.cache
+    }
+
+    /// The metrics of one of tokengate's own endpoints (`None`: no route matched).
+    fn own_metrics(&self, endpoint: Option<&str>) -> &RouteMetrics {
+        let label = endpoint.unwrap_or(NO_ROUTE);
+        let found = self.own_metrics.iter().find(|(l, _)| *l == label);
+        &found.unwrap_or(&self.own_metrics[0]).1
     }
 
     /// The route with the longest `path_prefix` that `path` starts with.
@@ -212,8 +235,11 @@ pub async fn handle(gate: Arc<Gate>, peer: Peer, request: Request<Incoming>) -> 
     };
     let duration = start.elapsed();
     let status = response.status().as_u16();
-    if let Some(route) = outcome.route {
-        route.metrics.request(status, duration, outcome.upstream);
+    match outcome.route {
+        Some(route) => route.metrics.request(status, duration, outcome.upstream),
+        None => gate
+            .own_metrics(outcome.endpoint)
+            .request(status, duration, None),
     }
     if let Some((result, by)) = outcome.auth {
         gate.auth_metrics.record(result, by);
@@ -386,7 +412,7 @@ async fn identify<'p, 'g>(
     outcome.source = Some(credential.source.label());
     // A mistyped or random `tg_` string is refused before any cache or store work.
     if token::is_ours(&credential.token) && !token::well_formed(&credential.token) {
-        outcome.auth = Some((AuthResult::Denied, "none"));
+        outcome.auth = Some((AuthResult::Denied, "store"));
         return Err(ProxyError::InvalidCredentials);
     }
     let identity = authenticate(gate, &credential.token, outcome).await?;
@@ -503,13 +529,13 @@ async fn authenticate(
         Ok(Verdict::Denied) => {
             let by = match provenance {
                 Provenance::Cache => "cache",
-                Provenance::Validated => "none",
+                Provenance::Validated => gate.validators.decided_by(token, false),
             };
             outcome.auth = Some((AuthResult::Denied, by));
             Err(ProxyError::InvalidCredentials)
         }
         Err(_) => {
-            outcome.auth = Some((AuthResult::Error, "none"));
+            outcome.auth = Some((AuthResult::Error, gate.validators.decided_by(token, true)));
             Err(ProxyError::BackendUnavailable)
         }
     }
@@ -539,5 +565,24 @@ async fn relay_upgrade(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgra
     let mut upstream = TokioIo::new(upstream);
     if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         tracing::debug!(error = %e, "upgraded connection closed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_own_endpoint_has_its_metrics() {
+        let endpoints = [
+            Endpoint::Tokens.label(),
+            Endpoint::InsightCreate.label(),
+            RucioEndpoint::X509.label(),
+            RucioEndpoint::X509Proxy.label(),
+            RucioEndpoint::Validate.label(),
+        ];
+        for label in endpoints {
+            assert!(OWN_ROUTES.contains(&label), "{label}");
+        }
     }
 }

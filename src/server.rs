@@ -126,6 +126,8 @@ pub async fn serve(
                         )
                         .await
                     }
+                    // A TCP probe that closed without a byte is not a failed handshake.
+                    Err(crate::tls::HandshakeError::Closed) => {}
                     Err(e) => {
                         crate::telemetry::tls_handshake_error();
                         tracing::info!(client = %addr.ip(), error = %e, "TLS handshake failed");

@@ -96,14 +96,47 @@ fn client_verifier(
         .map_err(|e| format!("client certificate verifier: {e}"))
 }
 
+/// Why a TLS handshake did not complete.
+#[derive(Debug)]
+pub enum HandshakeError {
+    /// The client closed the connection without sending a byte: a TCP probe (health check,
+    /// port scan), not a failed handshake.
+    Closed,
+    /// The handshake failed or timed out; the reason.
+    Failed(String),
+}
+
+impl std::fmt::Display for HandshakeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HandshakeError::Closed => f.write_str("closed before the handshake began"),
+            HandshakeError::Failed(reason) => f.write_str(reason),
+        }
+    }
+}
+
+impl From<HandshakeError> for String {
+    fn from(e: HandshakeError) -> String {
+        e.to_string()
+    }
+}
+
 /// Runs the server side of a handshake, bounded in time.
 pub async fn handshake(
     acceptor: &TlsAcceptor,
     tcp: TcpStream,
-) -> Result<TlsStream<TcpStream>, String> {
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(stream)) => Ok(stream),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("handshake timed out".to_string()),
+) -> Result<TlsStream<TcpStream>, HandshakeError> {
+    let handshake = async {
+        if matches!(tcp.peek(&mut [0u8; 1]).await, Ok(0)) {
+            return Err(HandshakeError::Closed);
+        }
+        acceptor
+            .accept(tcp)
+            .await
+            .map_err(|e| HandshakeError::Failed(e.to_string()))
+    };
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(result) => result,
+        Err(_) => Err(HandshakeError::Failed("handshake timed out".to_string())),
     }
 }

@@ -190,6 +190,33 @@ impl Validators {
 }
 
 impl Validators {
+    /// Which validator turned `token` down (or failed on it), for the `source` label of
+    /// `tokengate_auth_total`: the store for `tg_` tokens, `jwt` for JWT API keys of ours,
+    /// else the last validator consulted (all were, in order). Only called off the cache-hit
+    /// path.
+    pub fn decided_by(&self, token: &str, failed: bool) -> &'static str {
+        if crate::token::is_ours(token) {
+            return "store";
+        }
+        if self.jwt.as_ref().is_some_and(|k| k.recognises(token)) {
+            return "jwt";
+        }
+        let kind = |v: &Validator| match v {
+            Validator::Static(_) => "static",
+            Validator::Introspect(_) => "introspect",
+        };
+        if failed {
+            // Only an introspection endpoint can be unreachable among the configured ones.
+            return self
+                .list
+                .iter()
+                .map(kind)
+                .find(|k| *k == "introspect")
+                .unwrap_or("none");
+        }
+        self.list.last().map_or("none", kind)
+    }
+
     /// A token tokengate issued: only the store can vouch for it.
     async fn issued(
         &self,

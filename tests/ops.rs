@@ -722,12 +722,16 @@ async fn metrics_count_real_traffic_with_exact_labels() {
     assert_eq!(auth_total_of(&m, "allowed", "introspect"), 1.0);
     assert_eq!(auth_total_of(&m, "allowed", "cache"), 3.0);
     assert_eq!(auth_total_of(&m, "denied", "cache"), 1.0);
-    // Denied by every validator, and a missing credential: no validator decided.
-    assert_eq!(auth_total_of(&m, "denied", "none"), 1.0);
+    // Denied by every validator: the last one asked (introspect) decided; the unreachable
+    // introspection endpoint is the error's source; a missing credential: nobody decided.
+    assert_eq!(auth_total_of(&m, "denied", "introspect"), 1.0);
+    assert_eq!(auth_total_of(&m, "error", "introspect"), 1.0);
     assert_eq!(auth_total_of(&m, "missing", "none"), 1.0);
-    assert_eq!(auth_total_of(&m, "error", "none"), 1.0);
+    for (result, source) in [("denied", "none"), ("error", "none")] {
+        assert_eq!(auth_total_of(&m, result, source), 0.0, "{result} {source}");
+    }
     // Label values stay within the SPEC §7 sets, plus `static` (the static validator, which
-    // SPEC §7 does not list) and `none` (no validator decided).
+    // SPEC §7 does not list) and `none` (a missing credential: no validator decided).
     for sample in m.series("tokengate_auth_total") {
         let keys: Vec<&str> = sample.labels.keys().map(String::as_str).collect();
         assert_eq!(keys, ["result", "source"]);
@@ -809,6 +813,26 @@ async fn metrics_count_real_traffic_with_exact_labels() {
         ),
         4.0
     );
+    // What no route matches, and tokengate's own endpoints, are counted under their own labels.
+    assert_eq!(status_of(&gate.url("/nowhere"), None).await, 404);
+    let own = gate.url("/_tokengate/tokens");
+    assert_eq!(status_of(&own, Some(STATIC_TOKEN)).await, 200);
+    assert_eq!(status_of(&own, None).await, 401);
+    let m = scrape(admin).await;
+    for (route, status) in [
+        ("-", "404"),
+        ("tokengate:tokens", "200"),
+        ("tokengate:tokens", "401"),
+    ] {
+        assert_eq!(
+            m.get(
+                "tokengate_requests_total",
+                &[("route", route), ("status", status)]
+            ),
+            1.0,
+            "{route} {status}"
+        );
+    }
     drop(gate);
 }
 
@@ -886,14 +910,18 @@ async fn failed_tls_handshakes_are_counted() {
             .await
             .get("tokengate_tls_handshake_errors_total", &[])
     };
-    // The harness's "is it listening" probe (a TCP connect, closed without a byte) counts too:
-    // let it land, then count from there.
+    // The harness's "is it listening" probe and these TCP connects close without a byte: TCP
+    // health checks and port scans, not failed handshakes.
+    for _ in 0..3 {
+        drop(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap(),
+        );
+    }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let baseline = handshake_errors().await;
-    assert!(
-        baseline <= 1.0,
-        "{baseline} handshake errors before any TLS client"
-    );
+    assert_eq!(baseline, 0.0, "TCP probes counted as handshake errors");
 
     // Plain-text HTTP on the TLS port.
     raw(
