@@ -266,13 +266,13 @@ async fn shutdown_signal() {
     }
 }
 
-/// Logs go to standard output through a background writer, so a slow log reader never blocks
-/// a request. `RUST_LOG` filters (default `info`).
 /// The log filter without `RUST_LOG`: info, but rustls' own warnings about clients' protocol
 /// quirks (an IP address as SNI, as wrk and some probes send) off: handshake failures are
 /// logged by tokengate itself, once, with the reason.
 const DEFAULT_LOG_FILTER: &str = "info,rustls=error";
 
+/// Logs go to standard output through a background writer, so a slow log reader never blocks
+/// a request. `RUST_LOG` filters.
 fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
