@@ -51,6 +51,10 @@ use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
+use asn1_rs::{
+    oid, Any, BitString, BmpString, DerSequence, FromDer, OctetString, Oid, Tag, ToDer,
+    UniversalString,
+};
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
@@ -63,7 +67,13 @@ use rustls_pki_types::{
     CertificateDer, SignatureVerificationAlgorithm, SubjectPublicKeyInfoDer, UnixTime,
 };
 use x509_parser::certificate::X509Certificate;
-use x509_parser::prelude::FromDer;
+use x509_parser::oid_registry::{
+    OID_X509_COMMON_NAME, OID_X509_EXT_ISSUER_ALT_NAME, OID_X509_EXT_SUBJECT_ALT_NAME,
+};
+use x509_parser::x509::{
+    AlgorithmIdentifier, AttributeTypeAndValue, RelativeDistinguishedName, SubjectPublicKeyInfo,
+    X509Name,
+};
 
 /// The longest proxy chain followed (proxies only, not counting the end-entity). Real chains
 /// hold one to three; the bound keeps a hostile chain from costing many signature checks.
@@ -112,12 +122,11 @@ pub fn end_entity_dn(chain: &[CertificateDer<'_>], format: DnFormat) -> Result<S
     if is_ca(end_entity).map_err(str::to_string)? {
         return Err("the end-entity certificate is a CA certificate".to_string());
     }
-    let rdns = parse_name(end_entity.subject().as_raw())
-        .ok_or("the end-entity certificate's subject is malformed")?;
-    if rdns.is_empty() {
+    let subject = end_entity.subject();
+    if subject.iter().next().is_none() {
         return Err("the end-entity certificate has an empty subject".to_string());
     }
-    Ok(format_name(&rdns, format))
+    Ok(format_name(subject, format))
 }
 
 /// A rustls client-certificate verifier that accepts end-entity certificates, as rustls'
@@ -204,7 +213,7 @@ impl ClientCertVerifier for ProxyChainVerifier {
             .ok_or(PeerMisbehaved::SignedHandshakeWithUnadvertisedSigScheme)?;
         let parsed = parse(cert).map_err(refuse)?;
         verify_with_spki(
-            parsed.public_key().raw,
+            parsed.public_key(),
             candidates,
             None,
             message,
@@ -333,7 +342,7 @@ fn proxy_kind(cert: &X509Certificate<'_>) -> Result<Option<Proxy>, &'static str>
         }
         let (path_len, language) =
             proxy_cert_info(ext.value).ok_or("malformed ProxyCertInfo extension")?;
-        let limited = match language {
+        let limited = match language.as_bytes() {
             OID_PPL_INHERIT_ALL => false,
             OID_GLOBUS_LIMITED => true,
             _ => return Err("proxy policy language not supported (only inheritAll and limited)"),
@@ -344,13 +353,9 @@ fn proxy_kind(cert: &X509Certificate<'_>) -> Result<Option<Proxy>, &'static str>
             path_len,
         }));
     }
-    let rdns = parse_name(cert.subject().as_raw()).ok_or("malformed subject")?;
-    let legacy = match rdns.last().map(|rdn| rdn.attributes.as_slice()) {
-        Some([cn]) if cn.oid == OID_CN => match cn.value.contents {
-            b"proxy" => Some(false),
-            b"limited proxy" => Some(true),
-            _ => None,
-        },
+    let legacy = match last_cn(cert.subject()).map(|cn| cn.attr_value().data) {
+        Some(b"proxy") => Some(false),
+        Some(b"limited proxy") => Some(true),
         _ => None,
     };
     Ok(legacy.map(|limited| Proxy {
@@ -360,23 +365,29 @@ fn proxy_kind(cert: &X509Certificate<'_>) -> Result<Option<Proxy>, &'static str>
     }))
 }
 
+/// The ProxyCertInfo extension (RFC 3820 §3.8).
+///
 /// `ProxyCertInfo ::= SEQUENCE { pCPathLenConstraint INTEGER (0..MAX) OPTIONAL,
-/// proxyPolicy SEQUENCE { policyLanguage OBJECT IDENTIFIER, policy OCTET STRING OPTIONAL } }`
-/// → (path length, policy language OID).
-fn proxy_cert_info(value: &[u8]) -> Option<(Option<u32>, &[u8])> {
-    let (info, rest) = der_next(value)?;
-    if info.tag != SEQUENCE || !rest.is_empty() {
-        return None;
-    }
-    let items = der_items(info.contents)?;
-    let (path_len, policy) = match items.as_slice() {
-        [policy] => (None, policy),
-        [len, policy] if len.tag == INTEGER => (Some(der_u32(len.contents)?), policy),
-        _ => return None,
-    };
-    let policy = der_items(policy.contents).filter(|_| policy.tag == SEQUENCE)?;
-    match policy.as_slice() {
-        [language] | [language, _] if language.tag == OID => Some((path_len, language.contents)),
+/// proxyPolicy ProxyPolicy }`
+#[derive(Debug, PartialEq, DerSequence)]
+struct ProxyCertInfo<'a> {
+    #[optional]
+    path_len: Option<u32>,
+    policy: ProxyPolicy<'a>,
+}
+
+/// `ProxyPolicy ::= SEQUENCE { policyLanguage OBJECT IDENTIFIER, policy OCTET STRING OPTIONAL }`
+#[derive(Debug, PartialEq, DerSequence)]
+struct ProxyPolicy<'a> {
+    language: Oid<'a>,
+    #[optional]
+    policy: Option<OctetString<'a>>,
+}
+
+/// (path length, policy language) of a ProxyCertInfo extension's value.
+fn proxy_cert_info(value: &[u8]) -> Option<(Option<u32>, Oid<'_>)> {
+    match ProxyCertInfo::from_der(value) {
+        Ok(([], info)) => Some((info.path_len, info.policy.language)),
         _ => None,
     }
 }
@@ -424,27 +435,25 @@ fn check_proxy(
     if cert.issuer().as_raw() != signer.subject().as_raw() {
         return Err("proxy issuer name is not its signer's subject");
     }
-    let subject = parse_name(cert.subject().as_raw()).ok_or("malformed proxy subject")?;
-    let signer_subject = parse_name(signer.subject().as_raw()).ok_or("malformed subject")?;
-    let one_more_cn = subject.len() == signer_subject.len() + 1
+    let subject = cert.subject();
+    let signer_subject = signer.subject();
+    let one_more_cn = subject.iter().count() == signer_subject.iter().count() + 1
         && subject
             .iter()
-            .zip(&signer_subject)
-            .all(|(a, b)| a.raw == b.raw)
-        && matches!(
-            subject.last().map(|rdn| rdn.attributes.as_slice()),
-            Some([cn]) if cn.oid == OID_CN
-        );
+            .zip(signer_subject.iter())
+            .all(|(a, b)| a == b)
+        && last_cn(subject).is_some();
     if !one_more_cn {
         return Err("proxy subject must be issuer subject plus one CN");
     }
-    let (tbs, signature_algorithm, signature) =
-        signed_parts(cert.as_raw()).ok_or("malformed proxy certificate")?;
+    let signature_algorithm =
+        algorithm_id(&cert.signature_algorithm).ok_or("malformed proxy certificate")?;
+    let signature = bits(&cert.signature_value).ok_or("malformed proxy certificate")?;
     verify_with_spki(
-        signer.public_key().raw,
+        signer.public_key(),
         algorithms.all,
-        Some(signature_algorithm),
-        tbs,
+        Some(&signature_algorithm),
+        cert.tbs_certificate.as_ref(),
         signature,
     )
     .map_err(|_| "proxy certificate not signed by its issuer")?;
@@ -466,11 +475,10 @@ fn check_proxy(
         Err(_) => return Err("malformed key usage extension"),
     }
     for ext in cert.extensions() {
-        let oid = ext.oid.as_bytes();
-        if oid == OID_SUBJECT_ALT_NAME || oid == OID_ISSUER_ALT_NAME {
+        if ext.oid == OID_X509_EXT_SUBJECT_ALT_NAME || ext.oid == OID_X509_EXT_ISSUER_ALT_NAME {
             return Err("proxy certificate must not carry alternative names");
         }
-        if ext.critical && !KNOWN_CRITICAL.contains(&oid) {
+        if ext.critical && !KNOWN_CRITICAL.contains(&ext.oid.as_bytes()) {
             return Err("proxy certificate has an unsupported critical extension");
         }
     }
@@ -485,41 +493,45 @@ fn is_ca(cert: &X509Certificate<'_>) -> Result<bool, &'static str> {
     }
 }
 
-/// A certificate's signed bytes (tbsCertificate), signatureAlgorithm contents and signature.
-fn signed_parts(der: &[u8]) -> Option<(&[u8], &[u8], &[u8])> {
-    let (cert, _) = der_next(der)?;
-    match der_items(cert.contents)?.as_slice() {
-        [tbs, algorithm, signature]
-            if tbs.tag == SEQUENCE && algorithm.tag == SEQUENCE && signature.tag == BIT_STRING =>
-        {
-            Some((tbs.raw, algorithm.contents, bit_string(signature.contents)?))
-        }
+/// The last RDN of `name` if it is a single commonName attribute.
+fn last_cn<'n, 'a>(name: &'n X509Name<'a>) -> Option<&'n AttributeTypeAndValue<'a>> {
+    match name.iter().last()?.iter().collect::<Vec<_>>().as_slice() {
+        [cn] if *cn.attr_type() == OID_X509_COMMON_NAME => Some(*cn),
         _ => None,
     }
 }
 
-/// Verifies `signature` over `message` with the key of a DER SubjectPublicKeyInfo, using the
-/// first of `candidates` for that key's algorithm (and for `signature_algorithm`, the contents
-/// of a certificate's AlgorithmIdentifier, when given) — webpki's matching rule.
+/// The DER contents of an AlgorithmIdentifier (OID, then parameters if any): the form
+/// `SignatureVerificationAlgorithm`'s algorithm ids take.
+fn algorithm_id(algorithm: &AlgorithmIdentifier<'_>) -> Option<Vec<u8>> {
+    let mut id = algorithm.algorithm.to_der_vec().ok()?;
+    if let Some(parameters) = &algorithm.parameters {
+        id.extend(parameters.to_der_vec().ok()?);
+    }
+    Some(id)
+}
+
+/// The bits of a BIT STRING that holds whole bytes (keys and signatures).
+fn bits<'b>(bits: &'b BitString<'_>) -> Option<&'b [u8]> {
+    (bits.unused_bits == 0).then_some(bits.data.as_ref())
+}
+
+/// Verifies `signature` over `message` with a SubjectPublicKeyInfo's key, using the first of
+/// `candidates` for that key's algorithm (and for `signature_algorithm`, the contents of a
+/// certificate's AlgorithmIdentifier, when given) — webpki's matching rule.
 fn verify_with_spki(
-    spki: &[u8],
+    spki: &SubjectPublicKeyInfo<'_>,
     candidates: &[&dyn SignatureVerificationAlgorithm],
     signature_algorithm: Option<&[u8]>,
     message: &[u8],
     signature: &[u8],
 ) -> Result<(), &'static str> {
-    let (spki, _) = der_next(spki).ok_or("malformed public key")?;
-    let (key_algorithm, key) = match der_items(spki.contents).as_deref() {
-        Some([algorithm, key]) if algorithm.tag == SEQUENCE && key.tag == BIT_STRING => (
-            algorithm.contents,
-            bit_string(key.contents).ok_or("malformed public key")?,
-        ),
-        _ => return Err("malformed public key"),
-    };
+    let key_algorithm = algorithm_id(&spki.algorithm).ok_or("malformed public key")?;
+    let key = bits(&spki.subject_public_key).ok_or("malformed public key")?;
     let algorithm = candidates
         .iter()
         .find(|a| {
-            a.public_key_alg_id().as_ref() == key_algorithm
+            a.public_key_alg_id().as_ref() == key_algorithm.as_slice()
                 && signature_algorithm.is_none_or(|s| a.signature_alg_id().as_ref() == s)
         })
         .ok_or("unsupported signature algorithm")?;
@@ -531,96 +543,58 @@ fn verify_with_spki(
 // ---------------------------------------------------------------------------------------------
 // Names
 
-/// One attribute of an RDN: its type (OID contents) and its value element.
-struct Attribute<'a> {
-    oid: &'a [u8],
-    value: Der<'a>,
-}
-
-/// One RDN: its encoding (for comparisons) and its attributes.
-struct Rdn<'a> {
-    raw: &'a [u8],
-    attributes: Vec<Attribute<'a>>,
-}
-
-/// `Name ::= SEQUENCE OF SET OF SEQUENCE { type OBJECT IDENTIFIER, value ANY }`.
-fn parse_name(name: &[u8]) -> Option<Vec<Rdn<'_>>> {
-    let (sequence, rest) = der_next(name)?;
-    if sequence.tag != SEQUENCE || !rest.is_empty() {
-        return None;
-    }
-    der_items(sequence.contents)?
-        .into_iter()
-        .map(|set| {
-            if set.tag != SET {
-                return None;
-            }
-            let attributes = der_items(set.contents)?
-                .into_iter()
-                .map(|pair| match der_items(pair.contents)?.as_slice() {
-                    [oid, value] if pair.tag == SEQUENCE && oid.tag == OID => Some(Attribute {
-                        oid: oid.contents,
-                        value: *value,
-                    }),
-                    _ => None,
-                })
-                .collect::<Option<Vec<_>>>()?;
-            (!attributes.is_empty()).then_some(Rdn {
-                raw: set.raw,
-                attributes,
-            })
-        })
-        .collect()
-}
-
-fn format_name(rdns: &[Rdn<'_>], format: DnFormat) -> String {
-    let rdn = |rdn: &Rdn<'_>| {
-        rdn.attributes
-            .iter()
+fn format_name(name: &X509Name<'_>, format: DnFormat) -> String {
+    let rdn = |rdn: &RelativeDistinguishedName<'_>| {
+        rdn.iter()
             .map(|a| format_attribute(a, format))
             .collect::<Vec<_>>()
             .join("+")
     };
     match format {
-        DnFormat::Slash => rdns.iter().map(|r| format!("/{}", rdn(r))).collect(),
-        DnFormat::Rfc2253 => rdns.iter().rev().map(rdn).collect::<Vec<_>>().join(","),
+        DnFormat::Slash => name.iter().map(|r| format!("/{}", rdn(r))).collect(),
+        DnFormat::Rfc2253 => {
+            let mut rdns: Vec<String> = name.iter().map(rdn).collect();
+            rdns.reverse();
+            rdns.join(",")
+        }
     }
 }
 
-fn format_attribute(attribute: &Attribute<'_>, format: DnFormat) -> String {
+fn format_attribute(attribute: &AttributeTypeAndValue<'_>, format: DnFormat) -> String {
+    let oid = attribute.attr_type();
     let name = ATTRIBUTE_NAMES
         .iter()
-        .find(|(oid, _)| *oid == attribute.oid)
+        .find(|(known, _)| known == oid)
         .map_or_else(
-            || Cow::Owned(dotted_oid(attribute.oid)),
+            || Cow::Owned(oid.to_id_string()),
             |(_, n)| Cow::Borrowed(*n),
         );
-    let value = match decode_string(attribute.value) {
+    let value = attribute.attr_value();
+    let value = match decode_string(value) {
         Some(text) => escape(&text, format),
-        None => format!("#{}", hex::encode_upper(attribute.value.raw)),
+        None => match value.to_der_vec() {
+            Ok(der) => format!("#{}", hex::encode_upper(der)),
+            Err(_) => "#".to_string(),
+        },
     };
     format!("{name}={value}")
 }
 
 /// A character-string value as text; `None` for other types and invalid encodings.
-fn decode_string(value: Der<'_>) -> Option<String> {
-    let bytes = value.contents;
-    match value.tag {
-        UTF8_STRING | PRINTABLE_STRING | IA5_STRING | NUMERIC_STRING | VISIBLE_STRING => {
-            String::from_utf8(bytes.to_vec()).ok()
-        }
-        TELETEX_STRING => Some(bytes.iter().map(|&b| char::from(b)).collect()),
-        BMP_STRING if bytes.len().is_multiple_of(2) => char::decode_utf16(
-            bytes
-                .chunks_exact(2)
-                .map(|c| u16::from_be_bytes([c[0], c[1]])),
-        )
-        .collect::<Result<String, _>>()
-        .ok(),
-        UNIVERSAL_STRING if bytes.len().is_multiple_of(4) => bytes
-            .chunks_exact(4)
-            .map(|c| char::from_u32(u32::from_be_bytes([c[0], c[1], c[2], c[3]])))
-            .collect(),
+///
+/// The ASCII string types are read as UTF-8 without checking their character sets (real
+/// certificates put `@` and `_` in PrintableStrings); TeletexString is read as Latin-1.
+fn decode_string(value: &Any<'_>) -> Option<String> {
+    let bytes = value.data;
+    match value.tag() {
+        Tag::Utf8String
+        | Tag::PrintableString
+        | Tag::Ia5String
+        | Tag::NumericString
+        | Tag::VisibleString => String::from_utf8(bytes.to_vec()).ok(),
+        Tag::TeletexString => Some(bytes.iter().map(|&b| char::from(b)).collect()),
+        Tag::BmpString => BmpString::try_from(value).ok().map(|s| s.string()),
+        Tag::UniversalString => UniversalString::try_from(value).ok().map(|s| s.string()),
         _ => None,
     }
 }
@@ -648,168 +622,39 @@ fn escape(value: &str, format: DnFormat) -> String {
     out
 }
 
-/// `2.5.4.65` from an OID's contents; the hex of the contents if they are malformed.
-fn dotted_oid(contents: &[u8]) -> String {
-    let mut arcs: Vec<u64> = Vec::new();
-    let mut arc: u64 = 0;
-    for (i, &b) in contents.iter().enumerate() {
-        if arc > (u64::MAX >> 7) {
-            return format!("#{}", hex::encode_upper(contents));
-        }
-        arc = (arc << 7) | u64::from(b & 0x7f);
-        if b & 0x80 == 0 {
-            if arcs.is_empty() {
-                let first = (arc / 40).min(2);
-                arcs.extend([first, arc - first * 40]);
-            } else {
-                arcs.push(arc);
-            }
-            arc = 0;
-        } else if i == contents.len() - 1 {
-            return format!("#{}", hex::encode_upper(contents));
-        }
-    }
-    arcs.iter()
-        .map(u64::to_string)
-        .collect::<Vec<_>>()
-        .join(".")
-}
+/// id-pe-proxyCertInfo (RFC 3820).
+const OID_PROXY_CERT_INFO: &[u8] = &oid!(raw 1.3.6.1.5.5.7.1.14);
+/// id-ppl-inheritAll.
+const OID_PPL_INHERIT_ALL: &[u8] = &oid!(raw 1.3.6.1.5.5.7.21.1);
+/// Globus' limited-proxy policy language.
+const OID_GLOBUS_LIMITED: &[u8] = &oid!(raw 1.3.6.1.4.1.3536.1.1.1.9);
 
-// ---------------------------------------------------------------------------------------------
-// DER: the few structures read here, with single-byte tags and definite lengths.
-
-/// One DER element.
-#[derive(Clone, Copy)]
-struct Der<'a> {
-    tag: u8,
-    contents: &'a [u8],
-    /// The whole encoding: tag, length, contents.
-    raw: &'a [u8],
-}
-
-/// Splits the first element off `input`.
-fn der_next(input: &[u8]) -> Option<(Der<'_>, &[u8])> {
-    let (&tag, rest) = input.split_first()?;
-    if tag & 0x1f == 0x1f {
-        return None;
-    }
-    let (&first, rest) = rest.split_first()?;
-    let (len, rest) = if first < 0x80 {
-        (usize::from(first), rest)
-    } else {
-        let n = usize::from(first & 0x7f);
-        if n == 0 || n > 4 || rest.len() < n {
-            return None;
-        }
-        let len = rest[..n]
-            .iter()
-            .fold(0usize, |len, &b| (len << 8) | usize::from(b));
-        (len, &rest[n..])
-    };
-    if rest.len() < len {
-        return None;
-    }
-    let header = input.len() - rest.len();
-    let element = Der {
-        tag,
-        contents: &rest[..len],
-        raw: &input[..header + len],
-    };
-    Some((element, &rest[len..]))
-}
-
-/// The elements of a constructed element's contents.
-fn der_items(mut contents: &[u8]) -> Option<Vec<Der<'_>>> {
-    let mut items = Vec::new();
-    while !contents.is_empty() {
-        let (item, rest) = der_next(contents)?;
-        items.push(item);
-        contents = rest;
-    }
-    Some(items)
-}
-
-/// A non-negative INTEGER that fits in a u32.
-fn der_u32(contents: &[u8]) -> Option<u32> {
-    let magnitude = match contents {
-        [] => return None,
-        [first, ..] if first & 0x80 != 0 => return None,
-        [0, rest @ ..] => rest,
-        bytes => bytes,
-    };
-    (magnitude.len() <= 4).then(|| magnitude.iter().fold(0, |n, &b| (n << 8) | u32::from(b)))
-}
-
-/// The bits of a BIT STRING with no unused bits.
-fn bit_string(contents: &[u8]) -> Option<&[u8]> {
-    match contents.split_first() {
-        Some((0, bits)) => Some(bits),
-        _ => None,
-    }
-}
-
-const INTEGER: u8 = 0x02;
-const BIT_STRING: u8 = 0x03;
-const OID: u8 = 0x06;
-const UTF8_STRING: u8 = 0x0c;
-const NUMERIC_STRING: u8 = 0x12;
-const PRINTABLE_STRING: u8 = 0x13;
-const TELETEX_STRING: u8 = 0x14;
-const IA5_STRING: u8 = 0x16;
-const VISIBLE_STRING: u8 = 0x1a;
-const UNIVERSAL_STRING: u8 = 0x1c;
-const BMP_STRING: u8 = 0x1e;
-const SEQUENCE: u8 = 0x30;
-const SET: u8 = 0x31;
-
-/// 1.3.6.1.5.5.7.1.14, id-pe-proxyCertInfo (RFC 3820).
-const OID_PROXY_CERT_INFO: &[u8] = &[0x2b, 6, 1, 5, 5, 7, 1, 14];
-/// 1.3.6.1.5.5.7.21.1, id-ppl-inheritAll.
-const OID_PPL_INHERIT_ALL: &[u8] = &[0x2b, 6, 1, 5, 5, 7, 21, 1];
-/// 1.3.6.1.4.1.3536.1.1.1.9, Globus' limited-proxy policy language.
-const OID_GLOBUS_LIMITED: &[u8] = &[0x2b, 6, 1, 4, 1, 0x9b, 0x50, 1, 1, 1, 9];
-/// 2.5.4.3, commonName.
-const OID_CN: &[u8] = &[0x55, 4, 3];
-const OID_BASIC_CONSTRAINTS: &[u8] = &[0x55, 0x1d, 0x13];
-const OID_KEY_USAGE: &[u8] = &[0x55, 0x1d, 0x0f];
-const OID_EXT_KEY_USAGE: &[u8] = &[0x55, 0x1d, 0x25];
-const OID_SUBJECT_ALT_NAME: &[u8] = &[0x55, 0x1d, 0x11];
-const OID_ISSUER_ALT_NAME: &[u8] = &[0x55, 0x1d, 0x12];
-
-/// Extensions a proxy may mark critical.
+/// Extensions a proxy may mark critical: ProxyCertInfo, basicConstraints, keyUsage,
+/// extKeyUsage.
 const KNOWN_CRITICAL: &[&[u8]] = &[
     OID_PROXY_CERT_INFO,
-    OID_BASIC_CONSTRAINTS,
-    OID_KEY_USAGE,
-    OID_EXT_KEY_USAGE,
+    &oid!(raw 2.5.29.19),
+    &oid!(raw 2.5.29.15),
+    &oid!(raw 2.5.29.37),
 ];
 
-/// Attribute types with a short name (OID contents → name), as OpenSSL prints them.
-const ATTRIBUTE_NAMES: &[(&[u8], &str)] = &[
-    (&[0x55, 4, 6], "C"),
-    (&[0x55, 4, 8], "ST"),
-    (&[0x55, 4, 7], "L"),
-    (&[0x55, 4, 10], "O"),
-    (&[0x55, 4, 11], "OU"),
-    (OID_CN, "CN"),
-    (
-        &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 1, 9, 1],
-        "emailAddress",
-    ),
-    (
-        &[0x09, 0x92, 0x26, 0x89, 0x93, 0xf2, 0x2c, 0x64, 1, 25],
-        "DC",
-    ),
-    (
-        &[0x09, 0x92, 0x26, 0x89, 0x93, 0xf2, 0x2c, 0x64, 1, 1],
-        "UID",
-    ),
-    (&[0x55, 4, 5], "serialNumber"),
-    (&[0x55, 4, 4], "SN"),
-    (&[0x55, 4, 42], "GN"),
-    (&[0x55, 4, 12], "title"),
-    (&[0x55, 4, 9], "street"),
-    (&[0x55, 4, 17], "postalCode"),
+/// Attribute types with a short name, as OpenSSL prints them.
+const ATTRIBUTE_NAMES: &[(Oid<'static>, &str)] = &[
+    (oid!(2.5.4 .6), "C"),
+    (oid!(2.5.4 .8), "ST"),
+    (oid!(2.5.4 .7), "L"),
+    (oid!(2.5.4 .10), "O"),
+    (oid!(2.5.4 .11), "OU"),
+    (oid!(2.5.4 .3), "CN"),
+    (oid!(1.2.840 .113549 .1 .9 .1), "emailAddress"),
+    (oid!(0.9.2342 .19200300 .100 .1 .25), "DC"),
+    (oid!(0.9.2342 .19200300 .100 .1 .1), "UID"),
+    (oid!(2.5.4 .5), "serialNumber"),
+    (oid!(2.5.4 .4), "SN"),
+    (oid!(2.5.4 .42), "GN"),
+    (oid!(2.5.4 .12), "title"),
+    (oid!(2.5.4 .9), "street"),
+    (oid!(2.5.4 .17), "postalCode"),
 ];
 
 #[cfg(test)]
@@ -837,44 +682,30 @@ mod tests {
     }
 
     #[test]
-    fn dotted_oids() {
-        assert_eq!(dotted_oid(&[0x55, 4, 65]), "2.5.4.65");
-        assert_eq!(dotted_oid(OID_GLOBUS_LIMITED), "1.3.6.1.4.1.3536.1.1.1.9");
-        assert_eq!(
-            dotted_oid(&[0x09, 0x92, 0x26, 0x89, 0x93, 0xf2, 0x2c, 0x64, 1, 25]),
-            "0.9.2342.19200300.100.1.25"
-        );
-        assert_eq!(dotted_oid(&[0x88, 0x37, 1]), "2.999.1");
-        assert_eq!(dotted_oid(&[0x55, 0x84]), "#5584");
-    }
-
-    #[test]
     fn proxy_cert_info_forms() {
+        let inherit_all = oid!(1.3.6 .1 .5 .5 .7 .21 .1);
         // SEQUENCE { INTEGER 2, SEQUENCE { OID inheritAll } }
-        let mut with_len = vec![0x30, 15, INTEGER, 1, 2, SEQUENCE, 10, OID, 8];
+        let mut with_len = vec![0x30, 15, 0x02, 1, 2, 0x30, 10, 0x06, 8];
         with_len.extend_from_slice(OID_PPL_INHERIT_ALL);
         assert_eq!(
             proxy_cert_info(&with_len),
-            Some((Some(2), OID_PPL_INHERIT_ALL))
+            Some((Some(2), inherit_all.clone()))
         );
-        let mut without = vec![0x30, 12, SEQUENCE, 10, OID, 8];
+        let mut without = vec![0x30, 12, 0x30, 10, 0x06, 8];
         without.extend_from_slice(OID_PPL_INHERIT_ALL);
-        assert_eq!(proxy_cert_info(&without), Some((None, OID_PPL_INHERIT_ALL)));
-        // A negative path length is malformed.
+        assert_eq!(proxy_cert_info(&without), Some((None, inherit_all.clone())));
+        // With a policy OCTET STRING.
+        let mut with_policy = vec![0x30, 15, 0x30, 13, 0x06, 8];
+        with_policy.extend_from_slice(OID_PPL_INHERIT_ALL);
+        with_policy.extend_from_slice(&[0x04, 1, b'x']);
+        assert_eq!(proxy_cert_info(&with_policy), Some((None, inherit_all)));
+        // A negative path length, a truncated value, trailing bytes: malformed.
         let mut negative = with_len.clone();
         negative[4] = 0xff;
         assert_eq!(proxy_cert_info(&negative), None);
         assert_eq!(proxy_cert_info(&with_len[..with_len.len() - 1]), None);
-    }
-
-    #[test]
-    fn der_integers() {
-        assert_eq!(der_u32(&[0]), Some(0));
-        assert_eq!(der_u32(&[0, 0x80]), Some(128));
-        assert_eq!(der_u32(&[0x7f, 0xff, 0xff, 0xff]), Some(i32::MAX as u32));
-        assert_eq!(der_u32(&[0, 0xff, 0xff, 0xff, 0xff]), Some(u32::MAX));
-        assert_eq!(der_u32(&[1, 0, 0, 0, 0]), None);
-        assert_eq!(der_u32(&[0x80]), None);
-        assert_eq!(der_u32(&[]), None);
+        let mut trailing = with_len.clone();
+        trailing.push(0);
+        assert_eq!(proxy_cert_info(&trailing), None);
     }
 }
