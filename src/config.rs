@@ -182,16 +182,13 @@ struct RawValidator {
     // static
     #[serde(default)]
     token: Vec<Spanned<RawStaticToken>>,
-    // jwt (checked for shape now; the validator itself is issue 3's)
-    #[allow(dead_code)]
-    issuer: Option<String>,
-    #[allow(dead_code)]
-    audience: Option<String>,
-    jwks_url: Option<String>,
-    public_key: Option<String>,
+    // jwt
+    issuer: Option<Spanned<String>>,
+    audience: Option<Spanned<String>>,
+    jwks_url: Option<Spanned<String>>,
+    public_key: Option<Spanned<String>>,
     secret: Option<Spanned<String>>,
-    #[allow(dead_code)]
-    subject_claim: Option<String>,
+    subject_claim: Option<Spanned<String>>,
     // introspect
     url: Option<Spanned<String>>,
     header: Option<Spanned<String>>,
@@ -305,8 +302,6 @@ pub struct Config {
     pub endpoints: EndpointsConfig,
     /// `[x509]`.
     pub x509: X509Config,
-    /// Sections the SPEC defines that this build accepts but does not act on yet.
-    pub not_yet_active: Vec<&'static str>,
 }
 
 /// `[x509]`: token exchange for client certificates (Rucio).
@@ -442,6 +437,50 @@ pub enum ValidatorConfig {
     Static(Vec<StaticToken>),
     /// An HTTP endpoint that answers 2xx for a valid credential.
     Introspect(IntrospectConfig),
+    /// JWTs signed by an outside identity provider.
+    Jwt(JwtValidatorConfig),
+}
+
+impl ValidatorConfig {
+    /// The validator's type, as in the config and the `source` metric label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ValidatorConfig::Static(_) => "static",
+            ValidatorConfig::Introspect(_) => "introspect",
+            ValidatorConfig::Jwt(_) => "jwt",
+        }
+    }
+}
+
+/// `type = "jwt"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwtValidatorConfig {
+    /// The `iss` a token must carry, when set.
+    pub issuer: Option<String>,
+    /// An `aud` a token must carry, when set.
+    pub audience: Option<String>,
+    /// Where the verification keys come from.
+    pub keys: JwtKeySource,
+    /// The claim that names the subject (default `sub`).
+    pub subject_claim: String,
+    /// How long fetching the JWKS may take.
+    pub timeout: Duration,
+}
+
+/// The keys of a `jwt` validator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JwtKeySource {
+    /// A JWKS document fetched over HTTP(S) and refreshed on unknown `kid`s.
+    Jwks(Uri),
+    /// A public key (PEM: RSA, P-256, P-384 or Ed25519) read from a file at load.
+    PublicKey {
+        /// The file, watched for changes.
+        path: PathBuf,
+        /// Its contents.
+        pem: String,
+    },
+    /// An HMAC secret (HS256/HS384/HS512).
+    Secret(Secret),
 }
 
 /// One `[[validator.token]]`.
@@ -592,7 +631,6 @@ impl Checker<'_> {
     }
 
     fn check(&self, raw: RawConfig) -> Result<Config, ConfigError> {
-        let mut not_yet_active = Vec::new();
         let server = self.server(raw.server)?;
         let admin = match raw.admin {
             None => None,
@@ -623,14 +661,11 @@ impl Checker<'_> {
             Some(x) => self.x509(x, &server)?,
             None => X509Config::default(),
         };
-        let mut validators = Vec::new();
-        for v in &raw.validators {
-            if let Some(validator) = self.validator(v)? {
-                validators.push(validator);
-            } else {
-                not_yet_active.push("[[validator]] type = \"jwt\"");
-            }
-        }
+        let validators = raw
+            .validators
+            .iter()
+            .map(|v| self.validator(v))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut routes = Vec::new();
         for r in &raw.routes {
             let route = self.route(r)?;
@@ -657,7 +692,6 @@ impl Checker<'_> {
             tokens,
             endpoints,
             x509,
-            not_yet_active,
         })
     }
 
@@ -866,11 +900,7 @@ impl Checker<'_> {
         })
     }
 
-    /// `Ok(None)` for a validator type this build accepts but does not run yet (jwt).
-    fn validator(
-        &self,
-        raw: &Spanned<RawValidator>,
-    ) -> Result<Option<ValidatorConfig>, ConfigError> {
+    fn validator(&self, raw: &Spanned<RawValidator>) -> Result<ValidatorConfig, ConfigError> {
         let v = raw.get_ref();
         match v.kind.get_ref().as_str() {
             "static" => {
@@ -902,23 +932,14 @@ impl Checker<'_> {
                             .unwrap_or_else(|| t.get_ref().subject.clone()),
                     });
                 }
-                Ok(Some(ValidatorConfig::Static(tokens)))
+                Ok(ValidatorConfig::Static(tokens))
             }
             "introspect" => {
                 let url = v
                     .url
                     .as_ref()
                     .ok_or_else(|| self.at(raw, "an introspect validator needs url"))?;
-                let uri: Uri = url
-                    .get_ref()
-                    .parse()
-                    .ok()
-                    .filter(|u: &Uri| {
-                        matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some()
-                    })
-                    .ok_or_else(|| {
-                        self.at(url, "url must be an absolute http:// or https:// URL")
-                    })?;
+                let uri = self.http_url(url, "url")?;
                 let header = match &v.header {
                     Some(h) => self.header_name(h)?,
                     None => http::header::AUTHORIZATION,
@@ -930,7 +951,7 @@ impl Checker<'_> {
                     }
                     None => Template::parse("{token}").map_err(|m| self.at(raw, m))?,
                 };
-                Ok(Some(ValidatorConfig::Introspect(IntrospectConfig {
+                Ok(ValidatorConfig::Introspect(IntrospectConfig {
                     url: uri,
                     header,
                     value,
@@ -945,7 +966,7 @@ impl Checker<'_> {
                         .map(|s| self.json_pointer(s))
                         .transpose()?,
                     timeout: self.duration(&v.timeout, Duration::from_secs(2))?,
-                })))
+                }))
             }
             "jwt" => {
                 let sources = [
@@ -959,10 +980,43 @@ impl Checker<'_> {
                         "a jwt validator needs exactly one of jwks_url, public_key, secret",
                     ));
                 }
-                if let Some(secret) = &v.secret {
-                    self.secret(secret)?;
-                }
-                Ok(None)
+                let keys = if let Some(url) = &v.jwks_url {
+                    JwtKeySource::Jwks(self.http_url(url, "jwks_url")?)
+                } else if let Some(file) = &v.public_key {
+                    let path = self.file(file);
+                    let pem = std::fs::read_to_string(&path).map_err(|e| {
+                        self.at(
+                            file,
+                            format!("cannot read public_key {}: {e}", path.display()),
+                        )
+                    })?;
+                    crate::jwt_validator::public_key(&pem).map_err(|m| self.at(file, m))?;
+                    JwtKeySource::PublicKey { path, pem }
+                } else {
+                    let field = v.secret.as_ref().expect("one key source");
+                    let secret = self.secret(field)?;
+                    if secret.expose().len() < 32 {
+                        return Err(
+                            self.at(field, "a jwt validator secret needs at least 32 bytes")
+                        );
+                    }
+                    JwtKeySource::Secret(secret)
+                };
+                let text = |s: &Option<Spanned<String>>, what: &str| match s {
+                    Some(s) if s.get_ref().is_empty() => {
+                        Err(self.at(s, format!("{what} must not be empty")))
+                    }
+                    Some(s) => Ok(Some(s.get_ref().clone())),
+                    None => Ok(None),
+                };
+                Ok(ValidatorConfig::Jwt(JwtValidatorConfig {
+                    issuer: text(&v.issuer, "issuer")?,
+                    audience: text(&v.audience, "audience")?,
+                    keys,
+                    subject_claim: text(&v.subject_claim, "subject_claim")?
+                        .unwrap_or_else(|| "sub".to_string()),
+                    timeout: self.duration(&v.timeout, Duration::from_secs(2))?,
+                }))
             }
             other => Err(self.at(
                 &v.kind,
@@ -971,6 +1025,23 @@ impl Checker<'_> {
                 ),
             )),
         }
+    }
+
+    /// An absolute http:// or https:// URL.
+    fn http_url(&self, value: &Spanned<String>, key: &str) -> Result<Uri, ConfigError> {
+        value
+            .get_ref()
+            .parse()
+            .ok()
+            .filter(|u: &Uri| {
+                matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some()
+            })
+            .ok_or_else(|| {
+                self.at(
+                    value,
+                    format!("{key} must be an absolute http:// or https:// URL"),
+                )
+            })
     }
 
     fn json_pointer(&self, value: &Spanned<String>) -> Result<String, ConfigError> {

@@ -170,7 +170,7 @@ static PROVIDER: CryptoProvider = CryptoProvider {
 };
 
 /// Makes the ring provider jsonwebtoken's default, once per process.
-fn install_provider() {
+pub(crate) fn install_provider() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // Err only if another provider was installed first; then that one is used.
@@ -208,22 +208,57 @@ fn new_verifier(
     algorithm: &Algorithm,
     key: &DecodingKey,
 ) -> jsonwebtoken::errors::Result<Box<dyn JwtVerifier>> {
-    let bytes = key.try_get_as_bytes()?;
-    let verifier: Box<dyn JwtVerifier> = match algorithm {
-        Algorithm::HS256 => Box::new(Hs256(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, bytes))),
-        Algorithm::ES256 => Box::new(PublicKey {
-            algorithm: Algorithm::ES256,
-            ring: &sig::ECDSA_P256_SHA256_FIXED,
-            key: bytes.to_vec(),
-        }),
-        Algorithm::EdDSA => Box::new(PublicKey {
-            algorithm: Algorithm::EdDSA,
-            ring: &sig::ED25519,
-            key: bytes.to_vec(),
-        }),
+    use jsonwebtoken::DecodingKeyKind;
+    let hmac = |alg| -> jsonwebtoken::errors::Result<Box<dyn JwtVerifier>> {
+        Ok(Box::new(Hmac(
+            *algorithm,
+            ring::hmac::Key::new(alg, key.try_get_as_bytes()?),
+        )))
+    };
+    let ring: &'static dyn sig::VerificationAlgorithm = match algorithm {
+        Algorithm::HS256 => return hmac(ring::hmac::HMAC_SHA256),
+        Algorithm::HS384 => return hmac(ring::hmac::HMAC_SHA384),
+        Algorithm::HS512 => return hmac(ring::hmac::HMAC_SHA512),
+        Algorithm::ES256 => &sig::ECDSA_P256_SHA256_FIXED,
+        Algorithm::ES384 => &sig::ECDSA_P384_SHA384_FIXED,
+        Algorithm::EdDSA => &sig::ED25519,
+        Algorithm::RS256 => &sig::RSA_PKCS1_2048_8192_SHA256,
+        Algorithm::RS384 => &sig::RSA_PKCS1_2048_8192_SHA384,
+        Algorithm::RS512 => &sig::RSA_PKCS1_2048_8192_SHA512,
+        Algorithm::PS256 => &sig::RSA_PSS_2048_8192_SHA256,
+        Algorithm::PS384 => &sig::RSA_PSS_2048_8192_SHA384,
+        Algorithm::PS512 => &sig::RSA_PSS_2048_8192_SHA512,
         _ => return Err(JwtError::from(ErrorKind::InvalidAlgorithm)),
     };
-    Ok(verifier)
+    let key = match key.kind() {
+        // ring reads an RSA key from its PKCS#1 DER, or from (n, e).
+        DecodingKeyKind::SecretOrDer(der) => KeyBytes::Der(der.clone()),
+        DecodingKeyKind::RsaModulusExponent { n, e } => KeyBytes::Rsa {
+            n: n.clone(),
+            e: e.clone(),
+        },
+    };
+    Ok(Box::new(PublicKey {
+        algorithm: *algorithm,
+        ring,
+        key,
+    }))
+}
+
+/// HMAC (HS256, HS384, HS512).
+struct Hmac(Algorithm, ring::hmac::Key);
+
+impl Verifier<Vec<u8>> for Hmac {
+    fn verify(&self, msg: &[u8], signature: &Vec<u8>) -> Result<(), SigError> {
+        // Constant-time comparison inside ring.
+        ring::hmac::verify(&self.1, msg, signature).map_err(|_| SigError::new())
+    }
+}
+
+impl JwtVerifier for Hmac {
+    fn algorithm(&self) -> Algorithm {
+        self.0
+    }
 }
 
 struct Hs256(ring::hmac::Key);
@@ -234,20 +269,7 @@ impl Signer<Vec<u8>> for Hs256 {
     }
 }
 
-impl Verifier<Vec<u8>> for Hs256 {
-    fn verify(&self, msg: &[u8], signature: &Vec<u8>) -> Result<(), SigError> {
-        // Constant-time comparison inside ring.
-        ring::hmac::verify(&self.0, msg, signature).map_err(|_| SigError::new())
-    }
-}
-
 impl JwtSigner for Hs256 {
-    fn algorithm(&self) -> Algorithm {
-        Algorithm::HS256
-    }
-}
-
-impl JwtVerifier for Hs256 {
     fn algorithm(&self) -> Algorithm {
         Algorithm::HS256
     }
@@ -284,17 +306,42 @@ impl JwtSigner for Ed25519Signer {
     }
 }
 
+/// A public key as ring takes it.
+enum KeyBytes {
+    /// An EC point, an Ed25519 key, or an RSA key's PKCS#1 DER.
+    Der(Vec<u8>),
+    /// An RSA key's modulus and exponent (from a JWK).
+    Rsa { n: Vec<u8>, e: Vec<u8> },
+}
+
 struct PublicKey {
     algorithm: Algorithm,
     ring: &'static dyn sig::VerificationAlgorithm,
-    key: Vec<u8>,
+    key: KeyBytes,
 }
 
 impl Verifier<Vec<u8>> for PublicKey {
     fn verify(&self, msg: &[u8], signature: &Vec<u8>) -> Result<(), SigError> {
-        sig::UnparsedPublicKey::new(self.ring, &self.key)
-            .verify(msg, signature)
-            .map_err(|_| SigError::new())
+        let verified = match &self.key {
+            KeyBytes::Der(der) => {
+                sig::UnparsedPublicKey::new(self.ring, der).verify(msg, signature)
+            }
+            KeyBytes::Rsa { n, e } => {
+                // Only RSA algorithms reach here with (n, e): a JWK's key type fixes the family,
+                // and jsonwebtoken refuses a header algorithm of another family.
+                let params = match self.algorithm {
+                    Algorithm::RS256 => &sig::RSA_PKCS1_2048_8192_SHA256,
+                    Algorithm::RS384 => &sig::RSA_PKCS1_2048_8192_SHA384,
+                    Algorithm::RS512 => &sig::RSA_PKCS1_2048_8192_SHA512,
+                    Algorithm::PS256 => &sig::RSA_PSS_2048_8192_SHA256,
+                    Algorithm::PS384 => &sig::RSA_PSS_2048_8192_SHA384,
+                    Algorithm::PS512 => &sig::RSA_PSS_2048_8192_SHA512,
+                    _ => return Err(SigError::new()),
+                };
+                sig::RsaPublicKeyComponents { n, e }.verify(params, msg, signature)
+            }
+        };
+        verified.map_err(|_| SigError::new())
     }
 }
 

@@ -17,6 +17,7 @@ pub mod demo;
 pub mod endpoints;
 pub mod error;
 pub mod jwt;
+pub mod jwt_validator;
 pub mod proxy;
 pub mod reload;
 pub mod rewrite;
@@ -44,12 +45,6 @@ pub async fn run(
     config_path: Option<PathBuf>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
-    for section in &config.not_yet_active {
-        tracing::warn!(
-            section,
-            "accepted in the config but not active in this version"
-        );
-    }
     let addr = config.server.listen;
     let tls = config.server.tls.is_some();
     let routes: Vec<String> = config
@@ -60,10 +55,7 @@ pub async fn run(
     let validators: Vec<&str> = config
         .validators
         .iter()
-        .map(|v| match v {
-            config::ValidatorConfig::Static(_) => "static",
-            config::ValidatorConfig::Introspect(_) => "introspect",
-        })
+        .map(config::ValidatorConfig::kind)
         .collect();
     let metrics = telemetry::install();
     let admin_addr = config.admin.as_ref().map(|a| a.listen);

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::config::Config;
+use crate::config::{Config, JwtKeySource, JwtValidatorConfig, ValidatorConfig};
 use crate::proxy::{Gate, SharedGate};
 
 /// How often the watched files are looked at.
@@ -33,6 +33,13 @@ fn watched_files(path: &Path, config: &Config) -> Vec<PathBuf> {
         files.extend(tls.client_ca.clone());
     }
     files.extend(config.routes.iter().filter_map(|r| r.upstream_ca.clone()));
+    files.extend(config.validators.iter().filter_map(|v| match v {
+        ValidatorConfig::Jwt(JwtValidatorConfig {
+            keys: JwtKeySource::PublicKey { path, .. },
+            ..
+        }) => Some(path.clone()),
+        _ => None,
+    }));
     files
 }
 

@@ -14,6 +14,7 @@ use http_body_util::{BodyExt, Limited};
 use crate::config::{IntrospectConfig, StaticToken, ValidatorConfig};
 use crate::error::full;
 use crate::jwt::JwtKey;
+use crate::jwt_validator::JwtValidator;
 use crate::store::{Store, TokenRecord};
 use crate::upstream::HttpClient;
 
@@ -118,6 +119,27 @@ enum Validator {
     /// free of timing leaks about the token itself.
     Static(HashMap<[u8; 32], Arc<Identity>>),
     Introspect(Box<Introspector>),
+    Jwt(Box<JwtValidator>),
+}
+
+impl Validator {
+    fn kind(&self) -> &'static str {
+        match self {
+            Validator::Static(_) => "static",
+            Validator::Introspect(_) => "introspect",
+            Validator::Jwt(_) => "jwt",
+        }
+    }
+
+    /// Whether it may be unreachable for `token`: an introspection endpoint, or a JWKS when
+    /// the token is a JWT.
+    fn may_fail_on(&self, token: &str) -> bool {
+        match self {
+            Validator::Static(_) => false,
+            Validator::Introspect(_) => true,
+            Validator::Jwt(j) => j.fetches() && crate::jwt_validator::looks_like_jwt(token),
+        }
+    }
 }
 
 struct Introspector {
@@ -147,6 +169,9 @@ impl Validators {
                         client: client.clone(),
                     }))
                 }
+                ValidatorConfig::Jwt(config) => {
+                    Validator::Jwt(Box::new(JwtValidator::new(config, client)))
+                }
             })
             .collect();
         Validators { store, jwt, list }
@@ -172,6 +197,7 @@ impl Validators {
             let answer = match validator {
                 Validator::Static(map) => Ok(map.get(key).cloned()),
                 Validator::Introspect(i) => i.introspect(token, key).await,
+                Validator::Jwt(j) => j.validate(token).await,
             };
             match answer {
                 Ok(Some(identity)) => return Ok(Verdict::Allowed(identity)),
@@ -191,9 +217,10 @@ impl Validators {
 
 impl Validators {
     /// Which validator turned `token` down (or failed on it), for the `source` label of
-    /// `tokengate_auth_total`: the store for `tg_` tokens, `jwt` for JWT API keys of ours,
-    /// else the last validator consulted (all were, in order). Only called off the cache-hit
-    /// path.
+    /// `tokengate_auth_total`: the store for `tg_` tokens, `jwt` for JWT API keys of ours and
+    /// for JWTs when a jwt validator is configured, the first validator that could have been
+    /// unreachable for a failure, else the last validator consulted (all were, in order).
+    /// Only called off the cache-hit path.
     pub fn decided_by(&self, token: &str, failed: bool) -> &'static str {
         if crate::token::is_ours(token) {
             return "store";
@@ -201,20 +228,20 @@ impl Validators {
         if self.jwt.as_ref().is_some_and(|k| k.recognises(token)) {
             return "jwt";
         }
-        let kind = |v: &Validator| match v {
-            Validator::Static(_) => "static",
-            Validator::Introspect(_) => "introspect",
-        };
         if failed {
-            // Only an introspection endpoint can be unreachable among the configured ones.
             return self
                 .list
                 .iter()
-                .map(kind)
-                .find(|k| *k == "introspect")
-                .unwrap_or("none");
+                .find(|v| v.may_fail_on(token))
+                .map_or("none", Validator::kind);
         }
-        self.list.last().map_or("none", kind)
+        // A JWT turned down: the jwt validator is the one that looked at it closely.
+        if crate::jwt_validator::looks_like_jwt(token)
+            && self.list.iter().any(|v| matches!(v, Validator::Jwt(_)))
+        {
+            return "jwt";
+        }
+        self.list.last().map_or("none", Validator::kind)
     }
 
     /// A token tokengate issued: only the store can vouch for it.

@@ -1,0 +1,479 @@
+//! The `jwt` validator (SPEC §3): JWTs signed by an outside identity provider (Keycloak,
+//! Dex, Auth0, a cloud IdP), checked locally against its public keys.
+//!
+//! Keys come from one of: a JWKS URL (fetched when first needed, again when a token names an
+//! unknown `kid` — at most once per [`JWKS_MIN_INTERVAL`] — and when the set is older than
+//! [`JWKS_MAX_AGE`]), a PEM public key file, or an HMAC secret. Algorithms: RS256/384/512,
+//! PS256/384/512 (RSA ≥ 2048 bits), ES256, ES384, EdDSA (Ed25519), and HS256/384/512 with a
+//! secret; each key accepts only the algorithms of its own type (or the one its JWK names), so
+//! an `alg` swap (RS256 → HS256 with the public key as secret, or `none`) is refused.
+//!
+//! A token must be signed by one of the keys, carry `exp` (in the future; 60 s leeway for
+//! clock skew, also for `nbf`), the configured `iss` and `aud` when they are set, and a
+//! non-empty subject claim (`subject_claim`, default `sub`). The verdict is cached like any
+//! other, never past the token's `exp`.
+//!
+//! A string that is not a JWT, or a JWT none of the keys verifies, is "not recognised": the
+//! next validator is asked. When the JWKS cannot be fetched and no key for the token is known,
+//! the validator is unavailable (fail closed: 503 unless a later validator vouches).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{Method, Request, Uri};
+use http_body_util::{BodyExt, Limited};
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::{Map, Value};
+
+use crate::config::{JwtKeySource, JwtValidatorConfig};
+use crate::error::full;
+use crate::upstream::HttpClient;
+use crate::validate::{BackendError, Identity};
+
+/// A token naming an unknown `kid` refetches the JWKS at most this often.
+pub const JWKS_MIN_INTERVAL: Duration = Duration::from_secs(10);
+/// A JWKS older than this is fetched again when next used (as Envoy's default cache duration).
+pub const JWKS_MAX_AGE: Duration = Duration::from_secs(600);
+/// Clock skew allowed on `exp` and `nbf`.
+const LEEWAY_SECS: u64 = 60;
+/// The largest JWKS document read.
+const JWKS_BODY_LIMIT: usize = 1024 * 1024;
+
+const RSA: &[Algorithm] = &[
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::PS512,
+];
+const HMAC: &[Algorithm] = &[Algorithm::HS256, Algorithm::HS384, Algorithm::HS512];
+
+/// One verification key and the algorithms it may be used with.
+#[derive(Clone)]
+pub(crate) struct VerifyKey {
+    kid: Option<String>,
+    key: DecodingKey,
+    algorithms: Vec<Algorithm>,
+}
+
+impl std::fmt::Debug for VerifyKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key material (a secret, for HMAC).
+        f.debug_struct("VerifyKey")
+            .field("kid", &self.kid)
+            .field("algorithms", &self.algorithms)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VerifyKey {
+    /// Whether this key may check a token with header `kid` and `alg`.
+    fn fits(&self, kid: Option<&str>, alg: Algorithm) -> bool {
+        let kid_fits = match (kid, &self.kid) {
+            (Some(wanted), Some(ours)) => wanted == ours,
+            _ => true,
+        };
+        kid_fits && self.algorithms.contains(&alg)
+    }
+}
+
+/// The key of a PEM public key file: RSA (PKCS#1 or SPKI), P-256, P-384 or Ed25519.
+pub(crate) fn public_key(pem: &str) -> Result<VerifyKey, String> {
+    crate::jwt::install_provider();
+    let bytes = pem.trim().as_bytes();
+    let (key, algorithms) = if let Ok(key) = DecodingKey::from_rsa_pem(bytes) {
+        (key, RSA.to_vec())
+    } else if let Ok(key) = DecodingKey::from_ec_pem(bytes) {
+        // An uncompressed point: 65 bytes on P-256, 97 on P-384.
+        let algorithm = match key.try_get_as_bytes().map(<[u8]>::len) {
+            Ok(65) => Algorithm::ES256,
+            Ok(97) => Algorithm::ES384,
+            _ => return Err("public_key: only P-256 and P-384 EC keys are supported".into()),
+        };
+        (key, vec![algorithm])
+    } else if let Ok(key) = DecodingKey::from_ed_pem(bytes) {
+        (key, vec![Algorithm::EdDSA])
+    } else {
+        return Err(
+            "public_key must be a PEM public key (RSA, P-256, P-384 or Ed25519), \
+             e.g. `openssl pkey -pubout`"
+                .into(),
+        );
+    };
+    Ok(VerifyKey {
+        kid: None,
+        key,
+        algorithms,
+    })
+}
+
+/// The verification key of one JWK, or why it is skipped.
+fn jwk_key(jwk: &Jwk) -> Result<VerifyKey, String> {
+    if matches!(jwk.common.public_key_use, Some(ref u) if *u != PublicKeyUse::Signature) {
+        return Err("not a signing key (use is not \"sig\")".into());
+    }
+    let by_type = match &jwk.algorithm {
+        AlgorithmParameters::RSA(_) => RSA.to_vec(),
+        AlgorithmParameters::EllipticCurve(ec) => match ec.curve {
+            EllipticCurve::P256 => vec![Algorithm::ES256],
+            EllipticCurve::P384 => vec![Algorithm::ES384],
+            _ => return Err("unsupported curve".into()),
+        },
+        AlgorithmParameters::OctetKeyPair(okp) if okp.curve == EllipticCurve::Ed25519 => {
+            vec![Algorithm::EdDSA]
+        }
+        // A shared secret has no place in a published key set.
+        AlgorithmParameters::OctetKey(_) => return Err("symmetric key".into()),
+        _ => return Err("unsupported key type".into()),
+    };
+    let algorithms = match jwk.common.key_algorithm {
+        None => by_type,
+        Some(named) => {
+            let named: Algorithm = format!("{named:?}")
+                .parse()
+                .map_err(|_| format!("unsupported algorithm {named:?}"))?;
+            if !by_type.contains(&named) {
+                return Err(format!("algorithm {named:?} does not fit the key type"));
+            }
+            vec![named]
+        }
+    };
+    let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("unusable key: {e}"))?;
+    Ok(VerifyKey {
+        kid: jwk.common.key_id.clone(),
+        key,
+        algorithms,
+    })
+}
+
+/// The usable signing keys of a JWKS document; keys of other kinds are skipped with a log line.
+fn parse_jwks(body: &[u8]) -> Result<Vec<VerifyKey>, String> {
+    let doc: Value = serde_json::from_slice(body).map_err(|e| format!("JWKS is not JSON: {e}"))?;
+    let entries = doc
+        .get("keys")
+        .and_then(Value::as_array)
+        .ok_or("JWKS has no \"keys\" array")?;
+    let mut keys = Vec::new();
+    for entry in entries {
+        let kid = entry.get("kid").and_then(Value::as_str).unwrap_or("-");
+        match serde_json::from_value::<Jwk>(entry.clone())
+            .map_err(|e| format!("malformed key: {e}"))
+            .and_then(|jwk| jwk_key(&jwk))
+        {
+            Ok(key) => keys.push(key),
+            Err(reason) => tracing::debug!(kid, reason, "JWKS key skipped"),
+        }
+    }
+    if keys.is_empty() {
+        return Err("JWKS holds no usable signing key".into());
+    }
+    Ok(keys)
+}
+
+/// The `jwt` validator.
+pub struct JwtValidator {
+    issuer: Option<String>,
+    audience: Option<String>,
+    subject_claim: String,
+    keys: Keys,
+}
+
+enum Keys {
+    Fixed(Vec<VerifyKey>),
+    Jwks(Box<Jwks>),
+}
+
+/// A JWKS URL and what was last fetched from it.
+struct Jwks {
+    url: Uri,
+    client: HttpClient,
+    timeout: Duration,
+    state: ArcSwap<JwksState>,
+    /// Held while fetching: concurrent misses wait for one fetch.
+    fetching: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct JwksState {
+    keys: Vec<VerifyKey>,
+    /// The last successful fetch.
+    fetched: Option<Instant>,
+    /// The last attempt, successful or not.
+    attempted: Option<Instant>,
+    /// Why the last attempt failed, if it did.
+    error: Option<String>,
+}
+
+impl JwksState {
+    fn knows(&self, kid: Option<&str>, alg: Algorithm) -> bool {
+        self.keys.iter().any(|k| k.fits(kid, alg))
+    }
+}
+
+impl JwtValidator {
+    /// The validator of a `[[validator]] type = "jwt"` table; `client` fetches the JWKS.
+    pub fn new(config: &JwtValidatorConfig, client: &HttpClient) -> JwtValidator {
+        crate::jwt::install_provider();
+        let keys = match &config.keys {
+            JwtKeySource::Jwks(url) => Keys::Jwks(Box::new(Jwks {
+                url: url.clone(),
+                client: client.clone(),
+                timeout: config.timeout,
+                state: ArcSwap::from_pointee(JwksState::default()),
+                fetching: tokio::sync::Mutex::new(()),
+            })),
+            // Checked when the config was loaded.
+            JwtKeySource::PublicKey { pem, .. } => {
+                Keys::Fixed(public_key(pem).into_iter().collect())
+            }
+            JwtKeySource::Secret(secret) => Keys::Fixed(vec![VerifyKey {
+                kid: None,
+                key: DecodingKey::from_secret(secret.expose().as_bytes()),
+                algorithms: HMAC.to_vec(),
+            }]),
+        };
+        JwtValidator {
+            issuer: config.issuer.clone(),
+            audience: config.audience.clone(),
+            subject_claim: config.subject_claim.clone(),
+            keys,
+        }
+    }
+
+    /// Whether the validator may be unreachable (it fetches a JWKS).
+    pub fn fetches(&self) -> bool {
+        matches!(self.keys, Keys::Jwks(_))
+    }
+
+    /// `Ok(None)`: not a JWT, or none of the keys vouches for it.
+    pub async fn validate(&self, token: &str) -> Result<Option<Arc<Identity>>, BackendError> {
+        if !looks_like_jwt(token) {
+            return Ok(None);
+        }
+        let Ok(header) = jsonwebtoken::decode_header(token) else {
+            return Ok(None);
+        };
+        let kid = header.kid.as_deref();
+        let fetched;
+        let keys: &[VerifyKey] = match &self.keys {
+            Keys::Fixed(keys) => keys,
+            Keys::Jwks(jwks) => {
+                fetched = jwks.keys_for(kid, header.alg).await?;
+                &fetched.keys
+            }
+        };
+        for key in keys.iter().filter(|k| k.fits(kid, header.alg)) {
+            match jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, &self.validation(key))
+            {
+                Ok(data) => return Ok(self.identity(&data.claims)),
+                Err(e) => tracing::debug!(reason = %e, "jwt validator: token refused"),
+            }
+        }
+        Ok(None)
+    }
+
+    fn validation(&self, key: &VerifyKey) -> Validation {
+        let mut v = Validation::new(key.algorithms[0]);
+        v.algorithms = key.algorithms.clone();
+        v.leeway = LEEWAY_SECS;
+        v.validate_exp = true;
+        v.validate_nbf = true;
+        v.required_spec_claims = ["exp".to_string()].into();
+        if let Some(issuer) = &self.issuer {
+            v.set_issuer(&[issuer]);
+            v.required_spec_claims.insert("iss".into());
+        }
+        match &self.audience {
+            Some(audience) => {
+                v.set_audience(&[audience]);
+                v.required_spec_claims.insert("aud".into());
+            }
+            None => v.validate_aud = false,
+        }
+        v
+    }
+
+    /// The identity of verified claims; `None` without a usable subject claim.
+    fn identity(&self, claims: &Map<String, Value>) -> Option<Arc<Identity>> {
+        let subject = match claims.get(&self.subject_claim) {
+            Some(Value::String(s)) if !s.is_empty() => s.clone(),
+            Some(n @ Value::Number(_)) => n.to_string(),
+            _ => {
+                tracing::debug!(
+                    claim = %self.subject_claim,
+                    "jwt validator: verified token has no usable subject claim"
+                );
+                return None;
+            }
+        };
+        let expires = claims
+            .get("exp")
+            .and_then(Value::as_f64)
+            .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+            .map(|since| UNIX_EPOCH + since);
+        Some(Arc::new(Identity {
+            account: subject.clone(),
+            subject,
+            dn: None,
+            token_id: None,
+            validator: "jwt",
+            // `exp` is required and was checked; without a readable one, nothing is cached.
+            expires: expires.or(Some(SystemTime::now())),
+            usage: None,
+        }))
+    }
+}
+
+/// A compact JWS: three base64url parts, the header a JSON object (`eyJ` = `{"`).
+pub fn looks_like_jwt(token: &str) -> bool {
+    token.starts_with("eyJ") && token.bytes().filter(|b| *b == b'.').count() == 2
+}
+
+impl Jwks {
+    /// The key set to check a token with header `kid`/`alg` against, fetched or refreshed if
+    /// need be. Errors when the set cannot be fetched and no fitting key is known.
+    async fn keys_for(
+        &self,
+        kid: Option<&str>,
+        alg: Algorithm,
+    ) -> Result<Arc<JwksState>, BackendError> {
+        let seen = self.state.load_full();
+        let known = seen.knows(kid, alg);
+        let fresh = seen.fetched.is_some_and(|t| t.elapsed() < JWKS_MAX_AGE);
+        let may_fetch = seen
+            .attempted
+            .is_none_or(|t| t.elapsed() >= JWKS_MIN_INTERVAL);
+        if (!known || !fresh) && may_fetch {
+            let _one = self.fetching.lock().await;
+            // Someone else may have fetched while this waited.
+            if Arc::ptr_eq(&seen, &self.state.load()) {
+                let now = Instant::now();
+                let next = match self.fetch().await {
+                    Ok(keys) => {
+                        tracing::info!(url = %self.url, keys = keys.len(), "JWKS fetched");
+                        JwksState {
+                            keys,
+                            fetched: Some(now),
+                            attempted: Some(now),
+                            error: None,
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(url = %self.url, error = %e, "JWKS fetch failed");
+                        JwksState {
+                            keys: seen.keys.clone(),
+                            fetched: seen.fetched,
+                            attempted: Some(now),
+                            error: Some(e),
+                        }
+                    }
+                };
+                self.state.store(Arc::new(next));
+            }
+        }
+        let state = self.state.load_full();
+        match &state.error {
+            Some(e) if !state.knows(kid, alg) => {
+                Err(BackendError(format!("JWKS {} unavailable: {e}", self.url)))
+            }
+            _ if state.fetched.is_none() => {
+                Err(BackendError(format!("JWKS {} not fetched yet", self.url)))
+            }
+            _ => Ok(state),
+        }
+    }
+
+    async fn fetch(&self) -> Result<Vec<VerifyKey>, String> {
+        let request = Request::builder()
+            .method(Method::GET)
+            .uri(self.url.clone())
+            .header(http::header::ACCEPT, "application/json")
+            .body(full(Bytes::new()))
+            .map_err(|e| e.to_string())?;
+        let call = async {
+            let response = self
+                .client
+                .request(request)
+                .await
+                .map_err(|e| e.to_string())?;
+            let status = response.status();
+            if !status.is_success() {
+                return Err(format!("answered {status}"));
+            }
+            Limited::new(response.into_body(), JWKS_BODY_LIMIT)
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .map_err(|e| format!("body: {e}"))
+        };
+        let body = tokio::time::timeout(self.timeout, call)
+            .await
+            .map_err(|_| "timed out".to_string())??;
+        parse_jwks(&body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jwks_keys_of_other_kinds_are_skipped() {
+        let body = br#"{"keys":[
+            {"kty":"oct","k":"c2VjcmV0","kid":"sym"},
+            {"kty":"EC","crv":"P-256","use":"enc","kid":"enc",
+             "x":"f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+             "y":"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"},
+            {"kty":"EC","crv":"P-256","kid":"good",
+             "x":"f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+             "y":"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"},
+            {"kty":"RSA","alg":"RSA-OAEP","kid":"oaep","n":"AQAB","e":"AQAB"},
+            {"kty":"weird"}
+        ]}"#;
+        let keys = parse_jwks(body).unwrap();
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys[0].kid.as_deref(), Some("good"));
+        assert_eq!(keys[0].algorithms, vec![Algorithm::ES256]);
+        assert!(parse_jwks(br#"{"keys":[{"kty":"oct","k":"c2VjcmV0"}]}"#)
+            .unwrap_err()
+            .contains("no usable"));
+        assert!(parse_jwks(b"[]").unwrap_err().contains("keys"));
+        assert!(parse_jwks(b"<html>").unwrap_err().contains("JSON"));
+    }
+
+    #[test]
+    fn a_key_named_for_another_family_is_skipped() {
+        let jwk: Jwk = serde_json::from_str(
+            r#"{"kty":"EC","crv":"P-256","alg":"RS256",
+                "x":"f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+                "y":"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}"#,
+        )
+        .unwrap();
+        assert!(jwk_key(&jwk).unwrap_err().contains("does not fit"));
+    }
+
+    #[test]
+    fn kid_matching() {
+        let key = VerifyKey {
+            kid: Some("a".into()),
+            key: DecodingKey::from_secret(b"x"),
+            algorithms: vec![Algorithm::RS256],
+        };
+        assert!(key.fits(Some("a"), Algorithm::RS256));
+        assert!(key.fits(None, Algorithm::RS256));
+        assert!(!key.fits(Some("b"), Algorithm::RS256));
+        assert!(!key.fits(Some("a"), Algorithm::HS256));
+    }
+
+    #[test]
+    fn jwt_shape() {
+        assert!(looks_like_jwt("eyJhbGciOiJIUzI1NiJ9.e30.sig"));
+        assert!(!looks_like_jwt("eyJhbGciOiJIUzI1NiJ9.e30"));
+        assert!(!looks_like_jwt("tg_abc"));
+        assert!(!looks_like_jwt("a.b.c"));
+    }
+}
