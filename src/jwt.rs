@@ -222,13 +222,7 @@ fn new_verifier(
         Algorithm::ES256 => &sig::ECDSA_P256_SHA256_FIXED,
         Algorithm::ES384 => &sig::ECDSA_P384_SHA384_FIXED,
         Algorithm::EdDSA => &sig::ED25519,
-        Algorithm::RS256 => &sig::RSA_PKCS1_2048_8192_SHA256,
-        Algorithm::RS384 => &sig::RSA_PKCS1_2048_8192_SHA384,
-        Algorithm::RS512 => &sig::RSA_PKCS1_2048_8192_SHA512,
-        Algorithm::PS256 => &sig::RSA_PSS_2048_8192_SHA256,
-        Algorithm::PS384 => &sig::RSA_PSS_2048_8192_SHA384,
-        Algorithm::PS512 => &sig::RSA_PSS_2048_8192_SHA512,
-        _ => return Err(JwtError::from(ErrorKind::InvalidAlgorithm)),
+        rsa => rsa_params(*rsa).ok_or(ErrorKind::InvalidAlgorithm)?,
     };
     let key = match key.kind() {
         // ring reads an RSA key from its PKCS#1 DER, or from (n, e).
@@ -243,6 +237,19 @@ fn new_verifier(
         ring,
         key,
     }))
+}
+
+/// ring's parameters for an RSA algorithm (keys of 2048 to 8192 bits).
+fn rsa_params(algorithm: Algorithm) -> Option<&'static sig::RsaParameters> {
+    Some(match algorithm {
+        Algorithm::RS256 => &sig::RSA_PKCS1_2048_8192_SHA256,
+        Algorithm::RS384 => &sig::RSA_PKCS1_2048_8192_SHA384,
+        Algorithm::RS512 => &sig::RSA_PKCS1_2048_8192_SHA512,
+        Algorithm::PS256 => &sig::RSA_PSS_2048_8192_SHA256,
+        Algorithm::PS384 => &sig::RSA_PSS_2048_8192_SHA384,
+        Algorithm::PS512 => &sig::RSA_PSS_2048_8192_SHA512,
+        _ => return None,
+    })
 }
 
 /// HMAC (HS256, HS384, HS512).
@@ -326,20 +333,12 @@ impl Verifier<Vec<u8>> for PublicKey {
             KeyBytes::Der(der) => {
                 sig::UnparsedPublicKey::new(self.ring, der).verify(msg, signature)
             }
-            KeyBytes::Rsa { n, e } => {
-                // Only RSA algorithms reach here with (n, e): a JWK's key type fixes the family,
-                // and jsonwebtoken refuses a header algorithm of another family.
-                let params = match self.algorithm {
-                    Algorithm::RS256 => &sig::RSA_PKCS1_2048_8192_SHA256,
-                    Algorithm::RS384 => &sig::RSA_PKCS1_2048_8192_SHA384,
-                    Algorithm::RS512 => &sig::RSA_PKCS1_2048_8192_SHA512,
-                    Algorithm::PS256 => &sig::RSA_PSS_2048_8192_SHA256,
-                    Algorithm::PS384 => &sig::RSA_PSS_2048_8192_SHA384,
-                    Algorithm::PS512 => &sig::RSA_PSS_2048_8192_SHA512,
-                    _ => return Err(SigError::new()),
-                };
-                sig::RsaPublicKeyComponents { n, e }.verify(params, msg, signature)
-            }
+            // Only RSA algorithms reach here with (n, e): a JWK's key type fixes the family,
+            // and jsonwebtoken refuses a header algorithm of another family.
+            KeyBytes::Rsa { n, e } => match rsa_params(self.algorithm) {
+                Some(params) => sig::RsaPublicKeyComponents { n, e }.verify(params, msg, signature),
+                None => return Err(SigError::new()),
+            },
         };
         verified.map_err(|_| SigError::new())
     }

@@ -639,22 +639,23 @@ const KNOWN_CRITICAL: &[&[u8]] = &[
 ];
 
 /// Attribute types with a short name, as OpenSSL prints them.
+#[rustfmt::skip]
 const ATTRIBUTE_NAMES: &[(Oid<'static>, &str)] = &[
-    (oid!(2.5.4 .6), "C"),
-    (oid!(2.5.4 .8), "ST"),
-    (oid!(2.5.4 .7), "L"),
-    (oid!(2.5.4 .10), "O"),
-    (oid!(2.5.4 .11), "OU"),
-    (oid!(2.5.4 .3), "CN"),
-    (oid!(1.2.840 .113549 .1 .9 .1), "emailAddress"),
-    (oid!(0.9.2342 .19200300 .100 .1 .25), "DC"),
-    (oid!(0.9.2342 .19200300 .100 .1 .1), "UID"),
-    (oid!(2.5.4 .5), "serialNumber"),
-    (oid!(2.5.4 .4), "SN"),
-    (oid!(2.5.4 .42), "GN"),
-    (oid!(2.5.4 .12), "title"),
-    (oid!(2.5.4 .9), "street"),
-    (oid!(2.5.4 .17), "postalCode"),
+    (oid!(2.5.4.6), "C"),
+    (oid!(2.5.4.8), "ST"),
+    (oid!(2.5.4.7), "L"),
+    (oid!(2.5.4.10), "O"),
+    (oid!(2.5.4.11), "OU"),
+    (oid!(2.5.4.3), "CN"),
+    (oid!(1.2.840.113549.1.9.1), "emailAddress"),
+    (oid!(0.9.2342.19200300.100.1.25), "DC"),
+    (oid!(0.9.2342.19200300.100.1.1), "UID"),
+    (oid!(2.5.4.5), "serialNumber"),
+    (oid!(2.5.4.4), "SN"),
+    (oid!(2.5.4.42), "GN"),
+    (oid!(2.5.4.12), "title"),
+    (oid!(2.5.4.9), "street"),
+    (oid!(2.5.4.17), "postalCode"),
 ];
 
 #[cfg(test)]
