@@ -18,16 +18,9 @@ backend = "memory"
 [cache]
 {cache}
 {validator}
-[[route]]
-path_prefix = "/"
-upstream = "http://127.0.0.1:{up}"
-[route.upstream_auth]
-header = "auth-token"
-value = "{{token}}"
-[route.identity_headers]
-"X-Auth-User" = "{{subject}}"
-"#,
-        validator = introspect_validator(up, "5s")
+{route}"#,
+        validator = introspect_validator(up, "5s"),
+        route = catch_all_route(up, ""),
     )
 }
 

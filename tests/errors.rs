@@ -38,16 +38,9 @@ listen = "127.0.0.1:{port}"
 ttl = "1h"
 negative_ttl = "1h"
 {validator}
-[[route]]
-path_prefix = "/"
-upstream = "http://127.0.0.1:{up}"
-[route.upstream_auth]
-header = "auth-token"
-value = "{{token}}"
-[route.identity_headers]
-"X-Auth-User" = "{{subject}}"
-"#,
-        validator = introspect_validator(introspect_port, timeout)
+{route}"#,
+        validator = introspect_validator(introspect_port, timeout),
+        route = catch_all_route(up, ""),
     )
 }
 

@@ -27,17 +27,8 @@ token = "{ADMIN}"
 format = "jwt"
 {key_line}
 
-[[route]]
-path_prefix = "/"
-upstream = "http://127.0.0.1:{up}"
-[route.upstream_auth]
-header = "auth-token"
-value = "{{token}}"
-[route.identity_headers]
-"X-Auth-User" = "{{subject}}"
-"X-Auth-Account" = "{{account}}"
-"X-Token-Id" = "{{token_id}}"
-"#
+{route}"#,
+        route = catch_all_route(up, "\"X-Token-Id\" = \"{token_id}\""),
     )
 }
 

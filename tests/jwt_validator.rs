@@ -265,17 +265,9 @@ type = "jwt"
 
 {static_validator}
 
-[[route]]
-path_prefix = "/"
-upstream = "http://127.0.0.1:{up}"
-[route.upstream_auth]
-header = "auth-token"
-value = "{{token}}"
-[route.identity_headers]
-"X-Auth-User" = "{{subject}}"
-"X-Auth-Account" = "{{account}}"
-"#,
+{route}"#,
         static_validator = static_validator(&[("plain-static-token", "carol", "ops")]),
+        route = catch_all_route(up, ""),
     )
 }
 

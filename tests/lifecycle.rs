@@ -17,16 +17,9 @@ fn config(port: u16, up: u16, server_extra: &str) -> String {
 listen = "127.0.0.1:{port}"
 {server_extra}
 {validator}
-[[route]]
-path_prefix = "/"
-upstream = "http://127.0.0.1:{up}"
-[route.upstream_auth]
-header = "auth-token"
-value = "{{token}}"
-[route.identity_headers]
-"X-Auth-User" = "{{subject}}"
-"#,
-        validator = static_validator(&[(TOKEN, "alice", "ops")])
+{route}"#,
+        validator = static_validator(&[(TOKEN, "alice", "ops")]),
+        route = catch_all_route(up, ""),
     )
 }
 

@@ -207,18 +207,10 @@ listen = "127.0.0.1:{port}"
 cert = "{cert}"
 key = "{key}"
 {validator}
-[[route]]
-path_prefix = "/"
-upstream = "http://127.0.0.1:{up}"
-[route.upstream_auth]
-header = "auth-token"
-value = "{{token}}"
-[route.identity_headers]
-"X-Auth-User" = "{{subject}}"
-"#,
+{route}"#,
         cert = cert.display(),
         key = key.display(),
-        up = up.port,
+        route = catch_all_route(up.port, ""),
         validator = static_validator(&[("tok-a-1", "user-a", "a"), ("tok-b-2", "user-b", "b")]),
     );
     let gate = Gate::start_in(dir, &toml, &[]);

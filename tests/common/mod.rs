@@ -81,6 +81,25 @@ timeout = "{timeout}"
     )
 }
 
+/// A `[[route]]` for every path to `http://127.0.0.1:{up}`, which gets the credential as
+/// `auth-token` and the identity as `X-Auth-User` / `X-Auth-Account`, plus `extra_identity`
+/// (more `"Header" = "{placeholder}"` lines).
+pub fn catch_all_route(up: u16, extra_identity: &str) -> String {
+    format!(
+        r#"[[route]]
+path_prefix = "/"
+upstream = "http://127.0.0.1:{up}"
+[route.upstream_auth]
+header = "auth-token"
+value = "{{token}}"
+[route.identity_headers]
+"X-Auth-User" = "{{subject}}"
+"X-Auth-Account" = "{{account}}"
+{extra_identity}
+"#
+    )
+}
+
 /// Runs the CLI to completion (for `check`, `hash`, `--version`).
 pub fn cli(args: &[&str]) -> Output {
     Command::new(BIN)
