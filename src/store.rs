@@ -129,10 +129,14 @@ impl Store {
         }
     }
 
-    /// Adds a token.
+    /// Adds a token, and drops the tokens that have expired (Redis expires them itself), so
+    /// short-lived tokens (x509 exchanges, `--ttl`) do not pile up.
     pub async fn insert(&self, record: &TokenRecord) -> Result<(), StoreError> {
         match self {
             Store::Memory(m) => {
+                let now = now_ms();
+                m.tokens.retain(|_, r| !r.expired(now));
+                m.ids.retain(|_, hash| m.tokens.contains_key(hash));
                 m.ids.insert(record.id.clone(), record.hash);
                 m.tokens.insert(record.hash, record.clone());
                 Ok(())
@@ -311,6 +315,7 @@ CREATE TABLE IF NOT EXISTS tokens (
     last_used INTEGER
 );
 CREATE INDEX IF NOT EXISTS tokens_subject ON tokens(subject);
+CREATE INDEX IF NOT EXISTS tokens_expires ON tokens(expires);
 CREATE TABLE IF NOT EXISTS revocations (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     hash BLOB NOT NULL,
@@ -382,7 +387,12 @@ impl SqliteStore {
 
     async fn insert(&self, r: TokenRecord) -> Result<(), StoreError> {
         self.with(move |c| {
-            c.execute(
+            let tx = c.transaction()?;
+            tx.execute(
+                "DELETE FROM tokens WHERE expires IS NOT NULL AND expires <= ?1",
+                [now_ms()],
+            )?;
+            tx.execute(
                 &format!("INSERT INTO tokens ({SQLITE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"),
                 rusqlite::params![
                     r.hash.as_slice(),
@@ -396,8 +406,8 @@ impl SqliteStore {
                     r.expires_ms,
                     r.last_used_ms
                 ],
-            )
-            .map(|_| ())
+            )?;
+            tx.commit()
         })
         .await
     }

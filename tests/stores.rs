@@ -707,6 +707,35 @@ async fn sqlite_token_survives_kill_9_of_the_server() {
     assert_refused(&gate, &gone).await;
 }
 
+#[test]
+fn sqlite_drops_expired_tokens_when_it_stores_a_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("tokens.db");
+    let config = write_file(
+        dir.path(),
+        "tokengate.toml",
+        &config(free_port(), free_port(), free_port(), &sqlite_store(&db)),
+    );
+    let rows = || -> i64 {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.query_row("SELECT COUNT(*) FROM tokens", [], |r| r.get(0))
+            .unwrap()
+    };
+    cli_create(&config, &["--user", "alice", "--ttl", "1s"]);
+    cli_create(&config, &["--user", "alice", "--name", "long-lived"]);
+    assert_eq!(rows(), 2);
+    std::thread::sleep(Duration::from_millis(1100));
+    // The expired row is gone once another token is stored; the unexpiring one stays.
+    cli_create(&config, &["--user", "bob", "--ttl", "1h"]);
+    assert_eq!(rows(), 2, "the expired token was not purged");
+    let out = token_cli(&config, &["list"]);
+    let listed = text(&out.stdout);
+    assert!(
+        listed.contains("long-lived") && listed.contains("bob"),
+        "{listed}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sqlite_concurrent_writers_server_and_cli_processes() {
     const CLI_RUNS: usize = 8;
