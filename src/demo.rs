@@ -54,7 +54,10 @@ pub async fn run(
     } else {
         "http"
     };
-    let base = format!("{scheme}://{}", config.server.listen);
+    // Bound here so that `--listen 127.0.0.1:0` prints the port the system chose.
+    let listener = crate::server::bind(config.server.listen).await?;
+    let listen = listener.local_addr().map_err(|e| e.to_string())?;
+    let base = format!("{scheme}://{listen}");
     println!(
         "tokengate demo: proxy on {base}, echo upstream on {echo_addr} (it answers with the \
          headers it received)\n\nTry, with the demo token `{DEMO_TOKEN}`:\n\
@@ -68,7 +71,17 @@ pub async fn run(
          \x20 curl -si {base}/hello -H 'auth-token: {DEMO_TOKEN}' -H 'X-Auth-Token: other'   # 400\n\
          \nStop with Ctrl-C.\n"
     );
-    crate::run(config, None, shutdown).await
+    // The demo has no config file to reload: SIGHUP is logged instead of ending the process
+    // (its default action).
+    #[cfg(unix)]
+    if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP ignored: the demo has no config file to reload");
+            }
+        });
+    }
+    crate::run_on(listener, config, None, shutdown).await
 }
 
 /// Answers every request with `{"method","path","headers"}` as it arrived.

@@ -45,7 +45,18 @@ pub async fn run(
     config_path: Option<PathBuf>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
-    let addr = config.server.listen;
+    let listener = server::bind(config.server.listen).await?;
+    run_on(listener, config, config_path, shutdown).await
+}
+
+/// [`run`] on a listener bound already (`server.listen` is then only informative).
+pub async fn run_on(
+    listener: tokio::net::TcpListener,
+    config: Config,
+    config_path: Option<PathBuf>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), String> {
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let tls = config.server.tls.is_some();
     let routes: Vec<String> = config
         .routes
@@ -67,7 +78,6 @@ pub async fn run(
     let (usage, usage_marks) = tokio::sync::mpsc::channel(USAGE_QUEUE);
     let gate = proxy::Gate::new(config, Arc::clone(&store), usage, None)?;
     let gate: proxy::SharedGate = Arc::new(ArcSwap::from_pointee(gate));
-    let listener = server::bind(addr).await?;
     let health = Arc::new(admin::Health::default());
     let mut background = Vec::new();
     if let Some(handle) = &metrics {

@@ -1579,6 +1579,65 @@ fn shell_words(command: &str) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_demo_on_port_0_prints_the_real_port_and_survives_sighup() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log_path = dir.path().join("out.log");
+    let log = std::fs::File::create(&log_path).expect("create log");
+    let child = Command::new(BIN)
+        .args(["demo", "--listen", "127.0.0.1:0"])
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("clone log handle"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn tokengate demo");
+    let mut demo = Proc {
+        child,
+        log_path,
+        _dir: dir,
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let port: u16 = loop {
+        let out = demo.log();
+        if let Some(rest) = out.split("proxy on http://127.0.0.1:").nth(1) {
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            break digits.parse().expect("a port number");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no address printed:\n{out}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_ne!(port, 0, "the printed port is the one the system chose");
+    assert!(
+        demo.log()
+            .contains(&format!("curl -s http://127.0.0.1:{port}/hello")),
+        "{}",
+        demo.log()
+    );
+    let url = format!("http://127.0.0.1:{port}/hello");
+    let mut resp = get(&url, &[("auth-token", "demo-token")]).await;
+    for _ in 0..100 {
+        if resp.status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        resp = get(&url, &[("auth-token", "demo-token")]).await;
+    }
+    assert_eq!(resp.status, 200, "{:?}", resp.body);
+    // SIGHUP (no config file to reload) is logged, and the demo keeps serving.
+    signal(demo.child.id(), "HUP");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        demo.child.try_wait().expect("try_wait").is_none(),
+        "SIGHUP ended the demo"
+    );
+    assert_eq!(get(&url, &[("auth-token", "demo-token")]).await.status, 200);
+    assert!(demo.log().contains("SIGHUP ignored"), "{}", demo.log());
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_demo_prints_commands_that_work() {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
