@@ -536,8 +536,83 @@ impl SqliteStore {
 /// in Redis. Revocations are published on `{prefix}revocations`.
 pub struct RedisStore {
     client: redis::Client,
-    connection: ConnectionManager,
+    connection: RedisConnection,
     prefix: String,
+}
+
+/// The Redis command connection: a `ConnectionManager`, replaced by a fresh one when a command
+/// times out. The manager reconnects by itself when its connection drops, but not when the
+/// connection goes silent (a dropped NAT or conntrack entry, a frozen peer): every command
+/// would then time out for good.
+#[derive(Clone)]
+struct RedisConnection(Arc<RedisConnectionInner>);
+
+struct RedisConnectionInner {
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    current: arc_swap::ArcSwap<ConnectionManager>,
+}
+
+impl RedisConnection {
+    fn new(client: redis::Client, config: ConnectionManagerConfig) -> redis::RedisResult<Self> {
+        let manager = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())?;
+        Ok(RedisConnection(Arc::new(RedisConnectionInner {
+            client,
+            config,
+            current: arc_swap::ArcSwap::from_pointee(manager),
+        })))
+    }
+
+    /// After a timeout on `used`: a fresh manager (connecting on first use), unless another
+    /// caller has replaced `used` already.
+    fn replace(&self, used: &Arc<ConnectionManager>) {
+        let inner = &self.0;
+        let Ok(fresh) =
+            ConnectionManager::new_lazy_with_config(inner.client.clone(), inner.config.clone())
+        else {
+            return;
+        };
+        let previous = inner.current.compare_and_swap(used, Arc::new(fresh));
+        if Arc::ptr_eq(&*previous, used) {
+            tracing::warn!("redis command timed out; the connection is replaced");
+        }
+    }
+
+    /// Runs `call` on the current manager; a timeout replaces it.
+    async fn run<T>(
+        &self,
+        call: impl AsyncFnOnce(&mut ConnectionManager) -> redis::RedisResult<T>,
+    ) -> redis::RedisResult<T> {
+        let used = self.0.current.load_full();
+        let mut manager = (*used).clone();
+        let result = call(&mut manager).await;
+        if result.as_ref().is_err_and(redis::RedisError::is_timeout) {
+            self.replace(&used);
+        }
+        result
+    }
+}
+
+impl redis::aio::ConnectionLike for RedisConnection {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        Box::pin(self.run(async |m| m.req_packed_command(cmd).await))
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        Box::pin(self.run(async move |m| m.req_packed_commands(pipeline, offset, count).await))
+    }
+
+    fn get_db(&self) -> i64 {
+        redis::aio::ConnectionLike::get_db(&**self.0.current.load())
+    }
 }
 
 /// How long one Redis command may take before the store counts as unreachable.
@@ -545,6 +620,14 @@ const REDIS_RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
 const REDIS_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Pause between attempts to re-subscribe to revocations.
 const REDIS_RESUBSCRIBE_PAUSE: Duration = Duration::from_millis(500);
+/// How often each replica publishes a heartbeat on the revocation channel.
+pub const REDIS_HEARTBEAT: Duration = Duration::from_secs(5);
+/// A subscription that has delivered nothing (not even our own heartbeats) for this long is
+/// dead, though its connection may look open (a silently dropped TCP connection, a Redis
+/// failover that kept the socket): it is replaced, and the cache dropped as after any loss.
+pub const REDIS_SUBSCRIPTION_SILENCE: Duration = Duration::from_secs(15);
+/// The heartbeat message (not a token hash, so receivers pass it over).
+const REDIS_HEARTBEAT_MESSAGE: &str = "heartbeat";
 
 impl RedisStore {
     async fn open(url: &Secret, prefix: &str) -> Result<RedisStore, StoreError> {
@@ -558,7 +641,7 @@ impl RedisStore {
         // Connect lazily: a Redis that is down when tokengate starts is an outage like any
         // other (requests that need the store get 503, `/readyz` says not ready, and both
         // recover when Redis answers), not a reason to refuse to start.
-        let connection = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
+        let connection = RedisConnection::new(client.clone(), config)?;
         let store = RedisStore {
             client,
             connection,
@@ -738,18 +821,49 @@ impl RedisStore {
             }
             connected_before = true;
             let mut messages = pubsub.into_on_message();
-            while let Some(message) = messages.next().await {
-                let Ok(payload) = message.get_payload::<String>() else {
-                    continue;
-                };
-                if let Some(hash) = hex::decode(payload.trim())
-                    .ok()
-                    .and_then(|h| <[u8; 32]>::try_from(h.as_slice()).ok())
-                {
-                    evict(Revoked::One(hash));
+            let mut heartbeat = tokio::time::interval(REDIS_HEARTBEAT);
+            let mut last_heard = tokio::time::Instant::now();
+            loop {
+                tokio::select! {
+                    message = messages.next() => {
+                        let Some(message) = message else {
+                            tracing::warn!("revocation subscription lost; resubscribing");
+                            break;
+                        };
+                        last_heard = tokio::time::Instant::now();
+                        let Ok(payload) = message.get_payload::<String>() else {
+                            continue;
+                        };
+                        if let Some(hash) = hex::decode(payload.trim())
+                            .ok()
+                            .and_then(|h| <[u8; 32]>::try_from(h.as_slice()).ok())
+                        {
+                            evict(Revoked::One(hash));
+                        }
+                    }
+                    _ = heartbeat.tick() => {
+                        if last_heard.elapsed() >= REDIS_SUBSCRIPTION_SILENCE {
+                            tracing::warn!(
+                                silent_for = ?last_heard.elapsed(),
+                                "revocation subscription silent (own heartbeats not received); \
+                                 resubscribing"
+                            );
+                            break;
+                        }
+                        // Through the command connection: received back, it proves that the
+                        // subscription delivers.
+                        let mut c = self.connection.clone();
+                        let published = redis::cmd("PUBLISH")
+                            .arg(&channel)
+                            .arg(REDIS_HEARTBEAT_MESSAGE)
+                            .query_async::<i64>(&mut c)
+                            .await;
+                        if let Err(e) = published {
+                            tracing::debug!(error = %e, "revocation heartbeat not published");
+                        }
+                    }
                 }
             }
-            tracing::warn!("revocation subscription lost; resubscribing");
             tokio::time::sleep(REDIS_RESUBSCRIBE_PAUSE).await;
         }
     }

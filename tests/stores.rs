@@ -13,6 +13,8 @@ mod common;
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -845,6 +847,132 @@ async fn redis_revocation_reaches_the_other_replica_within_a_second() {
     get(&one.gate.url("/api/data"), &[("x-auth-token", &token)])
         .await
         .assert_error(401, "Invalid credentials");
+}
+
+/// A TCP relay to the shared Redis that can silently stop relaying the connections it holds
+/// (no FIN, no RST: what a dropped NAT entry or a vanished peer looks like), while connections
+/// made afterwards are relayed normally.
+struct Relay {
+    port: u16,
+    accepted: Arc<AtomicUsize>,
+    cut_below: Arc<AtomicUsize>,
+}
+
+impl Relay {
+    async fn start() -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let relay = Relay {
+            port,
+            accepted: Arc::new(AtomicUsize::new(0)),
+            cut_below: Arc::new(AtomicUsize::new(0)),
+        };
+        let (accepted, cut_below) = (relay.accepted.clone(), relay.cut_below.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let n = accepted.fetch_add(1, Ordering::SeqCst);
+                let Ok(server) = tokio::net::TcpStream::connect("127.0.0.1:6379").await else {
+                    continue;
+                };
+                let (client_r, client_w) = client.into_split();
+                let (server_r, server_w) = server.into_split();
+                tokio::spawn(pipe(client_r, server_w, n, cut_below.clone()));
+                tokio::spawn(pipe(server_r, client_w, n, cut_below.clone()));
+            }
+        });
+        relay
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// From now on, bytes on the connections made so far are swallowed.
+    fn black_hole_existing(&self) {
+        self.cut_below
+            .store(self.accepted.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+}
+
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    n: usize,
+    cut_below: Arc<AtomicUsize>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let Ok(read) = from.read(&mut buf).await else {
+            return;
+        };
+        if read == 0 {
+            return;
+        }
+        if n < cut_below.load(Ordering::SeqCst) {
+            continue; // swallowed, the connection stays open
+        }
+        if to.write_all(&buf[..read]).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_silently_dead_subscription_is_replaced_and_the_revocation_still_wins() {
+    let prefix = unique_prefix("silent");
+    let _keys = RedisKeys {
+        url: SHARED_REDIS.into(),
+        prefix: prefix.clone(),
+    };
+    let relay = Relay::start().await;
+    let behind_relay = Setup::start(&redis_store(&relay.url(), &prefix));
+    let direct = Setup::start(&redis_store(SHARED_REDIS, &prefix));
+
+    let (token, id) = direct.admin_create(r#"{"user":"gina"}"#).await;
+    assert_works(&behind_relay.gate, &token, "gina", "gina").await;
+    use_twice_cached(&behind_relay.gate, &token, "/silent/cached").await;
+
+    // The replica's Redis connections go silent; the revocation message never reaches it.
+    relay.black_hole_existing();
+    let resp = direct.admin("DELETE", &format!("/tokens/{id}"), "").await;
+    assert_eq!(resp.status, 204);
+    // Its own heartbeats stop coming back: within the silence limit plus a heartbeat (15 + 5 s)
+    // it resubscribes on a new connection and drops the store-validated cache entries; the
+    // token is then checked against the store again (503 while the old command connection
+    // times out, then 401).
+    let start = Instant::now();
+    let limit = Duration::from_secs(30);
+    loop {
+        let resp = get(
+            &behind_relay.gate.url("/api/poll"),
+            &[("x-auth-token", &token)],
+        )
+        .await;
+        match resp.status.as_u16() {
+            401 => break,
+            200 | 503 => {}
+            other => panic!("unexpected {other}: {:?}", resp.body),
+        }
+        assert!(
+            start.elapsed() < limit,
+            "the revoked token still works {limit:?} after its connections went silent:\n{}",
+            behind_relay.gate.log()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    println!(
+        "silent subscription: revoked token refused after {:?}",
+        start.elapsed()
+    );
+    assert!(
+        behind_relay
+            .gate
+            .log()
+            .contains("revocation subscription silent"),
+        "{}",
+        behind_relay.gate.log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
