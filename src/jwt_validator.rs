@@ -219,12 +219,22 @@ impl JwtValidator {
     pub fn new(config: &JwtValidatorConfig, client: &HttpClient) -> JwtValidator {
         crate::jwt::install_provider();
         let keys = match &config.keys {
-            JwtKeySource::Jwks(url) => Keys::Jwks(Box::new(Jwks {
-                url: url.clone(),
-                client: client.clone(),
-                timeout: config.timeout,
-                state: ArcSwap::from_pointee(JwksState::default()),
-                fetching: tokio::sync::Mutex::new(()),
+            JwtKeySource::Jwks(url) => Keys::Jwks(Box::new({
+                if url.scheme_str() == Some("http") && !is_loopback(url) {
+                    // Whoever can change the key set on the way can sign any token.
+                    tracing::warn!(
+                        url = %url,
+                        "jwt validator: jwks_url is plain http to another host; keys fetched \
+                         this way can be forged in transit (use https)"
+                    );
+                }
+                Jwks {
+                    url: url.clone(),
+                    client: client.clone(),
+                    timeout: config.timeout,
+                    state: ArcSwap::from_pointee(JwksState::default()),
+                    fetching: tokio::sync::Mutex::new(()),
+                }
             })),
             // Checked when the config was loaded.
             JwtKeySource::PublicKey { pem, .. } => {
@@ -326,6 +336,16 @@ impl JwtValidator {
             usage: None,
         }))
     }
+}
+
+/// Whether `url` names this host (`localhost`, 127.0.0.0/8, `::1`).
+fn is_loopback(url: &Uri) -> bool {
+    let host = url.host().unwrap_or_default();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// A compact JWS: three base64url parts, the header a JSON object (`eyJ` = `{"`).
@@ -467,6 +487,17 @@ mod tests {
         assert!(key.fits(None, Algorithm::RS256));
         assert!(!key.fits(Some("b"), Algorithm::RS256));
         assert!(!key.fits(Some("a"), Algorithm::HS256));
+    }
+
+    #[test]
+    fn loopback_hosts() {
+        let l = |u: &str| is_loopback(&u.parse().unwrap());
+        assert!(l("http://127.0.0.1:8081/jwks"));
+        assert!(l("http://127.3.4.5/jwks"));
+        assert!(l("http://localhost/jwks"));
+        assert!(l("http://[::1]:80/jwks"));
+        assert!(!l("http://idp.example/jwks"));
+        assert!(!l("http://10.0.0.1/jwks"));
     }
 
     #[test]

@@ -619,6 +619,27 @@ fn bad_jwt_validator_configs_are_errors_with_a_position() {
         assert!(err.contains(message), "{body}: {err}");
         assert!(err.contains("bad.toml:"), "{body}: no position in {err}");
     }
+    // Plain http to another host is accepted, with a warning once it runs.
+    let up = Upstream::start();
+    let gate = Gate::start(&config(
+        free_port(),
+        free_port(),
+        up.port,
+        "jwks_url = \"http://idp.invalid/.well-known/jwks.json\"",
+    ));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !gate
+        .log()
+        .contains("jwks_url is plain http to another host")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no warning:\n{}",
+            gate.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(gate);
     // A P-384 public key is fine.
     let toml = "[server]\nlisten = \"127.0.0.1:1\"\n[[validator]]\ntype = \"jwt\"\npublic_key = \"p384.pem\"\n[[route]]\npath_prefix = \"/\"\nupstream = \"http://127.0.0.1:2\"\n";
     let path = write_file(dir.path(), "good.toml", toml);
