@@ -495,8 +495,9 @@ fn is_ca(cert: &X509Certificate<'_>) -> Result<bool, &'static str> {
 
 /// The last RDN of `name` if it is a single commonName attribute.
 fn last_cn<'n, 'a>(name: &'n X509Name<'a>) -> Option<&'n AttributeTypeAndValue<'a>> {
-    match name.iter().last()?.iter().collect::<Vec<_>>().as_slice() {
-        [cn] if *cn.attr_type() == OID_X509_COMMON_NAME => Some(*cn),
+    let mut attributes = name.iter().last()?.iter();
+    match (attributes.next(), attributes.next()) {
+        (Some(cn), None) if *cn.attr_type() == OID_X509_COMMON_NAME => Some(cn),
         _ => None,
     }
 }

@@ -77,6 +77,23 @@ impl Grid {
         .expect("server config")
     }
 
+    /// A handshake in which the client presents `certs` (leaf first, then the intermediate CA)
+    /// and signs with the leaf's key; client certificates required.
+    async fn present(
+        &self,
+        proxy_certificates: bool,
+        certs: &[&Cert],
+        version: &'static SupportedProtocolVersion,
+    ) -> Outcome {
+        handshake(
+            self.server_config(proxy_certificates, true),
+            Some((self.chain(certs), certs[0])),
+            version,
+            &self.root,
+        )
+        .await
+    }
+
     /// `certs` (leaf first) followed by the intermediate CA, as a client sends them.
     fn chain(&self, certs: &[&Cert]) -> Vec<CertificateDer<'static>> {
         certs
@@ -124,6 +141,15 @@ impl Outcome {
             end_entity_dn(chain, DnFormat::Slash).expect("slash DN"),
             end_entity_dn(chain, DnFormat::Rfc2253).expect("RFC 2253 DN"),
         )
+    }
+
+    /// Asserts the handshake was accepted as Alice's, in both DN forms.
+    fn assert_alice(&self, case: &str) {
+        assert_eq!(
+            self.dn(),
+            (ALICE_SLASH.to_string(), ALICE_RFC2253.to_string()),
+            "{case}"
+        );
     }
 
     /// Asserts the server refused the handshake with an error mentioning `why`.
@@ -204,18 +230,8 @@ async fn rfc3820_proxy_chain_is_accepted_as_its_end_entity() {
     let g = grid();
     let proxy = rfc3820_proxy(&g.alice);
     for version in VERSIONS {
-        let out = handshake(
-            g.server_config(true, true),
-            Some((g.chain(&[&proxy, &g.alice]), &proxy)),
-            version,
-            &g.root,
-        )
-        .await;
-        assert_eq!(
-            out.dn(),
-            (ALICE_SLASH.to_string(), ALICE_RFC2253.to_string()),
-            "{version:?}"
-        );
+        let out = g.present(true, &[&proxy, &g.alice], version).await;
+        out.assert_alice(&format!("{version:?}"));
         // The chain is as presented: the proxy is the leaf, yet the identity is Alice's.
         assert_eq!(out.server.as_ref().unwrap().as_ref().unwrap()[0], proxy.der);
         // The CA hints name the trust anchor of client_ca.
@@ -237,18 +253,8 @@ async fn legacy_and_limited_proxies_are_accepted() {
         ("RFC 3820 limited", &rfc_limited),
     ] {
         for version in VERSIONS {
-            let out = handshake(
-                g.server_config(true, true),
-                Some((g.chain(&[proxy, &g.alice]), proxy)),
-                version,
-                &g.root,
-            )
-            .await;
-            assert_eq!(
-                out.dn(),
-                (ALICE_SLASH.to_string(), ALICE_RFC2253.to_string()),
-                "{case} {version:?}"
-            );
+            let out = g.present(true, &[proxy, &g.alice], version).await;
+            out.assert_alice(&format!("{case} {version:?}"));
         }
     }
 }
@@ -273,13 +279,7 @@ async fn proxies_of_proxies_are_accepted() {
         ("limited", &limited2, &limited1),
     ] {
         for version in VERSIONS {
-            let out = handshake(
-                g.server_config(true, true),
-                Some((g.chain(&[leaf, middle, &g.alice]), leaf)),
-                version,
-                &g.root,
-            )
-            .await;
+            let out = g.present(true, &[leaf, middle, &g.alice], version).await;
             assert_eq!(out.dn().0, ALICE_SLASH, "{case} {version:?}");
         }
     }
@@ -290,18 +290,8 @@ async fn end_entity_certificates_work_with_and_without_proxy_support() {
     let g = grid();
     for proxies in [true, false] {
         for version in VERSIONS {
-            let out = handshake(
-                g.server_config(proxies, true),
-                Some((g.chain(&[&g.alice]), &g.alice)),
-                version,
-                &g.root,
-            )
-            .await;
-            assert_eq!(
-                out.dn(),
-                (ALICE_SLASH.to_string(), ALICE_RFC2253.to_string()),
-                "proxy_certificates = {proxies}, {version:?}"
-            );
+            let out = g.present(proxies, &[&g.alice], version).await;
+            out.assert_alice(&format!("proxy_certificates = {proxies}, {version:?}"));
         }
     }
 }
@@ -316,14 +306,9 @@ async fn without_proxy_certificates_proxies_are_refused() {
         ("legacy", &legacy, "EndEntityUsedAsCa"),
     ] {
         for version in VERSIONS {
-            handshake(
-                g.server_config(false, true),
-                Some((g.chain(&[proxy, &g.alice]), proxy)),
-                version,
-                &g.root,
-            )
-            .await
-            .assert_refused(why, &format!("{case} {version:?}"));
+            g.present(false, &[proxy, &g.alice], version)
+                .await
+                .assert_refused(why, &format!("{case} {version:?}"));
         }
     }
 }
