@@ -95,13 +95,6 @@ fn claims_of(jwt: &str) -> (Value, Value) {
     )
 }
 
-const DIALECTS: [(&str, &str); 4] = [
-    ("Authorization", "Bearer "),
-    ("X-Auth-Token", ""),
-    ("auth-token", ""),
-    ("X-Rucio-Auth-Token", ""),
-];
-
 async fn assert_works_in_every_dialect(gate: &Gate, jwt: &str, id: &str) {
     for (header, prefix) in DIALECTS {
         let value = format!("{prefix}{jwt}");

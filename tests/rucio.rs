@@ -209,13 +209,6 @@ fn exchange(
     (token, at)
 }
 
-const DIALECTS: [(&str, &str); 4] = [
-    ("Authorization", "Bearer "),
-    ("X-Auth-Token", ""),
-    ("auth-token", ""),
-    ("X-Rucio-Auth-Token", ""),
-];
-
 /// The token works in every dialect (without a client certificate) and the upstream gets the
 /// token, the account and the DN.
 fn assert_token_works(grid: &Grid, port: u16, token: &str, account: &str, dn: &str) {

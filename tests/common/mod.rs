@@ -50,6 +50,14 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The four token dialects: (header, what goes before the token in its value).
+pub const DIALECTS: [(&str, &str); 4] = [
+    ("Authorization", "Bearer "),
+    ("X-Auth-Token", ""),
+    ("auth-token", ""),
+    ("X-Rucio-Auth-Token", ""),
+];
+
 /// Lower-hex SHA-256, the form `[[validator.token]] sha256` expects.
 pub fn sha256_hex(data: &str) -> String {
     hex::encode(ring::digest::digest(&ring::digest::SHA256, data.as_bytes()))
