@@ -50,7 +50,7 @@ pub struct AdminState {
 /// Serves the admin endpoints on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, state: AdminState) {
     loop {
-        let (tcp, _) = match listener.accept().await {
+        let (tcp, client) = match listener.accept().await {
             Ok(pair) => pair,
             Err(e) => {
                 tracing::warn!(error = %e, "admin accept failed");
@@ -62,7 +62,7 @@ pub async fn serve(listener: TcpListener, state: AdminState) {
         tokio::spawn(async move {
             let service = service_fn(move |request| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(&state, request).await) }
+                async move { Ok::<_, Infallible>(handle(&state, request, client.ip()).await) }
             });
             let _ = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(tcp), service)
@@ -71,10 +71,14 @@ pub async fn serve(listener: TcpListener, state: AdminState) {
     }
 }
 
-async fn handle(state: &AdminState, request: Request<Incoming>) -> Response<Body> {
+async fn handle(
+    state: &AdminState,
+    request: Request<Incoming>,
+    client: std::net::IpAddr,
+) -> Response<Body> {
     let path = request.uri().path();
     if path == "/tokens" || path.starts_with("/tokens/") {
-        return tokens(state, request).await;
+        return tokens(state, request, client).await;
     }
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return status_json(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
@@ -118,7 +122,11 @@ async fn handle(state: &AdminState, request: Request<Incoming>) -> Response<Body
 const READY_STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The admin token API: any user's tokens, with the admin bearer token.
-async fn tokens(state: &AdminState, request: Request<Incoming>) -> Response<Body> {
+async fn tokens(
+    state: &AdminState,
+    request: Request<Incoming>,
+    client: std::net::IpAddr,
+) -> Response<Body> {
     let gate = state.gate.load_full();
     let Some(expected) = gate.config.admin.as_ref().and_then(|a| a.token.as_ref()) else {
         return json_response(
@@ -147,6 +155,8 @@ async fn tokens(state: &AdminState, request: Request<Incoming>) -> Response<Body
         store: &gate.store,
         cache: gate.cache(),
         config: &gate.config.tokens,
+        actor: crate::audit::Actor::Admin,
+        client: Some(client),
     };
     let method = request.method().clone();
     let path = request.uri().path().to_string();

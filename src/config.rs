@@ -96,6 +96,7 @@ struct RawServer {
     max_body_bytes: Option<Spanned<ByteSize>>,
     header_read_timeout: Option<Spanned<String>>,
     max_connections: Option<Spanned<i64>>,
+    allow_underscores_in_headers: Option<bool>,
     drain_timeout: Option<Spanned<String>>,
     tls: Option<Spanned<RawTls>>,
 }
@@ -121,6 +122,7 @@ struct RawAdmin {
 #[serde(deny_unknown_fields)]
 struct RawEndpoints {
     tokens_prefix: Option<Spanned<String>>,
+    self_service: Option<bool>,
     insight: Option<bool>,
 }
 
@@ -128,6 +130,7 @@ struct RawEndpoints {
 #[serde(deny_unknown_fields)]
 struct RawCredentials {
     sources: Option<Spanned<Vec<Spanned<String>>>>,
+    keep: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -151,6 +154,7 @@ struct RawStore {
 #[serde(deny_unknown_fields)]
 struct RawTokens {
     default_ttl: Option<Spanned<String>>,
+    max_ttl: Option<Spanned<String>>,
     format: Option<Spanned<String>>,
     jwt_key: Option<Spanned<String>>,
 }
@@ -218,6 +222,7 @@ struct RawRoute {
     upstream_auth: Option<RawUpstreamAuth>,
     #[serde(default)]
     identity_headers: HashMap<String, Spanned<String>>,
+    upgrades: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -288,6 +293,8 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// Where tokengate looks for a credential, in order.
     pub sources: Vec<Source>,
+    /// Sources forwarded unchanged (`[credentials] keep`), in addition to the upstream form.
+    pub keep: Vec<Source>,
     /// The validation cache.
     pub cache: CacheConfig,
     /// The validators, tried in order.
@@ -350,8 +357,11 @@ pub enum StoreConfig {
 /// `[tokens]`.
 #[derive(Debug, Clone)]
 pub struct TokensConfig {
-    /// Lifetime of a new API token when the request names none; zero = until revoked.
+    /// Lifetime of a new API token when the request names none (capped by `max_ttl`); zero =
+    /// until revoked.
     pub default_ttl: Duration,
+    /// No API token outlives this; zero = no cap.
+    pub max_ttl: Duration,
     /// `opaque` (`tg_...`) or `jwt`.
     pub format: TokenFormat,
     /// The JWT signing key (`jwt_key`: PEM or HMAC secret), when configured.
@@ -372,6 +382,8 @@ pub enum TokenFormat {
 pub struct EndpointsConfig {
     /// Mount point of the caller's own token API on the main listener.
     pub tokens_prefix: String,
+    /// Whether callers may create tokens on the main listener (listing and revoking stay).
+    pub self_service: bool,
     /// Serve the Insight.io endpoints.
     pub insight: bool,
 }
@@ -389,6 +401,9 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     /// Connections open at once; further clients wait in the accept queue.
     pub max_connections: usize,
+    /// Forward request headers whose name has `_` (many frameworks read `X_Auth_User` as
+    /// `X-Auth-User`, so by default they are dropped).
+    pub allow_underscores_in_headers: bool,
     /// How long SIGTERM waits for in-flight requests.
     pub drain_timeout: Duration,
     /// TLS; `None` serves plain HTTP.
@@ -541,6 +556,8 @@ pub struct RouteConfig {
     pub upstream_auth: Option<(HeaderName, Template)>,
     /// Identity headers set from the verified identity.
     pub identity_headers: Vec<(HeaderName, Template)>,
+    /// `Upgrade` protocols passed through (lower case); never `h2c`.
+    pub upgrades: Vec<String>,
 }
 
 impl Config {
@@ -647,9 +664,11 @@ impl Checker<'_> {
                 }
                 Some(prefix) => return Err(self.at(prefix, "tokens_prefix must start with '/'")),
             },
+            self_service: raw.endpoints.self_service.unwrap_or(true),
             insight: raw.endpoints.insight.unwrap_or(false),
         };
-        let sources = self.sources(&raw.credentials)?;
+        let sources = self.sources(&raw.credentials, server.allow_underscores_in_headers)?;
+        let keep = self.keep(&raw.credentials, &sources)?;
         let cache = CacheConfig {
             ttl: self.duration(&raw.cache.ttl, Duration::from_secs(3600))?,
             negative_ttl: self.duration(&raw.cache.negative_ttl, Duration::from_secs(10))?,
@@ -681,10 +700,26 @@ impl Checker<'_> {
             return Err(self.error(0..0, "no [[route]]: at least one route is needed"));
         }
         routes.sort_by_key(|r| std::cmp::Reverse(r.path_prefix.len()));
+        for (source, raw_keep) in keep.iter().zip(raw.credentials.keep.iter().flatten()) {
+            let Some(name) = source.header() else {
+                continue;
+            };
+            let set_by_route = routes.iter().any(|r| {
+                r.identity_headers.iter().any(|(h, _)| h == name)
+                    || r.upstream_auth.as_ref().is_some_and(|(h, _)| h == name)
+            });
+            if set_by_route {
+                return Err(self.at(
+                    raw_keep,
+                    "a kept credential cannot be a header a route sets (identity or upstream_auth)",
+                ));
+            }
+        }
         Ok(Config {
             server,
             admin,
             sources,
+            keep,
             cache,
             validators,
             routes,
@@ -758,12 +793,17 @@ impl Checker<'_> {
             header_read_timeout: self
                 .duration(&raw.header_read_timeout, Duration::from_secs(10))?,
             max_connections: self.positive(&raw.max_connections, 10_000)?,
+            allow_underscores_in_headers: raw.allow_underscores_in_headers.unwrap_or(false),
             drain_timeout: self.duration(&raw.drain_timeout, Duration::from_secs(30))?,
             tls,
         })
     }
 
-    fn sources(&self, raw: &RawCredentials) -> Result<Vec<Source>, ConfigError> {
+    fn sources(
+        &self,
+        raw: &RawCredentials,
+        allow_underscores: bool,
+    ) -> Result<Vec<Source>, ConfigError> {
         let Some(list) = &raw.sources else {
             return Ok(Source::defaults());
         };
@@ -773,6 +813,16 @@ impl Checker<'_> {
         let mut sources = Vec::new();
         for s in list.get_ref() {
             let source = Source::parse(s.get_ref()).map_err(|m| self.at(s, m))?;
+            if matches!(&source, Source::Header(name) if name.as_str().contains('_'))
+                && !allow_underscores
+            {
+                return Err(self.at(
+                    s,
+                    "a header name with '_' is dropped at the boundary (many frameworks read \
+                     X_Auth_User as X-Auth-User): rename it, or set [server] \
+                     allow_underscores_in_headers = true",
+                ));
+            }
             if sources.contains(&source) {
                 return Err(self.at(
                     s,
@@ -782,6 +832,25 @@ impl Checker<'_> {
             sources.push(source);
         }
         Ok(sources)
+    }
+
+    /// `[credentials] keep`: each a configured source, and none an identity header's name.
+    fn keep(&self, raw: &RawCredentials, sources: &[Source]) -> Result<Vec<Source>, ConfigError> {
+        let mut keep = Vec::new();
+        for k in raw.keep.iter().flatten() {
+            let source = Source::parse(k.get_ref()).map_err(|m| self.at(k, m))?;
+            if !sources.contains(&source) {
+                return Err(self.at(
+                    k,
+                    format!(
+                        "keep names {:?}, which is not one of [credentials] sources",
+                        k.get_ref()
+                    ),
+                ));
+            }
+            keep.push(source);
+        }
+        Ok(keep)
     }
 
     fn store(&self, raw: &RawStore) -> Result<StoreConfig, ConfigError> {
@@ -846,7 +915,8 @@ impl Checker<'_> {
             ));
         }
         Ok(TokensConfig {
-            default_ttl: self.duration(&raw.default_ttl, Duration::ZERO)?,
+            default_ttl: self.duration(&raw.default_ttl, DEFAULT_TOKEN_TTL)?,
+            max_ttl: self.duration(&raw.max_ttl, MAX_TOKEN_TTL)?,
             format,
             jwt,
         })
@@ -1060,7 +1130,17 @@ impl Checker<'_> {
 
     fn template(&self, value: &Spanned<String>) -> Result<Template, ConfigError> {
         let resolved = self.secret(value)?;
-        Template::parse(resolved.expose()).map_err(|m| self.at(value, m))
+        Template::parse(resolved.expose()).map_err(|m| {
+            if is_secret(value.get_ref()) {
+                // The message would quote the secret.
+                self.at(
+                    value,
+                    "the value, after ${...} substitution, is not a valid header value template",
+                )
+            } else {
+                self.at(value, m)
+            }
+        })
     }
 
     fn route(&self, raw: &Spanned<RawRoute>) -> Result<RouteConfig, ConfigError> {
@@ -1068,6 +1148,15 @@ impl Checker<'_> {
         let prefix = r.path_prefix.get_ref();
         if !prefix.starts_with('/') {
             return Err(self.at(&r.path_prefix, "path_prefix must start with '/'"));
+        }
+        // Requests are routed by their normalised path: a prefix that is not normal would
+        // never match.
+        if crate::path::normalize(prefix).ok().as_deref() != Some(prefix.as_str()) {
+            return Err(self.at(
+                &r.path_prefix,
+                "path_prefix must be a normalised path (no '//', dot segments or %-escaped \
+                 letters)",
+            ));
         }
         let upstream: Uri = r
             .upstream
@@ -1118,6 +1207,30 @@ impl Checker<'_> {
                 ));
             }
         }
+        let mut upgrades = Vec::new();
+        match &r.upgrades {
+            None => upgrades.push("websocket".to_string()),
+            Some(list) => {
+                for u in list {
+                    let protocol = u.get_ref().trim().to_ascii_lowercase();
+                    if protocol.starts_with("h2c") {
+                        return Err(self.at(
+                            u,
+                            "h2c is never passed through: a tunnel to the upstream's HTTP/2 \
+                             would carry requests the gate never saw",
+                        ));
+                    }
+                    if protocol.is_empty()
+                        || !protocol.bytes().all(|b| b.is_ascii_graphic() && b != b',')
+                    {
+                        return Err(
+                            self.at(u, "an upgrade protocol is one token, e.g. \"websocket\"")
+                        );
+                    }
+                    upgrades.push(protocol);
+                }
+            }
+        }
         Ok(RouteConfig {
             path_prefix: prefix.clone(),
             upstream,
@@ -1134,7 +1247,31 @@ impl Checker<'_> {
             },
             upstream_auth,
             identity_headers,
+            upgrades,
         })
+    }
+}
+
+/// `[tokens] default_ttl` when not set.
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
+/// `[tokens] max_ttl` when not set.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+impl TokensConfig {
+    /// The lifetime of a new API token asked for `requested` (`None`: the default; zero:
+    /// until revoked), or why it is refused: no API token outlives `max_ttl`.
+    pub fn lifetime(&self, requested: Option<Duration>) -> Result<Duration, String> {
+        let cap = self.max_ttl;
+        match requested {
+            None if cap.is_zero() => Ok(self.default_ttl),
+            None if self.default_ttl.is_zero() => Ok(cap),
+            None => Ok(self.default_ttl.min(cap)),
+            Some(ttl) if !cap.is_zero() && (ttl.is_zero() || ttl > cap) => Err(format!(
+                "ttl exceeds the longest lifetime allowed ([tokens] max_ttl = {})",
+                humantime::format_duration(cap)
+            )),
+            Some(ttl) => Ok(ttl),
+        }
     }
 }
 
@@ -1148,24 +1285,39 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     })
 }
 
-/// `${env:NAME}` → the variable, `${file:/path}` → the file's content (trailing newline
-/// trimmed), anything else → itself.
+/// Replaces every `${env:NAME}` (the variable) and `${file:/path}` (the file's content,
+/// trailing newline trimmed) anywhere in `text`: `"ApiKey ${env:KEY}"` works. Other text is
+/// kept as it is.
 pub fn resolve_secret(text: &str) -> Result<String, String> {
-    if let Some(name) = text
-        .strip_prefix("${env:")
-        .and_then(|r| r.strip_suffix('}'))
-    {
-        return std::env::var(name).map_err(|_| format!("environment variable {name} is not set"));
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else { break };
+        let inner = &after[..end];
+        let value = if let Some(name) = inner.strip_prefix("env:") {
+            std::env::var(name).map_err(|_| format!("environment variable {name} is not set"))?
+        } else if let Some(path) = inner.strip_prefix("file:") {
+            std::fs::read_to_string(path)
+                .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
+                .map_err(|e| format!("cannot read secret file {path}: {e}"))?
+        } else {
+            out.push_str(&rest[..start + 2]);
+            rest = after;
+            continue;
+        };
+        out.push_str(&rest[..start]);
+        out.push_str(&value);
+        rest = &after[end + 1..];
     }
-    if let Some(path) = text
-        .strip_prefix("${file:")
-        .and_then(|r| r.strip_suffix('}'))
-    {
-        return std::fs::read_to_string(path)
-            .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
-            .map_err(|e| format!("cannot read secret file {path}: {e}"));
-    }
-    Ok(text.to_string())
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Whether a config string draws on a secret (`${env:…}` / `${file:…}`): then nothing derived
+/// from its value is ever printed.
+pub fn is_secret(text: &str) -> bool {
+    text.contains("${env:") || text.contains("${file:")
 }
 
 #[cfg(test)]
@@ -1222,8 +1374,85 @@ upstream = "http://127.0.0.1:8080"
     fn secrets() {
         std::env::set_var("TG_TEST_SECRET", "s3cret");
         assert_eq!(resolve_secret("${env:TG_TEST_SECRET}").unwrap(), "s3cret");
+        assert_eq!(
+            resolve_secret("ApiKey ${env:TG_TEST_SECRET}!${x} $ {").unwrap(),
+            "ApiKey s3cret!${x} $ {"
+        );
         assert!(resolve_secret("${env:TG_TEST_NOT_SET_ANYWHERE}").is_err());
         assert_eq!(format!("{:?}", Secret("x".into())), "[redacted]");
+        assert!(is_secret("a ${file:/x} b") && !is_secret("{token}"));
+        // An invalid value drawn from a secret is reported without it.
+        std::env::set_var("TG_TEST_BAD_SECRET", "bad\u{7f}value-s3cret");
+        let e = parse(&format!(
+            "{MINIMAL}[route.upstream_auth]\nheader = \"x-key\"\nvalue = \"k ${{env:TG_TEST_BAD_SECRET}}\"\n"
+        ))
+        .unwrap_err();
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+    }
+
+    #[test]
+    fn token_lifetimes_are_capped() {
+        let day = Duration::from_secs(86_400);
+        let tokens = |default_ttl, max_ttl| TokensConfig {
+            default_ttl,
+            max_ttl,
+            format: TokenFormat::Opaque,
+            jwt: None,
+        };
+        let t = tokens(90 * day, 30 * day);
+        assert_eq!(t.lifetime(None), Ok(30 * day));
+        assert_eq!(t.lifetime(Some(day)), Ok(day));
+        assert_eq!(t.lifetime(Some(30 * day)), Ok(30 * day));
+        assert!(t.lifetime(Some(31 * day)).unwrap_err().contains("30days"));
+        assert!(t.lifetime(Some(Duration::ZERO)).is_err(), "ttl 0 = forever");
+        assert_eq!(
+            tokens(Duration::ZERO, 30 * day).lifetime(None),
+            Ok(30 * day)
+        );
+        let uncapped = tokens(Duration::ZERO, Duration::ZERO);
+        assert_eq!(uncapped.lifetime(Some(Duration::ZERO)), Ok(Duration::ZERO));
+        assert_eq!(uncapped.lifetime(None), Ok(Duration::ZERO));
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(
+            c.tokens.lifetime(None),
+            Ok(90 * day),
+            "defaults: 90d, capped at 365d"
+        );
+        assert!(c.tokens.lifetime(Some(366 * day)).is_err());
+    }
+
+    #[test]
+    fn boundary_settings() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.routes[0].upgrades, ["websocket"]);
+        assert!(!c.server.allow_underscores_in_headers);
+        assert!(c.endpoints.self_service);
+        let refused = [
+            ("[[route]]\npath_prefix = \"/\"\nupstream = \"http://127.0.0.1:1\"\nupgrades = [\"H2C\"]\n", "h2c"),
+            ("[credentials]\nsources = [\"header:X_Key\"]\n", "allow_underscores_in_headers"),
+            ("[credentials]\nsources = [\"bearer\"]\nkeep = [\"cookie:s\"]\n", "not one of"),
+            (
+                "[credentials]\nsources = [\"header:x-auth-user\"]\nkeep = [\"header:x-auth-user\"]\n\
+                 [[route]]\npath_prefix = \"/x\"\nupstream = \"http://127.0.0.1:1\"\n\
+                 [route.identity_headers]\n\"X-Auth-User\" = \"{subject}\"\n",
+                "kept credential",
+            ),
+        ];
+        for (extra, why) in refused {
+            let text = if extra.starts_with("[[route]]") {
+                extra.to_string()
+            } else {
+                format!("{extra}{MINIMAL}")
+            };
+            let e = parse(&text).unwrap_err();
+            assert!(e.message.contains(why), "{why}: {e}");
+        }
+        let ok = parse(&format!(
+            "[server]\nallow_underscores_in_headers = true\n[credentials]\n\
+             sources = [\"header:X_Key\", \"cookie:session\"]\nkeep = [\"cookie:session\"]\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(ok.keep, [Source::Cookie("session".into())]);
     }
 
     #[test]

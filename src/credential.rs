@@ -118,10 +118,26 @@ pub struct Credential<'p, 's> {
 ///
 /// `Ok(None)` when there is none (empty values count as absent); `ConflictingCredentials` when
 /// two different values are present (the same value in several places is one credential);
-/// `InvalidCredentials` for a value that cannot be a token (not visible ASCII).
+/// `InvalidCredentials` for a value that cannot be a token (not visible ASCII). A header or
+/// query credential outranks a cookie: a browser with a session cookie may still call the API
+/// with a token.
 pub fn extract<'p, 's>(
     parts: &'p Parts,
     sources: &'s [Source],
+) -> Result<Option<Credential<'p, 's>>, ProxyError> {
+    let explicit = sources.iter().filter(|s| !matches!(s, Source::Cookie(_)));
+    if let Some(found) = extract_from(parts, explicit)? {
+        return Ok(Some(found));
+    }
+    extract_from(
+        parts,
+        sources.iter().filter(|s| matches!(s, Source::Cookie(_))),
+    )
+}
+
+fn extract_from<'p, 's>(
+    parts: &'p Parts,
+    sources: impl Iterator<Item = &'s Source>,
 ) -> Result<Option<Credential<'p, 's>>, ProxyError> {
     let mut found: Option<Credential<'p, 's>> = None;
     let mut offer = |token: Cow<'p, str>, source: &'s Source| -> Result<(), ProxyError> {
@@ -145,7 +161,7 @@ pub fn extract<'p, 's>(
             Source::Query(name) => {
                 if let Some(query) = parts.uri.query() {
                     for (key, value) in query_pairs(query) {
-                        if key == name && !value.is_empty() {
+                        if names_match(key, name) && !value.is_empty() {
                             let token = percent_decode_str(value)
                                 .decode_utf8()
                                 .map_err(|_| ProxyError::InvalidCredentials)?;
@@ -156,7 +172,7 @@ pub fn extract<'p, 's>(
             }
             Source::Cookie(name) => {
                 for (key, value) in cookies(&parts.headers) {
-                    if key == name && !value.is_empty() {
+                    if names_match(key, name) && !value.is_empty() {
                         offer(Cow::Borrowed(value), source)?;
                     }
                 }
@@ -188,6 +204,16 @@ pub fn bearer_token(value: &str) -> Option<&str> {
     }
     let token = rest.trim();
     (!token.is_empty()).then_some(token)
+}
+
+/// Whether a raw (percent-encoded) query or cookie name is `name`: compared after decoding, as
+/// the upstream's framework will decode it (`access%5Ftoken` is `access_token`).
+pub fn names_match(raw: &str, name: &str) -> bool {
+    if !raw.contains(['%', '+']) {
+        return raw == name;
+    }
+    let spaced = raw.replace('+', " ");
+    percent_decode_str(&spaced).eq(name.bytes())
 }
 
 /// `key=value` pairs of a query string, undecoded.
@@ -292,6 +318,36 @@ mod tests {
         ] {
             assert_eq!(token_of(&p), Err(ProxyError::ConflictingCredentials));
         }
+    }
+
+    #[test]
+    fn encoded_names_are_the_same_source() {
+        for p in [
+            parts(|b| b.uri("/p?access%5Ftoken=t1")),
+            parts(|b| b.uri("/p?%61ccess_token=t1")),
+            parts(|b| b.header("Cookie", "s%65ssion=t1")),
+        ] {
+            assert_eq!(token_of(&p).unwrap().unwrap().0, "t1", "{p:?}");
+        }
+        assert!(!names_match("access%5Ftokens", "access_token"));
+        assert!(names_match("a+b", "a b"));
+    }
+
+    #[test]
+    fn a_header_outranks_a_cookie() {
+        let p = parts(|b| {
+            b.header("Cookie", "session=browser")
+                .header("X-Auth-Token", "t1")
+        });
+        assert_eq!(
+            token_of(&p).unwrap(),
+            Some(("t1".to_string(), "x-auth-token".to_string()))
+        );
+        let two_cookies = parts(|b| b.header("Cookie", "session=a; session=b"));
+        assert_eq!(
+            token_of(&two_cookies),
+            Err(ProxyError::ConflictingCredentials)
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! `[endpoints] tokens_prefix`, the Insight.io token endpoints, and the token operations the
 //! admin listener's API shares with them.
 
+use std::net::IpAddr;
 use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -9,11 +10,12 @@ use http::{header, HeaderValue, Method, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use serde_json::{json, Value};
 
+use crate::audit::{self, Actor, Event};
 use crate::cache::Cache;
 use crate::config::{EndpointsConfig, TokensConfig};
 use crate::error::{full, json_response, Body, ProxyError};
 use crate::store::{Kind, Store, TokenRecord};
-use crate::token::{issue, Issue};
+use crate::token::{issue, Issue, IssueError};
 
 /// The largest JSON body a token request may have.
 const MAX_REQUEST_BODY: usize = 16 * 1024;
@@ -34,6 +36,14 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
+    /// Whether `method` on this endpoint creates a token.
+    pub fn mints(&self, method: &Method) -> bool {
+        matches!(
+            (self, method),
+            (Endpoint::Tokens, &Method::POST) | (Endpoint::InsightCreate, &Method::GET)
+        )
+    }
+
     /// The name in the access log's `route` field.
     pub fn label(&self) -> &'static str {
         match self {
@@ -68,7 +78,7 @@ pub fn route(config: &EndpointsConfig, path: &str) -> Option<Endpoint> {
     None
 }
 
-/// What token operations need.
+/// What token operations need, and who asks (for the audit line).
 pub struct TokenService<'a> {
     /// Where tokens live.
     pub store: &'a Store,
@@ -76,6 +86,10 @@ pub struct TokenService<'a> {
     pub cache: &'a Cache,
     /// `[tokens]`.
     pub config: &'a TokensConfig,
+    /// Who asks.
+    pub actor: Actor<'a>,
+    /// From where, when over the network.
+    pub client: Option<IpAddr>,
 }
 
 /// What a create request may say.
@@ -159,6 +173,7 @@ impl TokenService<'_> {
         };
         match issue(self.store, self.config, what).await {
             Ok((token, record)) => {
+                self.audit(Event::Created, &record);
                 let body = json!({
                     "id": record.id,
                     "token": token,
@@ -173,8 +188,12 @@ impl TokenService<'_> {
                     Bytes::from(body.to_string()),
                 ))
             }
-            Err(e) => store_down(&e),
+            Err(e) => not_issued(&e),
         }
+    }
+
+    fn audit(&self, event: Event, record: &TokenRecord) {
+        audit::record(event, record, self.actor, self.client);
     }
 
     /// Lists tokens (never their secrets), of one subject or all.
@@ -193,6 +212,7 @@ impl TokenService<'_> {
         match self.store.revoke(id, owner).await {
             Ok(Some(record)) => {
                 self.cache.evict(&record.hash);
+                self.audit(Event::Revoked, &record);
                 let mut response = Response::new(full(Bytes::new()));
                 *response.status_mut() = StatusCode::NO_CONTENT;
                 response
@@ -217,7 +237,8 @@ impl TokenService<'_> {
             format: None,
         };
         match issue(self.store, self.config, what).await {
-            Ok((token, _)) => {
+            Ok((token, record)) => {
+                self.audit(Event::Created, &record);
                 let mut response = no_store(Response::new(full(token)));
                 response.headers_mut().insert(
                     header::CONTENT_TYPE,
@@ -225,7 +246,7 @@ impl TokenService<'_> {
                 );
                 response
             }
-            Err(e) => store_down(&e),
+            Err(e) => not_issued(&e),
         }
     }
 
@@ -234,8 +255,10 @@ impl TokenService<'_> {
         if let Some(token) = token {
             let hash = crate::validate::hash(token);
             self.cache.evict(&hash);
-            if let Err(e) = self.store.revoke_hash(&hash, None).await {
-                return store_down(&e);
+            match self.store.revoke_hash(&hash, None).await {
+                Ok(Some(record)) => self.audit(Event::Revoked, &record),
+                Ok(None) => {}
+                Err(e) => return store_down(&e),
             }
         }
         json_response(StatusCode::OK, Bytes::from_static(b"{}"))
@@ -329,6 +352,14 @@ pub fn bad_request(message: &str) -> Response<Body> {
         StatusCode::BAD_REQUEST,
         Bytes::from(json!({ "error": message }).to_string()),
     )
+}
+
+/// 400 naming the cap for a lifetime over `max_ttl`, else 503.
+fn not_issued(e: &IssueError) -> Response<Body> {
+    match e {
+        IssueError::Lifetime(message) => bad_request(message),
+        IssueError::Store(e) => store_down(e),
+    }
 }
 
 fn store_down(e: &crate::store::StoreError) -> Response<Body> {

@@ -40,6 +40,17 @@ pub enum ProxyError {
     BadRequest,
     /// A method an endpoint of tokengate's own does not answer.
     MethodNotAllowed,
+    /// An endpoint switched off in the config (`self_service = false`).
+    Disabled,
+    /// A token tokengate issued was used to create a token (SPEC §9).
+    TokensCannotMint,
+    /// A cookie-authenticated call from another origin.
+    CrossOrigin,
+    /// A cookie-authenticated POST to the JSON token API without a JSON content type.
+    JsonRequired,
+    /// The upstream answered `101` without completing the upgrade the client asked for; both
+    /// connections are closed.
+    UpgradeRefused,
 }
 
 impl ProxyError {
@@ -51,7 +62,10 @@ impl ProxyError {
             }
             ProxyError::ConflictingCredentials | ProxyError::BadRequest => StatusCode::BAD_REQUEST,
             ProxyError::BackendUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamUnavailable | ProxyError::UpgradeRefused => StatusCode::BAD_GATEWAY,
+            ProxyError::Disabled => StatusCode::NOT_FOUND,
+            ProxyError::TokensCannotMint | ProxyError::CrossOrigin => StatusCode::FORBIDDEN,
+            ProxyError::JsonRequired => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
@@ -66,7 +80,11 @@ impl ProxyError {
             ProxyError::InvalidCredentials => "Invalid credentials",
             ProxyError::ConflictingCredentials => "Conflicting credentials",
             ProxyError::BackendUnavailable => "Authentication backend unavailable",
-            ProxyError::UpstreamUnavailable => "Upstream unavailable",
+            ProxyError::UpstreamUnavailable | ProxyError::UpgradeRefused => "Upstream unavailable",
+            ProxyError::Disabled => "Not found",
+            ProxyError::TokensCannotMint => "Tokens cannot mint tokens",
+            ProxyError::CrossOrigin => "Cross-origin request refused",
+            ProxyError::JsonRequired => "JSON body required",
             ProxyError::UpstreamTimeout => "Upstream timeout",
             ProxyError::BodyTooLarge => "Request body too large",
             ProxyError::NoRoute => "No route",
@@ -78,11 +96,21 @@ impl ProxyError {
     /// The ready-made response: JSON body, and `WWW-Authenticate` when credentials are missing.
     pub fn into_response(self) -> Response<Body> {
         let mut response = json_response(self.status(), error_body(self.message()));
-        if self == ProxyError::MissingCredentials {
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer realm=\"tokengate\""),
-            );
+        match self {
+            ProxyError::MissingCredentials => {
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"tokengate\""),
+                );
+            }
+            // The client may already have sent bytes for the tunnel: never read them as
+            // requests.
+            ProxyError::UpgradeRefused | ProxyError::BadRequest => {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            _ => {}
         }
         response
     }
@@ -141,6 +169,14 @@ mod tests {
             (ProxyError::UpstreamUnavailable, 502, "Upstream unavailable"),
             (ProxyError::UpstreamTimeout, 504, "Upstream timeout"),
             (ProxyError::BodyTooLarge, 413, "Request body too large"),
+            (ProxyError::BadRequest, 400, "Bad request"),
+            (
+                ProxyError::TokensCannotMint,
+                403,
+                "Tokens cannot mint tokens",
+            ),
+            (ProxyError::JsonRequired, 415, "JSON body required"),
+            (ProxyError::UpgradeRefused, 502, "Upstream unavailable"),
         ];
         for (error, status, message) in table {
             assert_eq!(error.status().as_u16(), status, "{error:?}");

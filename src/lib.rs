@@ -1,7 +1,7 @@
 //! tokengate: an authenticating reverse-proxy sidecar.
 //!
 //! A request's life, one module per step: accept and drain ([`server`]) → TLS ([`tls`]) →
-//! route, then the chain in [`proxy`]: extract the credential ([`credential`]) → validate
+//! route ([`path`]), then the chain in [`proxy`]: extract the credential ([`credential`]) → validate
 //! ([`cache`], then [`validate`]) → rewrite ([`rewrite`]) → forward ([`upstream`]) → one access
 //! log line. Errors become responses in one place ([`error`]).
 
@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod audit;
 pub mod cache;
 pub mod config;
 pub mod credential;
@@ -18,6 +19,7 @@ pub mod endpoints;
 pub mod error;
 pub mod jwt;
 pub mod jwt_validator;
+pub mod path;
 pub mod proxy;
 pub mod reload;
 pub mod rewrite;

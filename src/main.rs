@@ -165,7 +165,10 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
-        Command::Token { action } => token_command(action),
+        Command::Token { action } => {
+            init_cli_logging(cli.log_format);
+            token_command(action)
+        }
         Command::Identity { action } => identity_command(action),
         Command::Hash { token } => {
             let token = match token {
@@ -179,6 +182,10 @@ fn main() -> ExitCode {
                     t.trim_end_matches(['\n', '\r']).to_string()
                 }
             };
+            if token.is_empty() {
+                eprintln!("tokengate hash: the token is empty (give it as an argument or on standard input)");
+                return ExitCode::from(2);
+            }
             println!("{}", hex::encode(tokengate::validate::hash(&token)));
             ExitCode::SUCCESS
         }
@@ -272,6 +279,21 @@ const DEFAULT_LOG_FILTER: &str = "info,rustls=error";
 /// a request. `RUST_LOG` filters.
 fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
+    install_logging(format, writer);
+    guard
+}
+
+/// The CLI's log lines (audit lines of `token create|revoke`, warnings) go to standard error,
+/// written at once: standard output carries only what the command prints (the new token).
+fn init_cli_logging(format: LogFormat) {
+    install_logging(format, std::io::stderr);
+}
+
+/// One JSON (or text) line per event to `writer`; `RUST_LOG` filters.
+fn install_logging<W>(format: LogFormat, writer: W)
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
     let builder = tracing_subscriber::fmt()
@@ -286,7 +308,6 @@ fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
             .init(),
         LogFormat::Text => builder.with_ansi(false).init(),
     }
-    guard
 }
 
 /// Loads the config at `path`, opens its store, and runs `f` on them; a store error is
@@ -426,9 +447,19 @@ fn token_command(action: TokenAction) -> ExitCode {
                             FormatArg::Jwt => tokengate::config::TokenFormat::Jwt,
                         }),
                     };
-                    tokengate::token::issue(&store, &config.tokens, what)
-                        .await
-                        .map(|(token, record)| {
+                    match tokengate::token::issue(&store, &config.tokens, what).await {
+                        Err(tokengate::token::IssueError::Lifetime(e)) => {
+                            eprintln!("--ttl: {e}");
+                            return Ok(ExitCode::from(2));
+                        }
+                        Err(tokengate::token::IssueError::Store(e)) => Err(e),
+                        Ok((token, record)) => {
+                            tokengate::audit::record(
+                                tokengate::audit::Event::Created,
+                                &record,
+                                tokengate::audit::Actor::Cli,
+                                None,
+                            );
                             eprintln!(
                             "created token {} for {} (account {}), expires {}; it is shown once:",
                             record.id,
@@ -439,7 +470,9 @@ fn token_command(action: TokenAction) -> ExitCode {
                                 .map_or("never".to_string(), tokengate::endpoints::rfc3339)
                         );
                             println!("{token}");
-                        })
+                            Ok(())
+                        }
+                    }
                 }
                 TokenAction::List { user, .. } => {
                     store.list(user.as_deref()).await.map(|records| {
@@ -467,6 +500,12 @@ fn token_command(action: TokenAction) -> ExitCode {
                 }
                 TokenAction::Revoke { id, .. } => match store.revoke(&id, None).await {
                     Ok(Some(r)) => {
+                        tokengate::audit::record(
+                            tokengate::audit::Event::Revoked,
+                            &r,
+                            tokengate::audit::Actor::Cli,
+                            None,
+                        );
                         println!("revoked {} ({})", r.id, r.subject);
                         Ok(())
                     }

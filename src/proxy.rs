@@ -17,12 +17,13 @@ use std::borrow::Cow;
 
 use tokio::sync::mpsc;
 
+use crate::audit::Actor;
 use crate::cache::{Cache, Provenance};
 use crate::config::{AuthMode, Config, RouteConfig};
-use crate::credential;
+use crate::credential::{self, Source};
 use crate::endpoints::{self, Endpoint, TokenService};
 use crate::error::{Body, BoxError, ProxyError};
-use crate::rewrite::{self, Forwarding, Values};
+use crate::rewrite::{self, Boundary, Forwarding, Values};
 use crate::rucio::{self, RucioEndpoint};
 use crate::store::{self, Store};
 use crate::telemetry::{AuthMetrics, AuthResult, RouteMetrics};
@@ -37,6 +38,7 @@ pub struct Gate {
     /// The TLS acceptor of the main listener, when TLS is configured.
     pub acceptor: Option<TlsAcceptor>,
     routes: Vec<Route>,
+    boundary: Boundary,
     validators: Arc<Validators>,
     cache: Arc<Cache>,
     auth_metrics: AuthMetrics,
@@ -165,6 +167,7 @@ impl Gate {
             _ => Cache::new(&config.cache),
         };
         Ok(Gate {
+            boundary: Boundary::new(&config),
             config,
             acceptor,
             routes,
@@ -194,11 +197,12 @@ impl Gate {
         &found.unwrap_or(&self.own_metrics[0]).1
     }
 
-    /// The route with the longest `path_prefix` that `path` starts with.
+    /// The route with the longest `path_prefix` that the (normalised) `path` lies under,
+    /// matching whole segments.
     fn route_for(&self, path: &str) -> Option<&Route> {
         self.routes
             .iter()
-            .find(|r| path.starts_with(r.config.path_prefix.as_str()))
+            .find(|r| crate::path::under(path, &r.config.path_prefix))
     }
 }
 
@@ -273,6 +277,17 @@ async fn forward_request<'g>(
     mut request: Request<Incoming>,
     outcome: &mut Outcome<'g>,
 ) -> Result<Response<Body>, ProxyError> {
+    // Two Host headers: the gate and the upstream could each believe a different one.
+    if request
+        .headers()
+        .get_all(header::HOST)
+        .iter()
+        .nth(1)
+        .is_some()
+    {
+        return Err(ProxyError::BadRequest);
+    }
+    normalize_path(request.uri_mut())?;
     if let Some(endpoint) = rucio::route(&gate.config.x509, request.uri().path()) {
         outcome.endpoint = Some(endpoint.label());
         let (parts, _) = request.into_parts();
@@ -281,11 +296,52 @@ async fn forward_request<'g>(
     if let Some(endpoint) = endpoints::route(&gate.config.endpoints, request.uri().path()) {
         outcome.endpoint = Some(endpoint.label());
         let (parts, body) = request.into_parts();
-        let service = TokenService {
-            store: &gate.store,
-            cache: &gate.cache,
-            config: &gate.config.tokens,
-        };
+        return serve_endpoint(gate, peer, endpoint, parts, body, outcome).await;
+    }
+    let route = gate
+        .route_for(request.uri().path())
+        .ok_or(ProxyError::NoRoute)?;
+    outcome.route = Some(route);
+    forward(gate, peer, route, request, outcome).await
+}
+
+/// Replaces the request's path with its normalised form (SPEC §9), so that the route is chosen
+/// by, and the upstream receives, the same path; 400 for a path that cannot be made safe.
+fn normalize_path(uri: &mut http::Uri) -> Result<(), ProxyError> {
+    let normal = match crate::path::normalize(uri.path()) {
+        Ok(Cow::Borrowed(_)) => return Ok(()),
+        Ok(Cow::Owned(normal)) => normal,
+        Err(_) => return Err(ProxyError::BadRequest),
+    };
+    let path_and_query = match uri.query() {
+        Some(query) => format!("{normal}?{query}"),
+        None => normal,
+    };
+    rewrite::set_path_and_query(uri, &path_and_query);
+    Ok(())
+}
+
+/// The token API and the Insight.io endpoints, for an authenticated caller.
+async fn serve_endpoint<'g>(
+    gate: &'g Gate,
+    peer: &Peer,
+    endpoint: Endpoint,
+    parts: http::request::Parts,
+    body: Incoming,
+    outcome: &mut Outcome<'g>,
+) -> Result<Response<Body>, ProxyError> {
+    let mints = endpoint.mints(&parts.method);
+    if mints && !gate.config.endpoints.self_service {
+        return Err(ProxyError::Disabled);
+    }
+    let service = |actor| TokenService {
+        store: &gate.store,
+        cache: &gate.cache,
+        config: &gate.config.tokens,
+        actor,
+        client: Some(peer.addr.ip()),
+    };
+    {
         if endpoint == Endpoint::InsightRevoke && parts.method == Method::GET {
             // Always 200, valid or not (no oracle): the presented token is not validated first.
             let presented = parts
@@ -294,41 +350,114 @@ async fn forward_request<'g>(
                 .and_then(|v| v.to_str().ok())
                 .map(str::trim)
                 .filter(|t| !t.is_empty() && (!token::is_ours(t) || token::well_formed(t)));
-            return Ok(service.insight_revoke(presented).await);
+            return Ok(service(Actor::Holder).insight_revoke(presented).await);
         }
-        let (caller, token) = match identify(gate, &parts, outcome).await? {
-            Some(found) => found,
-            // Insight.io: a verified client certificate is a caller too.
-            None => match (&endpoint, client_caller(gate, peer).await?) {
-                (Endpoint::InsightCreate | Endpoint::InsightList, Some(caller)) => {
-                    outcome.auth = Some((AuthResult::Allowed, "x509"));
-                    (caller, Cow::Borrowed(""))
-                }
-                _ => {
-                    outcome.auth = Some((AuthResult::Missing, "none"));
-                    return Err(ProxyError::MissingCredentials);
-                }
-            },
-        };
-        outcome.identity = Some(Arc::clone(&caller));
-        return endpoints::serve(&service, &endpoint, &parts.method, &caller, &token, body).await;
     }
-    let route = gate
-        .route_for(request.uri().path())
-        .ok_or(ProxyError::NoRoute)?;
-    outcome.route = Some(route);
+    let (caller, token, by_cookie) = match identify(gate, &parts, outcome).await? {
+        Some(found) => (
+            found.identity,
+            found.token,
+            matches!(found.source, Source::Cookie(_)),
+        ),
+        // Insight.io: a verified client certificate is a caller too.
+        None => match (&endpoint, client_caller(gate, peer).await?) {
+            (Endpoint::InsightCreate | Endpoint::InsightList, Some(caller)) => {
+                outcome.auth = Some((AuthResult::Allowed, "x509"));
+                (caller, Cow::Borrowed(""), false)
+            }
+            _ => {
+                outcome.auth = Some((AuthResult::Missing, "none"));
+                return Err(ProxyError::MissingCredentials);
+            }
+        },
+    };
+    outcome.identity = Some(Arc::clone(&caller));
+    // SPEC §9: only a login credential mints; a leaked issued token cannot be turned into one
+    // that outlives its revocation.
+    if mints && caller.token_id.is_some() {
+        return Err(ProxyError::TokensCannotMint);
+    }
+    if by_cookie {
+        same_origin_only(peer, &parts, &endpoint)?;
+    }
+    let service = service(Actor::Subject(&caller.subject));
+    endpoints::serve(&service, &endpoint, &parts.method, &caller, &token, body).await
+}
 
+/// A browser sends its cookie with requests that other sites make: a cookie-authenticated call
+/// must come from this origin (SPEC §5), and a POST must be JSON, which a cross-site form
+/// cannot send.
+fn same_origin_only(
+    peer: &Peer,
+    parts: &http::request::Parts,
+    endpoint: &Endpoint,
+) -> Result<(), ProxyError> {
+    let headers = &parts.headers;
+    let cross_site = headers
+        .get("sec-fetch-site")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"cross-site"));
+    if cross_site {
+        return Err(ProxyError::CrossOrigin);
+    }
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let host = headers
+            .get(header::HOST)
+            .map(|h| h.as_bytes())
+            .or_else(|| parts.uri.authority().map(|a| a.as_str().as_bytes()))
+            .unwrap_or_default();
+        let scheme: &[u8] = if peer.tls { b"https://" } else { b"http://" };
+        let origin = origin.as_bytes();
+        let same = origin.len() == scheme.len() + host.len()
+            && origin[..scheme.len()].eq_ignore_ascii_case(scheme)
+            && origin[scheme.len()..].eq_ignore_ascii_case(host);
+        if !same {
+            return Err(ProxyError::CrossOrigin);
+        }
+    }
+    if *endpoint == Endpoint::Tokens && parts.method == Method::POST {
+        let json = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"));
+        if !json {
+            return Err(ProxyError::JsonRequired);
+        }
+    }
+    Ok(())
+}
+
+/// A request for a route: extract and validate the credential, rewrite, forward.
+async fn forward<'g>(
+    gate: &'g Gate,
+    peer: &Peer,
+    route: &'g Route,
+    mut request: Request<Incoming>,
+    outcome: &mut Outcome<'g>,
+) -> Result<Response<Body>, ProxyError> {
     let max_body = gate.config.server.max_body_bytes;
     if max_body > 0 && declared_length(&request).is_some_and(|n| n > max_body) {
         return Err(ProxyError::BodyTooLarge);
     }
-    let client_upgrade = rewrite::upgrade_protocol(request.headers())
-        .is_some()
-        .then(|| hyper::upgrade::on(&mut request));
+    // Only the route's protocols may upgrade (SPEC §9); any other `Upgrade` is dropped.
+    let upgrade = rewrite::upgrade_protocol(request.headers())
+        .filter(|asked| {
+            let asked = asked.as_bytes();
+            route
+                .config
+                .upgrades
+                .iter()
+                .any(|p| asked.eq_ignore_ascii_case(p.as_bytes()))
+        })
+        .cloned();
+    let websocket_key = match &upgrade {
+        Some(_) => request.headers().get(header::SEC_WEBSOCKET_KEY).cloned(),
+        None => None,
+    };
+    let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
     let (mut parts, body) = request.into_parts();
 
     // Extract and validate.
-    let sources = gate.config.sources.as_slice();
     let mut token_for_upstream = None;
     let identity = if route.config.auth == AuthMode::None {
         None
@@ -339,7 +468,9 @@ async fn forward_request<'g>(
                 return Err(ProxyError::MissingCredentials);
             }
             None => None,
-            Some((identity, token)) => {
+            Some(Caller {
+                identity, token, ..
+            }) => {
                 let needs_token = route
                     .config
                     .upstream_auth
@@ -367,10 +498,17 @@ async fn forward_request<'g>(
                 .map(|c| c.dn(gate.config.x509.dn_format)),
         },
     };
-    rewrite::request(&mut parts, &route.config, sources, &forwarding);
+    rewrite::request(
+        &mut parts,
+        &route.config,
+        &gate.boundary,
+        &forwarding,
+        upgrade.as_ref(),
+    );
     outcome.identity = identity;
 
-    // Forward.
+    // Forward. A broken request body is the client's fault (400), not the upstream's.
+    let body = body.map_err(upstream::ClientBodyError);
     let body: Body = if max_body > 0 {
         Limited::new(body, max_body as usize).boxed_unsync()
     } else {
@@ -386,18 +524,31 @@ async fn forward_request<'g>(
     outcome.upstream = Some(upstream_start.elapsed());
     let mut response = response?;
 
-    let upgraded = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-    let upgrade = if upgraded {
-        rewrite::upgrade_protocol(response.headers()).cloned()
-    } else {
-        None
-    };
-    rewrite::remove_hop_by_hop(response.headers_mut(), upgrade.as_ref());
-    if let (true, Some(client_upgrade)) = (upgraded, client_upgrade) {
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        // A tunnel opens only for the upgrade the client asked for, completed as its protocol
+        // says; dropping the response closes the upstream connection.
+        let (Some(asked), Some(client_upgrade)) = (upgrade.as_ref(), client_upgrade) else {
+            tracing::warn!(route = %route.config.path_prefix, "upstream answered 101 to a request that did not upgrade");
+            return Err(ProxyError::UpgradeRefused);
+        };
+        if !rewrite::upgrade_completes(asked, websocket_key.as_ref(), response.headers()) {
+            tracing::warn!(route = %route.config.path_prefix, "upstream answered 101 without completing the upgrade");
+            return Err(ProxyError::UpgradeRefused);
+        }
+        rewrite::remove_hop_by_hop(response.headers_mut(), Some(asked));
         let upstream_upgrade = hyper::upgrade::on(&mut response);
         tokio::spawn(relay_upgrade(client_upgrade, upstream_upgrade));
+    } else {
+        rewrite::remove_hop_by_hop(response.headers_mut(), None);
     }
     Ok(response.map(|b| b.map_err(BoxError::from).boxed_unsync()))
+}
+
+/// Who sent a request, with what credential, found where.
+struct Caller<'p, 'g> {
+    identity: Arc<Identity>,
+    token: Cow<'p, str>,
+    source: &'g Source,
 }
 
 /// Extract and validate: the caller's identity and credential, `None` without a credential.
@@ -405,7 +556,7 @@ async fn identify<'p, 'g>(
     gate: &'g Gate,
     parts: &'p http::request::Parts,
     outcome: &mut Outcome<'g>,
-) -> Result<Option<(Arc<Identity>, Cow<'p, str>)>, ProxyError> {
+) -> Result<Option<Caller<'p, 'g>>, ProxyError> {
     let Some(credential) = credential::extract(parts, &gate.config.sources)? else {
         return Ok(None);
     };
@@ -423,7 +574,11 @@ async fn identify<'p, 'g>(
             let _ = gate.usage.try_send((usage.hash, now));
         }
     }
-    Ok(Some((identity, credential.token)))
+    Ok(Some(Caller {
+        identity,
+        token: credential.token,
+        source: credential.source,
+    }))
 }
 
 /// The Rucio endpoints: token exchange for a client certificate, and token validation.
@@ -445,6 +600,7 @@ async fn serve_rucio<'g>(
                 &gate.config.tokens,
                 peer.client.as_deref(),
                 &parts.headers,
+                peer.addr.ip(),
             )
             .await;
             let result = match response.status() {
@@ -458,7 +614,7 @@ async fn serve_rucio<'g>(
             Ok(response)
         }
         RucioEndpoint::Validate => match identify(gate, parts, outcome).await {
-            Ok(Some((identity, _))) => {
+            Ok(Some(Caller { identity, .. })) => {
                 let response = rucio::validated(&identity);
                 outcome.identity = Some(identity);
                 Ok(response)

@@ -6,8 +6,8 @@ use std::net::IpAddr;
 
 use http::{header, request::Parts, HeaderMap, HeaderName, HeaderValue, Uri};
 
-use crate::config::RouteConfig;
-use crate::credential::{cookies, query_pairs, Source};
+use crate::config::{Config, RouteConfig};
+use crate::credential::{names_match, query_pairs, Source};
 use crate::validate::Identity;
 
 /// A header value with placeholders: `{token}`, `{subject}`, `{account}`, `{dn}`, `{token_id}`,
@@ -194,66 +194,179 @@ pub fn upgrade_protocol(headers: &HeaderMap) -> Option<&HeaderValue> {
     }
 }
 
-/// Removes every configured credential source from the request: headers, the query parameter
-/// and the cookie (other parameters and cookies are kept).
-pub fn strip_credentials(parts: &mut Parts, sources: &[Source]) {
-    for source in sources {
-        match source {
-            Source::Query(name) => {
-                let Some(query) = parts.uri.query() else {
-                    continue;
-                };
-                if !query_pairs(query).any(|(k, _)| k == name) {
-                    continue;
-                }
-                let kept: Vec<&str> = query
-                    .split('&')
-                    .filter(|pair| {
-                        !pair.is_empty() && pair.split_once('=').map_or(*pair, |(k, _)| k) != name
-                    })
-                    .collect();
-                let path = parts.uri.path();
-                let path_and_query = if kept.is_empty() {
-                    path.to_string()
-                } else {
-                    format!("{path}?{}", kept.join("&"))
-                };
-                let mut uri = std::mem::take(&mut parts.uri).into_parts();
-                uri.path_and_query = path_and_query.parse().ok();
-                parts.uri = Uri::from_parts(uri).unwrap_or_else(|_| Uri::from_static("/"));
+/// The header boundary every route shares (SPEC §9): what no client may send to any upstream,
+/// whatever the route's `auth` mode.
+pub struct Boundary {
+    /// Removed from every request: every credential source's header, every route's
+    /// `upstream_auth` and identity headers, `Forwarded`, `X-Real-IP` (kept sources excepted).
+    headers: Vec<HeaderName>,
+    /// Query and cookie credential sources removed from every request (kept ones excepted).
+    parameters: Vec<Source>,
+    /// Drop headers whose name has `_`.
+    drop_underscores: bool,
+}
+
+impl Boundary {
+    /// The boundary of a config.
+    pub fn new(config: &Config) -> Boundary {
+        let mut headers: Vec<HeaderName> = vec![FORWARDED.clone(), X_REAL_IP.clone()];
+        let mut add = |name: &HeaderName| {
+            if !headers.contains(name) {
+                headers.push(name.clone());
             }
-            Source::Cookie(name) => {
-                if !cookies(&parts.headers).any(|(k, _)| k == name) {
-                    continue;
-                }
-                let kept: Vec<String> = parts
-                    .headers
-                    .get_all(header::COOKIE)
-                    .iter()
-                    .filter_map(|v| v.to_str().ok())
-                    .flat_map(|v| v.split(';'))
-                    .map(str::trim)
-                    .filter(|pair| {
-                        !pair.is_empty()
-                            && pair.split_once('=').map_or(*pair, |(k, _)| k.trim()) != name
-                    })
-                    .map(str::to_string)
-                    .collect();
-                parts.headers.remove(header::COOKIE);
-                if !kept.is_empty() {
-                    if let Ok(v) = HeaderValue::try_from(kept.join("; ")) {
-                        parts.headers.insert(header::COOKIE, v);
-                    }
+        };
+        for source in &config.sources {
+            if let Some(name) = source.header() {
+                if !config.keep.contains(source) {
+                    add(name);
                 }
             }
-            _ => {
-                if let Some(name) = source.header() {
-                    parts.headers.remove(name);
-                }
+        }
+        for route in &config.routes {
+            for (name, _) in &route.identity_headers {
+                add(name);
+            }
+            if let Some((name, _)) = &route.upstream_auth {
+                add(name);
+            }
+        }
+        Boundary {
+            headers,
+            parameters: config
+                .sources
+                .iter()
+                .filter(|s| matches!(s, Source::Query(_) | Source::Cookie(_)))
+                .filter(|s| !config.keep.contains(s))
+                .cloned()
+                .collect(),
+            drop_underscores: !config.server.allow_underscores_in_headers,
+        }
+    }
+
+    /// Removes everything a client may not send upstream: the boundary's headers, underscore
+    /// names, and credential query parameters and cookies (other parameters and cookies kept).
+    pub fn strip(&self, parts: &mut Parts) {
+        for name in &self.headers {
+            parts.headers.remove(name);
+        }
+        if self.drop_underscores && parts.headers.keys().any(|k| k.as_str().contains('_')) {
+            let named: Vec<HeaderName> = parts
+                .headers
+                .keys()
+                .filter(|k| k.as_str().contains('_'))
+                .cloned()
+                .collect();
+            for name in named {
+                parts.headers.remove(name);
+            }
+        }
+        for source in &self.parameters {
+            match source {
+                Source::Query(name) => strip_query_parameter(parts, name),
+                Source::Cookie(name) => strip_cookie(&mut parts.headers, name),
+                _ => {}
             }
         }
     }
 }
+
+/// Removes every `name` parameter (compared after percent-decoding) from the query.
+fn strip_query_parameter(parts: &mut Parts, name: &str) {
+    let Some(query) = parts.uri.query() else {
+        return;
+    };
+    if !query_pairs(query).any(|(k, _)| names_match(k, name)) {
+        return;
+    }
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| {
+            !pair.is_empty() && !names_match(pair.split_once('=').map_or(*pair, |(k, _)| k), name)
+        })
+        .collect();
+    let path = parts.uri.path();
+    let path_and_query = if kept.is_empty() {
+        path.to_string()
+    } else {
+        format!("{path}?{}", kept.join("&"))
+    };
+    set_path_and_query(&mut parts.uri, &path_and_query);
+}
+
+/// Replaces the URI's path and query (a value that came from a valid URI).
+pub fn set_path_and_query(uri: &mut Uri, path_and_query: &str) {
+    let mut parts = std::mem::take(uri).into_parts();
+    parts.path_and_query = path_and_query.parse().ok();
+    *uri = Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"));
+}
+
+/// Removes every `name` cookie (compared after percent-decoding), keeping the others.
+fn strip_cookie(headers: &mut HeaderMap, name: &str) {
+    let lines = || {
+        headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .map(str::trim)
+            .filter(|pair| !pair.is_empty())
+    };
+    let is_named =
+        |pair: &str| names_match(pair.split_once('=').map_or(pair, |(k, _)| k.trim()), name);
+    if !lines().any(is_named) {
+        return;
+    }
+    let kept: Vec<String> = lines()
+        .filter(|pair| !is_named(pair))
+        .map(str::to_string)
+        .collect();
+    headers.remove(header::COOKIE);
+    if !kept.is_empty() {
+        if let Ok(v) = HeaderValue::try_from(kept.join("; ")) {
+            headers.insert(header::COOKIE, v);
+        }
+    }
+}
+
+/// The `Sec-WebSocket-Accept` an upstream must answer for a client's `Sec-WebSocket-Key`
+/// (RFC 6455 §4.2.2).
+pub fn websocket_accept(key: &[u8]) -> String {
+    use base64::Engine;
+    const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+    let mut context = ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
+    context.update(key);
+    context.update(GUID);
+    base64::engine::general_purpose::STANDARD.encode(context.finish())
+}
+
+/// Whether an upstream's `101` completes the upgrade the client asked for: the same protocol
+/// and, for WebSocket, the right `Sec-WebSocket-Accept`. Anything else must not open a tunnel:
+/// an upstream that says 101 without switching would read the client's next bytes as requests
+/// the gate never saw.
+pub fn upgrade_completes(
+    asked: &HeaderValue,
+    key: Option<&HeaderValue>,
+    response: &HeaderMap,
+) -> bool {
+    let Some(answered) = response.get(header::UPGRADE) else {
+        return false;
+    };
+    if !answered.as_bytes().eq_ignore_ascii_case(asked.as_bytes()) {
+        return false;
+    }
+    if !asked.as_bytes().eq_ignore_ascii_case(b"websocket") {
+        return true;
+    }
+    match (key, response.get(header::SEC_WEBSOCKET_ACCEPT)) {
+        (Some(key), Some(accept)) => {
+            accept.as_bytes() == websocket_accept(key.as_bytes()).as_bytes()
+        }
+        _ => false,
+    }
+}
+
+static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 /// Everything the upstream request needs besides the original request.
 pub struct Forwarding<'a> {
@@ -265,13 +378,20 @@ pub struct Forwarding<'a> {
     pub values: Values<'a>,
 }
 
-/// Turns the client's request head into the upstream's: strips credentials, spoofable identity
-/// headers and hop-by-hop headers; sets the upstream's credential form, the identity headers and
-/// `X-Forwarded-*`; points the URI at the upstream.
-pub fn request(parts: &mut Parts, route: &RouteConfig, sources: &[Source], fwd: &Forwarding<'_>) {
-    let upgrade = upgrade_protocol(&parts.headers).cloned();
-    remove_hop_by_hop(&mut parts.headers, upgrade.as_ref());
-    strip_credentials(parts, sources);
+/// Turns the client's request head into the upstream's: strips what the boundary forbids
+/// (credentials, identity headers of any route, underscore names) and hop-by-hop headers;
+/// sets the upstream's credential form, the identity headers and `X-Forwarded-*`; points the
+/// URI at the upstream. `upgrade` is the protocol the route lets this request upgrade to;
+/// without it, any `Upgrade` the client asked for is dropped.
+pub fn request(
+    parts: &mut Parts,
+    route: &RouteConfig,
+    boundary: &Boundary,
+    fwd: &Forwarding<'_>,
+    upgrade: Option<&HeaderValue>,
+) {
+    remove_hop_by_hop(&mut parts.headers, upgrade);
+    boundary.strip(parts);
 
     let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
         parts
@@ -281,16 +401,14 @@ pub fn request(parts: &mut Parts, route: &RouteConfig, sources: &[Source], fwd: 
     });
 
     let headers = &mut parts.headers;
-    for (name, template) in &route.identity_headers {
-        headers.remove(name);
-        if fwd.values.identity.is_some() {
+    if fwd.values.identity.is_some() {
+        for (name, template) in &route.identity_headers {
             if let Some(value) = template.render(&fwd.values) {
                 headers.insert(name.clone(), value);
             }
         }
     }
     if let Some((name, template)) = &route.upstream_auth {
-        headers.remove(name);
         if let Some(value) = template.render(&fwd.values) {
             headers.insert(name.clone(), value);
         }
@@ -414,23 +532,213 @@ mod tests {
         assert!(h.contains_key("x-kept"));
     }
 
+    /// Two routes: `/api` (required, with an upstream credential form and identity headers)
+    /// and `/public` (`auth = "none"`); sources in every dialect.
+    const TWO_ROUTES: &str = r#"
+[[route]]
+path_prefix = "/api"
+upstream = "http://127.0.0.1:1"
+[route.upstream_auth]
+header = "X-Legacy-Key"
+value = "{token}"
+[route.identity_headers]
+"X-Auth-User" = "{subject}"
+"X-Client-DN" = "{dn}"
+[[route]]
+path_prefix = "/public"
+upstream = "http://127.0.0.1:1"
+auth = "none"
+"#;
+
+    const ALL_SOURCES: &str = r#"
+[credentials]
+sources = ["bearer", "x-auth-token", "auth-token", "rucio", "header:X-Api-Key", "query:access_token", "cookie:session"]
+"#;
+
+    /// The two routes with `extra` tables (all sources when `extra` has no `[credentials]`).
+    fn config(extra: &str) -> Config {
+        let credentials = if extra.contains("[credentials]") {
+            ""
+        } else {
+            ALL_SOURCES
+        };
+        Config::parse(
+            std::path::Path::new("t.toml"),
+            &format!("{extra}{credentials}{TWO_ROUTES}"),
+        )
+        .expect("test config")
+    }
+
+    fn forwarded(config: &Config, build: http::request::Builder) -> Parts {
+        let (mut parts, _) = build.body(()).unwrap().into_parts();
+        let route = config
+            .routes
+            .iter()
+            .find(|r| r.path_prefix == "/public")
+            .unwrap();
+        let fwd = Forwarding {
+            client_ip: IpAddr::from([127, 0, 0, 1]),
+            tls: false,
+            values: Values::default(),
+        };
+        request(&mut parts, route, &Boundary::new(config), &fwd, None);
+        parts
+    }
+
     #[test]
     fn strips_query_and_cookie_only() {
-        let req = http::Request::builder()
-            .uri("/a?x=1&access_token=t&y=2")
-            .header("cookie", "a=1; session=t; b=2")
-            .header("x-auth-token", "t")
-            .body(())
-            .unwrap();
-        let (mut parts, _) = req.into_parts();
-        let sources = vec![
-            Source::XAuthToken,
-            Source::parse("query:access_token").unwrap(),
-            Source::parse("cookie:session").unwrap(),
-        ];
-        strip_credentials(&mut parts, &sources);
-        assert_eq!(parts.uri, "/a?x=1&y=2");
+        let parts = forwarded(
+            &config(""),
+            http::Request::builder()
+                .uri("/a?x=1&access_token=t&y=2&access%5Ftoken=u")
+                .header("cookie", "a=1; session=t; b=2")
+                .header("x-auth-token", "t"),
+        );
+        assert_eq!(parts.uri.path_and_query().unwrap(), "/a?x=1&y=2");
         assert_eq!(parts.headers["cookie"], "a=1; b=2");
         assert!(!parts.headers.contains_key("x-auth-token"));
+    }
+
+    #[test]
+    fn every_route_strips_every_routes_headers() {
+        let parts = forwarded(
+            &config(""),
+            http::Request::builder()
+                .uri("/public/x")
+                .header("X-Auth-User", "admin")
+                .header("X_Auth_User", "admin")
+                .header("X-Legacy-Key", "forged")
+                .header("X-Client-DN", "/CN=admin")
+                .header("Forwarded", "for=1.2.3.4")
+                .header("X-Real-IP", "1.2.3.4")
+                .header("X-Api-Key", "k")
+                .header("X-Other", "kept"),
+        );
+        let mut names: Vec<&str> = parts.headers.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["x-forwarded-for", "x-forwarded-proto", "x-other"]);
+    }
+
+    #[test]
+    fn kept_sources_and_allowed_underscores_pass() {
+        let config = config(
+            "[server]\nallow_underscores_in_headers = true\n\
+             [credentials]\nsources = [\"cookie:session\", \"x-auth-token\"]\nkeep = [\"cookie:session\"]\n",
+        );
+        let parts = forwarded(
+            &config,
+            http::Request::builder()
+                .uri("/public/x")
+                .header("cookie", "session=s1; b=2")
+                .header("X_Trace", "1")
+                .header("x-auth-token", "t"),
+        );
+        assert_eq!(parts.headers["cookie"], "session=s1; b=2");
+        assert_eq!(parts.headers["x_trace"], "1");
+        assert!(!parts.headers.contains_key("x-auth-token"));
+    }
+
+    #[test]
+    fn websocket_accept_of_rfc_6455() {
+        // The example handshake of RFC 6455 §1.3.
+        assert_eq!(
+            websocket_accept(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+        let asked = HeaderValue::from_static("websocket");
+        let key = HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ==");
+        let mut answer = HeaderMap::new();
+        answer.insert(header::UPGRADE, HeaderValue::from_static("WebSocket"));
+        assert!(!upgrade_completes(&asked, Some(&key), &answer), "no accept");
+        answer.insert(
+            header::SEC_WEBSOCKET_ACCEPT,
+            HeaderValue::from_static("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+        );
+        assert!(upgrade_completes(&asked, Some(&key), &answer));
+        answer.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        assert!(
+            !upgrade_completes(&asked, Some(&key), &answer),
+            "other protocol"
+        );
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Header names a hostile client would try: every credential and identity header in
+        /// several spellings, underscore forms, and harmless ones.
+        fn header_name() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just("authorization"),
+                Just("x-auth-token"),
+                Just("X-AUTH-TOKEN"),
+                Just("auth-token"),
+                Just("auth_token"),
+                Just("x-rucio-auth-token"),
+                Just("x-api-key"),
+                Just("x_api_key"),
+                Just("x-auth-user"),
+                Just("X_Auth_User"),
+                Just("x-legacy-key"),
+                Just("x-client-dn"),
+                Just("forwarded"),
+                Just("x-real-ip"),
+                Just("cookie"),
+                Just("x-other"),
+                Just("accept"),
+            ]
+            .prop_map(str::to_string)
+        }
+
+        fn query_key() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just("access_token"),
+                Just("access%5Ftoken"),
+                Just("access%5ftoken"),
+                Just("%61ccess_token"),
+                Just("access_toke%6E"),
+                Just("x"),
+                Just("page"),
+            ]
+            .prop_map(str::to_string)
+        }
+
+        proptest! {
+            #[test]
+            fn an_open_route_forwards_no_credential_or_identity(
+                headers in prop::collection::vec((header_name(), "[a-z0-9=; ]{0,12}"), 0..10),
+                query in prop::collection::vec((query_key(), "[a-z0-9]{0,4}"), 0..5),
+                cookie_names in prop::collection::vec(prop_oneof![Just("session"), Just("s%65ssion"), Just("theme")], 0..4),
+            ) {
+                let config = config("");
+                let query: Vec<String> = query.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                let cookies: Vec<String> = cookie_names.iter().map(|n| format!("{n}=v")).collect();
+                let mut build = http::Request::builder().uri(format!("/public/x?{}", query.join("&")));
+                for (name, value) in &headers {
+                    build = build.header(name.as_str(), value.as_str());
+                }
+                if !cookies.is_empty() {
+                    build = build.header("cookie", cookies.join("; "));
+                }
+                let parts = forwarded(&config, build);
+                let boundary = Boundary::new(&config);
+                for name in parts.headers.keys() {
+                    prop_assert!(!boundary.headers.contains(name), "{name} forwarded");
+                    prop_assert!(!name.as_str().contains('_'), "{name} forwarded");
+                }
+                if let Some(q) = parts.uri.query() {
+                    for (k, _) in query_pairs(q) {
+                        prop_assert!(!names_match(k, "access_token"), "{q}");
+                    }
+                }
+                for (k, _) in crate::credential::cookies(&parts.headers) {
+                    prop_assert!(!names_match(k, "session"), "cookie {k} forwarded");
+                }
+                // What the extractor sees after the rewrite: nothing.
+                let sources = config.sources.clone();
+                prop_assert!(crate::credential::extract(&parts, &sources).map(|c| c.is_none()).unwrap_or(false));
+            }
+        }
     }
 }

@@ -93,6 +93,7 @@ pub async fn exchange(
     tokens: &TokensConfig,
     client: Option<&ClientCert>,
     headers: &HeaderMap,
+    address: std::net::IpAddr,
 ) -> Response<Body> {
     let Some(client) = client else {
         return cannot_authenticate("Cannot authenticate: no verified client certificate");
@@ -146,6 +147,12 @@ pub async fn exchange(
             return crate::error::ProxyError::BackendUnavailable.into_response();
         }
     };
+    crate::audit::record(
+        crate::audit::Event::Exchanged,
+        &record,
+        crate::audit::Actor::Holder,
+        Some(address),
+    );
     let text = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
     tracing::info!(
         dn,

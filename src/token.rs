@@ -69,7 +69,8 @@ pub struct Issue<'a> {
     pub account: Option<&'a str>,
     /// A label.
     pub name: &'a str,
-    /// Its lifetime; `None`: `tokens.default_ttl`; zero: until revoked.
+    /// Its lifetime; `None`: the default (for API tokens, capped by `tokens.max_ttl`); zero:
+    /// until revoked.
     pub ttl: Option<Duration>,
     /// API or x509.
     pub kind: Kind,
@@ -79,15 +80,43 @@ pub struct Issue<'a> {
     pub format: Option<TokenFormat>,
 }
 
-/// Creates a token, stores its hash, and returns the token (shown once) with its record.
+/// Why a token was not issued.
+#[derive(Debug)]
+pub enum IssueError {
+    /// The lifetime asked for is over `[tokens] max_ttl` (a client error: 400).
+    Lifetime(String),
+    /// The store (or the random number generator, or the signing key) failed.
+    Store(StoreError),
+}
+
+impl std::fmt::Display for IssueError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            IssueError::Lifetime(m) => f.write_str(m),
+            IssueError::Store(e) => e.fmt(f),
+        }
+    }
+}
+
+impl From<StoreError> for IssueError {
+    fn from(e: StoreError) -> Self {
+        IssueError::Store(e)
+    }
+}
+
+/// Creates a token, stores its hash, and returns the token (shown once) with its record. An
+/// API token's lifetime is checked here, so no surface can issue one past `max_ttl`.
 pub async fn issue(
     store: &Store,
     config: &TokensConfig,
     what: Issue<'_>,
-) -> Result<(String, TokenRecord), StoreError> {
+) -> Result<(String, TokenRecord), IssueError> {
+    let ttl = match what.kind {
+        Kind::Api => config.lifetime(what.ttl).map_err(IssueError::Lifetime)?,
+        Kind::X509 => what.ttl.unwrap_or(config.default_ttl),
+    };
     let (mut token, id) = generate().map_err(StoreError)?;
     let created_ms = now_ms();
-    let ttl = what.ttl.unwrap_or(config.default_ttl);
     let expires_ms = (!ttl.is_zero())
         .then(|| created_ms.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)));
     let account = what.account.unwrap_or(what.subject);

@@ -78,8 +78,12 @@ pub async fn forward(
         Err(_) => Err(ProxyError::UpstreamTimeout),
         Ok(Ok(response)) => Ok(response),
         Ok(Err(e)) => {
-            if caused_by_body_limit(&e) {
+            if caused_by::<http_body_util::LengthLimitError>(&e) {
                 return Err(ProxyError::BodyTooLarge);
+            }
+            if caused_by::<ClientBodyError>(&e) {
+                tracing::info!(error = %error_chain(&e), "client request body unreadable");
+                return Err(ProxyError::BadRequest);
             }
             tracing::warn!(error = %error_chain(&e), "upstream request failed");
             Err(ProxyError::UpstreamUnavailable)
@@ -87,11 +91,28 @@ pub async fn forward(
     }
 }
 
-/// Whether an error was caused by the request body going over `max_body_bytes`.
-fn caused_by_body_limit(error: &(dyn std::error::Error + 'static)) -> bool {
+/// The client's request body could not be read (malformed chunked framing, a reset): the
+/// client's fault, answered 400 rather than blamed on the upstream.
+#[derive(Debug)]
+pub struct ClientBodyError(pub hyper::Error);
+
+impl std::fmt::Display for ClientBodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "reading the client's request body: {}", self.0)
+    }
+}
+
+impl std::error::Error for ClientBodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+/// Whether `T` is somewhere in an error's chain (e.g. the body limit, the client's body).
+fn caused_by<T: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut current = Some(error);
     while let Some(e) = current {
-        if e.is::<http_body_util::LengthLimitError>() {
+        if e.is::<T>() {
             return true;
         }
         current = e.source();

@@ -495,6 +495,16 @@ async fn serve_upstream(
 
 pub type UpBody = BoxBody<Bytes, Infallible>;
 
+/// The `Sec-WebSocket-Accept` for a client's key (RFC 6455 §4.2.2), as a real WebSocket
+/// server computes it.
+pub fn websocket_accept(key: &[u8]) -> String {
+    use base64::Engine;
+    let mut context = ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
+    context.update(key);
+    context.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    base64::engine::general_purpose::STANDARD.encode(context.finish())
+}
+
 fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
     req.uri().query()?.split('&').find_map(|kv| {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
@@ -576,6 +586,11 @@ async fn upstream_handle(
             if !wants {
                 return Ok(json_response(400, &json!({"error": "not an upgrade"})));
             }
+            let accept = websocket_accept(
+                req.headers()
+                    .get("sec-websocket-key")
+                    .map_or(&b""[..], |k| k.as_bytes()),
+            );
             let on_upgrade = hyper::upgrade::on(&mut req);
             tokio::spawn(async move {
                 if let Ok(upgraded) = on_upgrade.await {
@@ -588,6 +603,7 @@ async fn upstream_handle(
                 .status(101)
                 .header("upgrade", "websocket")
                 .header("connection", "Upgrade")
+                .header("sec-websocket-accept", accept)
                 .header("x-upstream-upgraded", "yes")
                 .body(Full::new(Bytes::new()).boxed())
                 .expect("response"));

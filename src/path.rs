@@ -1,0 +1,317 @@
+//! Path normalisation and route matching (SPEC §9): the path a route is chosen by is the path
+//! the upstream receives, whatever the upstream's own parser would make of the raw one.
+//!
+//! Order: repeated `/` merged → percent-encoded unreserved characters decoded → dot segments
+//! removed (RFC 3986 §5.2.4), a segment judged by its text before any `;`. Refused: climbing
+//! above `/`, NUL, a raw `\`, malformed `%`, and a dot segment that `%2f` / `%5c` would reveal
+//! to an upstream that decodes them. `%2f` is otherwise kept as sent (Rucio DID names).
+
+use std::borrow::Cow;
+
+/// Why a path cannot be forwarded (always answered 400).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BadPath;
+
+/// The normalised form of `path`; borrowed when it is already normal (the common case).
+pub fn normalize(path: &str) -> Result<Cow<'_, str>, BadPath> {
+    if !path.starts_with('/') {
+        return Err(BadPath);
+    }
+    let decoded = decode_unreserved(path)?;
+    let mut kept: Vec<&str> = Vec::new();
+    let mut trailing_slash = false;
+    let mut changed = matches!(decoded, Cow::Owned(_));
+    let segments: Vec<&str> = decoded[1..].split('/').collect();
+    let last = segments.len() - 1;
+    for (i, segment) in segments.iter().enumerate() {
+        trailing_slash = false;
+        match dot_kind(segment) {
+            Some(Dot::Current) => {
+                changed = true;
+                trailing_slash = true;
+            }
+            Some(Dot::Parent) => {
+                changed = true;
+                kept.pop().ok_or(BadPath)?;
+                trailing_slash = true;
+            }
+            None if segment.is_empty() => {
+                // `//` merged; a final empty segment is the trailing slash.
+                if i == last {
+                    trailing_slash = true;
+                } else {
+                    changed = true;
+                }
+            }
+            None => {
+                if hides_dot_segment(segment) {
+                    return Err(BadPath);
+                }
+                kept.push(segment);
+            }
+        }
+    }
+    if !changed {
+        return Ok(decoded);
+    }
+    let mut out = String::with_capacity(decoded.len());
+    for segment in &kept {
+        out.push('/');
+        out.push_str(segment);
+    }
+    if trailing_slash || kept.is_empty() {
+        out.push('/');
+    }
+    Ok(Cow::Owned(out))
+}
+
+/// Whether `path` (normalised) lies under `prefix`, matching whole segments, each path segment
+/// by its text before `;`: `/api` covers `/api`, `/api/x` and `/api;v=1/x`, not `/apix`.
+pub fn under(path: &str, prefix: &str) -> bool {
+    let mut path_segments = path.split('/').skip(1);
+    prefix
+        .split('/')
+        .skip(1)
+        .filter(|s| !s.is_empty())
+        .all(|want| {
+            path_segments
+                .next()
+                .is_some_and(|got| params_off(got) == want)
+        })
+}
+
+/// A segment without its `;` parameters.
+fn params_off(segment: &str) -> &str {
+    segment.split_once(';').map_or(segment, |(name, _)| name)
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Dot {
+    Current,
+    Parent,
+}
+
+fn dot_kind(segment: &str) -> Option<Dot> {
+    match params_off(segment) {
+        "." => Some(Dot::Current),
+        ".." => Some(Dot::Parent),
+        _ => None,
+    }
+}
+
+/// Whether a segment would hold a dot segment if `%2f` / `%5c` were read as separators.
+fn hides_dot_segment(segment: &str) -> bool {
+    if !segment.contains('%') {
+        return false;
+    }
+    let mut rest = segment;
+    loop {
+        let next = find_encoded_separator(rest);
+        let piece = &rest[..next.unwrap_or(rest.len())];
+        if dot_kind(piece).is_some() {
+            return true;
+        }
+        match next {
+            Some(at) => rest = &rest[at + 3..],
+            None => return false,
+        }
+    }
+}
+
+fn find_encoded_separator(text: &str) -> Option<usize> {
+    let bytes = text.as_bytes();
+    (0..bytes.len().saturating_sub(2)).find(|&i| {
+        bytes[i] == b'%'
+            && matches!(
+                (bytes[i + 1], bytes[i + 2].to_ascii_lowercase()),
+                (b'2', b'f') | (b'5', b'c')
+            )
+    })
+}
+
+/// Decodes `%XX` of unreserved characters (ALPHA, DIGIT, `-`, `.`, `_`, `~`); other escapes
+/// are kept as sent. NUL (raw or `%00`), a raw `\` and malformed escapes are refused.
+fn decode_unreserved(path: &str) -> Result<Cow<'_, str>, BadPath> {
+    let bytes = path.as_bytes();
+    if bytes.iter().any(|&b| b == b'\\' || b == 0) {
+        return Err(BadPath);
+    }
+    if !bytes.contains(&b'%') {
+        return Ok(Cow::Borrowed(path));
+    }
+    let mut out = String::with_capacity(path.len());
+    let mut decoded_any = false;
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'%' {
+            let run = bytes[i..]
+                .iter()
+                .position(|&b| b == b'%')
+                .map_or(bytes.len(), |p| i + p);
+            out.push_str(&path[i..run]);
+            i = run;
+            continue;
+        }
+        let hex = |b: u8| (b as char).to_digit(16);
+        let (Some(hi), Some(lo)) = (
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) else {
+            return Err(BadPath);
+        };
+        let byte = (hi * 16 + lo) as u8;
+        if byte == 0 {
+            return Err(BadPath);
+        }
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(byte as char);
+            decoded_any = true;
+        } else {
+            out.push_str(&path[i..i + 3]);
+        }
+        i += 3;
+    }
+    Ok(if decoded_any {
+        Cow::Owned(out)
+    } else {
+        Cow::Borrowed(path)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn norm(path: &str) -> Result<String, BadPath> {
+        normalize(path).map(Cow::into_owned)
+    }
+
+    #[test]
+    fn examples() {
+        let ok = [
+            ("/", "/"),
+            ("/api/x", "/api/x"),
+            ("//api///x", "/api/x"),
+            ("/api/x/", "/api/x/"),
+            ("/public/../api/secret", "/api/secret"),
+            ("/public/%2e%2e/api/secret", "/api/secret"),
+            ("/public/%2E%2E/api/secret", "/api/secret"),
+            ("/public/..;x/api/secret", "/api/secret"),
+            ("/public/.%2e/api", "/api"),
+            ("/a/./b/.", "/a/b/"),
+            ("/a/b/..", "/a/"),
+            ("/a/..", "/"),
+            ("/%7euser/%41", "/~user/A"),
+            (
+                "/api/dids/scope/name%2Fwith%2Fslashes",
+                "/api/dids/scope/name%2Fwith%2Fslashes",
+            ),
+            ("/api;v=1/x", "/api;v=1/x"),
+            ("/a/%20b", "/a/%20b"),
+            ("/a/%252e%252e/b", "/a/%252e%252e/b"),
+            ("/a/...", "/a/..."),
+        ];
+        for (input, want) in ok {
+            assert_eq!(norm(input).as_deref(), Ok(want), "{input}");
+        }
+        let bad = [
+            "/..",
+            "/../x",
+            "/a/../..",
+            "/%2e%2e",
+            "/a/..%2f..%2f..%2fetc",
+            "/public/..%2fapi/x",
+            "/public/%2f../api",
+            "/public/%2F..",
+            "/public/..%5capi",
+            "/public/%5C..%5Capi",
+            "/a\\b",
+            "/a%00b",
+            "/a%zz",
+            "/a%2",
+            "*",
+            "",
+        ];
+        for input in bad {
+            assert_eq!(norm(input), Err(BadPath), "{input}");
+        }
+    }
+
+    #[test]
+    fn already_normal_paths_are_borrowed() {
+        for path in ["/", "/api/x", "/api/x/", "/a/name%2Fx", "/api;v=1/x"] {
+            assert!(matches!(normalize(path), Ok(Cow::Borrowed(_))), "{path}");
+        }
+    }
+
+    #[test]
+    fn whole_segment_prefixes() {
+        assert!(under("/api", "/api"));
+        assert!(under("/api/", "/api"));
+        assert!(under("/api/x", "/api"));
+        assert!(under("/api;x/secret", "/api"));
+        assert!(under("/api/x", "/api/"));
+        assert!(under("/anything", "/"));
+        assert!(under("/api/v2/x", "/api/v2"));
+        assert!(!under("/apix", "/api"));
+        assert!(!under("/api", "/api/v2"));
+        assert!(!under("/ap", "/api"));
+        assert!(!under("/api/v20", "/api/v2"));
+    }
+
+    /// Paths made of segments an attacker would use.
+    fn hostile_path() -> impl Strategy<Value = String> {
+        let segment = prop_oneof![
+            Just(".".to_string()),
+            Just("..".to_string()),
+            Just("%2e".to_string()),
+            Just("%2E%2e".to_string()),
+            Just(".%2e".to_string()),
+            Just("..;x".to_string()),
+            Just(";".to_string()),
+            Just("".to_string()),
+            Just("%2f".to_string()),
+            Just("..%2f".to_string()),
+            Just("%5c..".to_string()),
+            Just("%41".to_string()),
+            Just("%25".to_string()),
+            Just("api".to_string()),
+            Just("public".to_string()),
+            "[a-z;=%0-9A-F.]{0,6}",
+        ];
+        prop::collection::vec(segment, 0..8).prop_map(|s| format!("/{}", s.join("/")))
+    }
+
+    proptest! {
+        #[test]
+        fn normalised_paths_have_no_dot_segments_and_never_climb(path in hostile_path()) {
+            if let Ok(normal) = normalize(&path) {
+                prop_assert!(normal.starts_with('/'));
+                prop_assert!(!normal.contains("//"), "{normal}");
+                for segment in normal.split('/').skip(1) {
+                    prop_assert!(dot_kind(segment).is_none(), "{path} -> {normal}");
+                    prop_assert!(!hides_dot_segment(segment), "{path} -> {normal}");
+                }
+                // Normalising is idempotent, so routing the forwarded path again picks the
+                // same route.
+                let again = normalize(&normal).expect("a normal path stays valid");
+                prop_assert_eq!(&again, &normal);
+                for prefix in ["/", "/api", "/public", "/api/x"] {
+                    prop_assert_eq!(under(&again, prefix), under(&normal, prefix));
+                }
+            }
+        }
+
+        #[test]
+        fn percent_decoding_never_reveals_a_dot_segment(path in hostile_path()) {
+            if let Ok(normal) = normalize(&path) {
+                // What an upstream that decodes everything would see.
+                let fully = percent_encoding::percent_decode_str(&normal).decode_utf8_lossy();
+                for segment in fully.split(['/', '\\']).skip(1) {
+                    prop_assert!(dot_kind(segment).is_none(), "{path} -> {normal} -> {fully}");
+                }
+            }
+        }
+    }
+}
