@@ -129,7 +129,11 @@ async fn ed25519_keys_work_everywhere_and_revocation_stops_them() {
     assert_eq!(claims["sub"], "alice");
     assert_eq!(claims["account"], "ops");
     assert_eq!(claims["iss"], "tokengate");
-    assert!(claims.get("exp").is_none(), "no ttl: no exp");
+    assert_eq!(
+        claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(),
+        90 * 86_400,
+        "no ttl: the default lifetime, 90 days"
+    );
 
     assert_works_in_every_dialect(&gate, jwt, id).await;
 

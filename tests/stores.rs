@@ -972,7 +972,7 @@ async fn redis_token_with_ttl_has_a_redis_expiry_and_is_refused_once_expired() {
 
     let (token, id) = setup.admin_create(r#"{"user":"gina","ttl":"3s"}"#).await;
     let created = Instant::now();
-    let (forever, _) = setup.admin_create(r#"{"user":"gina"}"#).await;
+    let (defaulted, _) = setup.admin_create(r#"{"user":"gina"}"#).await;
     let pttl = |redis: &mut redis::Connection, key: String| -> i64 {
         redis::cmd("PTTL").arg(&key).query(redis).expect("PTTL")
     };
@@ -985,8 +985,12 @@ async fn redis_token_with_ttl_has_a_redis_expiry_and_is_refused_once_expired() {
     );
     let id_ms = pttl(&mut redis, format!("{prefix}i:{id}"));
     assert!((1..=3000).contains(&id_ms), "its id key too: PTTL {id_ms}");
-    let none = pttl(&mut redis, format!("{prefix}t:{}", sha256_hex(&forever)));
-    assert_eq!(none, -1, "a token without ttl has no expiry (PTTL {none})");
+    let default = pttl(&mut redis, format!("{prefix}t:{}", sha256_hex(&defaulted)));
+    let ninety_days: i64 = 90 * 86_400_000;
+    assert!(
+        (ninety_days - 60_000..=ninety_days).contains(&default),
+        "a token without ttl expires after default_ttl, 90 days (PTTL {default})"
+    );
 
     assert_works(&setup.gate, &token, "gina", "gina").await;
     assert!(
@@ -997,7 +1001,7 @@ async fn redis_token_with_ttl_has_a_redis_expiry_and_is_refused_once_expired() {
     assert_refused(&setup.gate, &token).await;
     let exists: i64 = redis::cmd("EXISTS").arg(&key).query(&mut redis).unwrap();
     assert_eq!(exists, 0, "Redis dropped the expired token");
-    assert_works(&setup.gate, &forever, "gina", "gina").await;
+    assert_works(&setup.gate, &defaulted, "gina", "gina").await;
 }
 
 // ---------------------------------------------------------------------------------------------
