@@ -198,18 +198,19 @@ pub fn upgrade_protocol(headers: &HeaderMap) -> Option<&HeaderValue> {
 /// whatever the route's `auth` mode.
 pub struct Boundary {
     /// Removed from every request: every credential source's header, every route's
-    /// `upstream_auth` and identity headers, `Forwarded`, `X-Real-IP` (kept sources excepted).
+    /// `upstream_auth` and identity headers, `Forwarded`, `X-Real-IP`, and the headers with
+    /// which frameworks let a request name another path (kept sources excepted).
     headers: Vec<HeaderName>,
     /// Query and cookie credential sources removed from every request (kept ones excepted).
     parameters: Vec<Source>,
-    /// Drop headers whose name has `_`.
-    drop_underscores: bool,
+    /// Forward header names with `_`.
+    allow_underscores: bool,
 }
 
 impl Boundary {
     /// The boundary of a config.
     pub fn new(config: &Config) -> Boundary {
-        let mut headers: Vec<HeaderName> = vec![FORWARDED.clone(), X_REAL_IP.clone()];
+        let mut headers: Vec<HeaderName> = ALWAYS_REMOVED.to_vec();
         let mut add = |name: &HeaderName| {
             if !headers.contains(name) {
                 headers.push(name.clone());
@@ -239,8 +240,18 @@ impl Boundary {
                 .filter(|s| !config.keep.contains(s))
                 .cloned()
                 .collect(),
-            drop_underscores: !config.server.allow_underscores_in_headers,
+            allow_underscores: config.server.allow_underscores_in_headers,
         }
+    }
+
+    /// Whether a client's header may be forwarded under this name: letters, digits and `-`
+    /// only (and `_` when allowed), as nginx's `ignore_invalid_headers`. Frameworks fold `_`,
+    /// `.` and other punctuation into `-` or `_` (`X_Auth_User` is read as `X-Auth-User`), so
+    /// such a name could impersonate a header the gate removed.
+    fn forwardable(&self, name: &HeaderName) -> bool {
+        name.as_str().bytes().all(|b| {
+            b.is_ascii_alphanumeric() || b == b'-' || (b == b'_' && self.allow_underscores)
+        })
     }
 
     /// Removes everything a client may not send upstream: the boundary's headers, underscore
@@ -249,11 +260,11 @@ impl Boundary {
         for name in &self.headers {
             parts.headers.remove(name);
         }
-        if self.drop_underscores && parts.headers.keys().any(|k| k.as_str().contains('_')) {
+        if !parts.headers.keys().all(|k| self.forwardable(k)) {
             let named: Vec<HeaderName> = parts
                 .headers
                 .keys()
-                .filter(|k| k.as_str().contains('_'))
+                .filter(|k| !self.forwardable(k))
                 .cloned()
                 .collect();
             for name in named {
@@ -365,8 +376,16 @@ pub fn upgrade_completes(
     }
 }
 
-static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
-static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+/// Removed from every request whatever the config: forwarding headers only the gate may set,
+/// and the headers with which IIS, Symfony, Laravel and others let a request name a different
+/// path than the one the gate routed (`X-Original-URL: /api/secret` on an open route).
+static ALWAYS_REMOVED: [HeaderName; 5] = [
+    HeaderName::from_static("forwarded"),
+    HeaderName::from_static("x-real-ip"),
+    HeaderName::from_static("x-original-url"),
+    HeaderName::from_static("x-rewrite-url"),
+    HeaderName::from_static("x-original-uri"),
+];
 
 /// Everything the upstream request needs besides the original request.
 pub struct Forwarding<'a> {
@@ -611,6 +630,8 @@ sources = ["bearer", "x-auth-token", "auth-token", "rucio", "header:X-Api-Key", 
                 .header("X-Client-DN", "/CN=admin")
                 .header("Forwarded", "for=1.2.3.4")
                 .header("X-Real-IP", "1.2.3.4")
+                .header("X-Original-URL", "/api/secret")
+                .header("X.Auth.User", "admin")
                 .header("X-Api-Key", "k")
                 .header("X-Other", "kept"),
         );
@@ -684,6 +705,9 @@ sources = ["bearer", "x-auth-token", "auth-token", "rucio", "header:X-Api-Key", 
                 Just("x-client-dn"),
                 Just("forwarded"),
                 Just("x-real-ip"),
+                Just("x-original-url"),
+                Just("x.auth.user"),
+                Just("x-auth-user."),
                 Just("cookie"),
                 Just("x-other"),
                 Just("accept"),
@@ -725,7 +749,10 @@ sources = ["bearer", "x-auth-token", "auth-token", "rucio", "header:X-Api-Key", 
                 let boundary = Boundary::new(&config);
                 for name in parts.headers.keys() {
                     prop_assert!(!boundary.headers.contains(name), "{name} forwarded");
-                    prop_assert!(!name.as_str().contains('_'), "{name} forwarded");
+                    prop_assert!(
+                        name.as_str().bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'),
+                        "{name} forwarded"
+                    );
                 }
                 if let Some(q) = parts.uri.query() {
                     for (k, _) in query_pairs(q) {
