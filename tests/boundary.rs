@@ -719,6 +719,81 @@ fn assert_boundary_held(seen: &Recorded, except: &[&str], case: &str) {
     );
 }
 
+/// A real WSGI upstream (Python's `wsgiref`), which folds `-` and `_` in header names into one
+/// CGI variable: `X_Auth_User` and `X-Auth-User` both become `HTTP_X_AUTH_USER`. It answers
+/// with that variable. Killed on drop.
+struct Wsgi {
+    port: u16,
+    child: std::process::Child,
+}
+
+impl Wsgi {
+    /// `None` when python3 is not installed.
+    fn start() -> Option<Wsgi> {
+        const APP: &str = r#"
+import json, sys
+from wsgiref.simple_server import make_server, WSGIRequestHandler
+class Quiet(WSGIRequestHandler):
+    def log_message(self, *args): pass
+def app(environ, start_response):
+    body = json.dumps({"user": environ.get("HTTP_X_AUTH_USER")}).encode()
+    start_response("200 OK", [("Content-Type", "application/json")])
+    return [body]
+make_server("127.0.0.1", int(sys.argv[1]), app, handler_class=Quiet).serve_forever()
+"#;
+        let port = free_port();
+        let child = Command::new("python3")
+            .args(["-c", APP, &port.to_string()])
+            .stdin(Stdio::null())
+            .spawn()
+            .ok()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the WSGI server did not listen in 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(Wsgi { port, child })
+    }
+}
+
+impl Drop for Wsgi {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Refused: `X_Auth_User: admin`, which a WSGI/PHP/Rails upstream reads as `X-Auth-User`
+/// (CVE-2025-64484 class), on an open route and beside the gate's own `X-Auth-User`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wsgi_upstream_never_sees_an_underscore_identity() {
+    let Some(wsgi) = Wsgi::start() else {
+        if std::env::var("TOKENGATE_TEST_STRICT").as_deref() == Ok("1") {
+            panic!("python3 not installed and TOKENGATE_TEST_STRICT=1");
+        }
+        println!("skipped: python3 not installed (apt-get install python3)");
+        return;
+    };
+    let port = free_port();
+    let _gate = Gate::start(&public_and_api(port, wsgi.port, wsgi.port));
+    let user_seen = |resp: &Resp| resp.json()["user"].clone();
+
+    let resp = get(&gate_url(port, "/public/x"), &[("X_Auth_User", "admin")]).await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(user_seen(&resp), Value::Null, "open route");
+
+    let resp = get(
+        &gate_url(port, "/api/x"),
+        &[("X-Auth-Token", TOKEN), ("X_Auth_User", "admin")],
+    )
+    .await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(user_seen(&resp), "alice", "only the gate's identity");
+}
+
 /// Refused: sending an identity or credential header through a route that does not set it
 /// (`auth = "none"`, `auth = "optional"` without a credential), a `_` spelling that frameworks
 /// read as `-`, and spoofed `Forwarded` / `X-Real-IP`.
