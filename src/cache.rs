@@ -28,6 +28,9 @@ enum Slot {
 /// The validation cache (SPEC §2).
 pub struct Cache {
     map: DashMap<[u8; 32], Slot>,
+    /// Where validations run: the control runtime the cache was made on, so that store round
+    /// trips and signature checks never stall a worker's other connections.
+    control: Option<tokio::runtime::Handle>,
     ttl: Duration,
     negative_ttl: Duration,
     max_entries: usize,
@@ -47,6 +50,7 @@ impl Cache {
     pub fn new(config: &CacheConfig) -> Arc<Cache> {
         Arc::new(Cache {
             map: DashMap::new(),
+            control: tokio::runtime::Handle::try_current().ok(),
             ttl: config.ttl,
             negative_ttl: config.negative_ttl,
             max_entries: config.max_entries,
@@ -141,11 +145,15 @@ impl Cache {
         Fut: Future<Output = Outcome> + Send + 'static,
     {
         let cache = Arc::clone(self);
-        tokio::spawn(async move {
+        let task = async move {
             let outcome = validation.await;
             cache.finish(key, &outcome);
             let _ = tx.send(Some(outcome));
-        });
+        };
+        match &self.control {
+            Some(control) => drop(control.spawn(task)),
+            None => drop(tokio::spawn(task)),
+        }
     }
 
     fn finish(&self, key: [u8; 32], outcome: &Outcome) {

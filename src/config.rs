@@ -95,7 +95,11 @@ struct RawServer {
     max_header_bytes: Option<Spanned<i64>>,
     max_body_bytes: Option<Spanned<ByteSize>>,
     header_read_timeout: Option<Spanned<String>>,
+    idle_timeout: Option<Spanned<String>>,
+    body_read_timeout: Option<Spanned<String>>,
     max_connections: Option<Spanned<i64>>,
+    max_concurrent_streams: Option<Spanned<i64>>,
+    workers: Option<Spanned<i64>>,
     allow_underscores_in_headers: Option<bool>,
     drain_timeout: Option<Spanned<String>>,
     tls: Option<Spanned<RawTls>>,
@@ -223,6 +227,8 @@ struct RawRoute {
     #[serde(default)]
     identity_headers: HashMap<String, Spanned<String>>,
     upgrades: Option<Vec<Spanned<String>>>,
+    max_inflight: Option<Spanned<i64>>,
+    max_idle_connections: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -397,10 +403,21 @@ pub struct ServerConfig {
     pub max_header_bytes: usize,
     /// Request bodies larger than this are answered 413; 0 = unlimited (streamed).
     pub max_body_bytes: u64,
-    /// A client that has not sent a whole request head within this is disconnected.
+    /// From accept: a client that has not completed the TLS handshake, the HTTP/2 preface and
+    /// its first request head within this is disconnected; later request heads get as long.
     pub header_read_timeout: Duration,
-    /// Connections open at once; further clients wait in the accept queue.
+    /// A keep-alive HTTP/1 connection, or an HTTP/2 connection with no open stream, is closed
+    /// after this long.
+    pub idle_timeout: Duration,
+    /// No request-body byte for this long → 408, and the upstream request is aborted.
+    pub body_read_timeout: Duration,
+    /// Connections open at once (process-wide); further clients wait in the accept queue.
     pub max_connections: usize,
+    /// HTTP/2 streams per client connection.
+    pub max_concurrent_streams: u32,
+    /// Worker threads, each with its own runtime accepting on the listener; `None`: one per
+    /// available core (affinity and cgroup quota respected).
+    pub workers: Option<usize>,
     /// Forward request headers whose name has `_` (many frameworks read `X_Auth_User` as
     /// `X-Auth-User`, so by default they are dropped).
     pub allow_underscores_in_headers: bool,
@@ -558,6 +575,10 @@ pub struct RouteConfig {
     pub identity_headers: Vec<(HeaderName, Template)>,
     /// `Upgrade` protocols passed through (lower case); never `h2c`.
     pub upgrades: Vec<String>,
+    /// Requests in flight to this upstream at once (process-wide); more → 503.
+    pub max_inflight: usize,
+    /// Idle keep-alive connections kept to this upstream (process-wide).
+    pub max_idle_connections: usize,
 }
 
 impl Config {
@@ -617,6 +638,19 @@ impl Checker<'_> {
         match value {
             None => Ok(default),
             Some(v) => parse_duration(v.get_ref()).map_err(|m| self.at(v, m)),
+        }
+    }
+
+    /// A duration that must not be zero (a zero timeout would close everything at once).
+    fn nonzero(
+        &self,
+        value: &Option<Spanned<String>>,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        let d = self.duration(value, default)?;
+        match value {
+            Some(v) if d.is_zero() => Err(self.at(v, "must be longer than 0")),
+            _ => Ok(d),
         }
     }
 
@@ -790,9 +824,17 @@ impl Checker<'_> {
             listen,
             max_header_bytes,
             max_body_bytes: raw.max_body_bytes.map_or(0, |b| b.into_inner().0),
-            header_read_timeout: self
-                .duration(&raw.header_read_timeout, Duration::from_secs(10))?,
+            header_read_timeout: self.nonzero(&raw.header_read_timeout, Duration::from_secs(10))?,
+            idle_timeout: self.nonzero(&raw.idle_timeout, Duration::from_secs(60))?,
+            body_read_timeout: self.nonzero(&raw.body_read_timeout, Duration::from_secs(30))?,
             max_connections: self.positive(&raw.max_connections, 10_000)?,
+            max_concurrent_streams: u32::try_from(self.positive(&raw.max_concurrent_streams, 100)?)
+                .unwrap_or(u32::MAX),
+            workers: raw
+                .workers
+                .as_ref()
+                .map(|w| self.positive(&Some(w.clone()), 1))
+                .transpose()?,
             allow_underscores_in_headers: raw.allow_underscores_in_headers.unwrap_or(false),
             drain_timeout: self.duration(&raw.drain_timeout, Duration::from_secs(30))?,
             tls,
@@ -1248,6 +1290,12 @@ impl Checker<'_> {
             upstream_auth,
             identity_headers,
             upgrades,
+            max_inflight: self.positive(&r.max_inflight, 1024)?,
+            max_idle_connections: match &r.max_idle_connections {
+                None => 64,
+                Some(v) if *v.get_ref() >= 0 => *v.get_ref() as usize,
+                Some(v) => return Err(self.at(v, "must be 0 or more")),
+            },
         })
     }
 }

@@ -32,6 +32,10 @@ pub enum ProxyError {
     UpstreamUnavailable,
     /// The upstream did not answer within the route's timeout.
     UpstreamTimeout,
+    /// The route's `max_inflight` requests are in flight already.
+    UpstreamBusy,
+    /// The client sent no request-body byte for `body_read_timeout`.
+    RequestTimeout,
     /// The request body is larger than `server.max_body_bytes`.
     BodyTooLarge,
     /// No route matches the request path.
@@ -61,7 +65,10 @@ impl ProxyError {
                 StatusCode::UNAUTHORIZED
             }
             ProxyError::ConflictingCredentials | ProxyError::BadRequest => StatusCode::BAD_REQUEST,
-            ProxyError::BackendUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::BackendUnavailable | ProxyError::UpstreamBusy => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ProxyError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::UpstreamUnavailable | ProxyError::UpgradeRefused => StatusCode::BAD_GATEWAY,
             ProxyError::Disabled => StatusCode::NOT_FOUND,
             ProxyError::TokensCannotMint | ProxyError::CrossOrigin => StatusCode::FORBIDDEN,
@@ -86,6 +93,8 @@ impl ProxyError {
             ProxyError::CrossOrigin => "Cross-origin request refused",
             ProxyError::JsonRequired => "JSON body required",
             ProxyError::UpstreamTimeout => "Upstream timeout",
+            ProxyError::UpstreamBusy => "Upstream busy",
+            ProxyError::RequestTimeout => "Request timeout",
             ProxyError::BodyTooLarge => "Request body too large",
             ProxyError::NoRoute => "No route",
             ProxyError::BadRequest => "Bad request",
@@ -105,7 +114,12 @@ impl ProxyError {
             }
             // The client may already have sent bytes for the tunnel: never read them as
             // requests.
-            ProxyError::UpgradeRefused | ProxyError::BadRequest => {
+            ProxyError::UpstreamBusy => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ProxyError::UpgradeRefused | ProxyError::BadRequest | ProxyError::RequestTimeout => {
                 response
                     .headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -170,6 +184,8 @@ mod tests {
             (ProxyError::UpstreamTimeout, 504, "Upstream timeout"),
             (ProxyError::BodyTooLarge, 413, "Request body too large"),
             (ProxyError::BadRequest, 400, "Bad request"),
+            (ProxyError::UpstreamBusy, 503, "Upstream busy"),
+            (ProxyError::RequestTimeout, 408, "Request timeout"),
             (
                 ProxyError::TokensCannotMint,
                 403,

@@ -226,8 +226,12 @@ fn load(path: &Path) -> Result<Config, ExitCode> {
     })
 }
 
+/// The control runtime: admin listener, reload, store subscriptions, validations on cache
+/// misses. Requests are served by the workers' own runtimes (`server`).
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
     tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(CONTROL_THREADS)
+        .thread_name("tokengate-control")
         .enable_all()
         .build()
         .map_err(|e| {
@@ -269,6 +273,9 @@ async fn shutdown_signal() {
         _ = int.recv() => tracing::info!("SIGINT: draining"),
     }
 }
+
+/// Threads of the control runtime.
+const CONTROL_THREADS: usize = 2;
 
 /// The log filter without `RUST_LOG`: info, but rustls' own warnings about clients' protocol
 /// quirks (an IP address as SNI, as wrk and some probes send) off: handshake failures are

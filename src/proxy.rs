@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -28,7 +29,7 @@ use crate::rucio::{self, RucioEndpoint};
 use crate::store::{self, Store};
 use crate::telemetry::{AuthMetrics, AuthResult, RouteMetrics};
 use crate::token;
-use crate::upstream::{self, HttpClient};
+use crate::upstream::{self, ClientBody, Pool};
 use crate::validate::{self, Identity, Validators, Verdict};
 
 /// Everything the request path needs, built once from a config (and again on reload).
@@ -70,7 +71,7 @@ pub type SharedGate = Arc<ArcSwap<Gate>>;
 
 struct Route {
     config: RouteConfig,
-    client: HttpClient,
+    pool: Arc<Pool>,
     metrics: RouteMetrics,
 }
 
@@ -140,13 +141,20 @@ impl Gate {
         let default_client = upstream::client(None)?;
         let mut routes = Vec::with_capacity(config.routes.len());
         for route in &config.routes {
-            let client = match &route.upstream_ca {
-                Some(ca) => upstream::client(Some(ca))?,
-                None => default_client.clone(),
+            let tls = match (route.upstream.scheme_str(), &route.upstream_ca) {
+                (Some("https"), ca) => Some(upstream::tls_client_config(ca.as_deref())?),
+                _ => None,
             };
+            let pool = Pool::new(
+                &route.upstream,
+                tls,
+                route.max_inflight,
+                route.max_idle_connections,
+                crate::server::worker_count(&config.server),
+            )?;
             routes.push(Route {
                 config: route.clone(),
-                client,
+                pool: Arc::new(pool),
                 metrics: RouteMetrics::new(&route.path_prefix),
             });
         }
@@ -190,6 +198,13 @@ impl Gate {
         &self.cache
     }
 
+    /// Closes this worker's upstream connections that have been idle too long.
+    pub fn sweep_idle_upstreams(&self) {
+        for route in &self.routes {
+            route.pool.sweep();
+        }
+    }
+
     /// The metrics of one of tokengate's own endpoints (`None`: no route matched).
     fn own_metrics(&self, endpoint: Option<&str>) -> &RouteMetrics {
         let label = endpoint.unwrap_or(NO_ROUTE);
@@ -228,12 +243,12 @@ pub(crate) struct Outcome<'g> {
 }
 
 /// Handles one request: the inner chain, then one access-log line, whatever happened.
-pub async fn handle(gate: Arc<Gate>, peer: Peer, request: Request<Incoming>) -> Response<Body> {
+pub async fn handle(gate: &Gate, peer: &Peer, request: Request<Incoming>) -> Response<Body> {
     let start = Instant::now();
     let method = request.method().clone();
     let uri = request.uri().clone();
     let mut outcome = Outcome::default();
-    let response = match forward_request(&gate, &peer, request, &mut outcome).await {
+    let response = match forward_request(gate, peer, request, &mut outcome).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
     };
@@ -497,6 +512,7 @@ async fn forward<'g>(
                 .as_deref()
                 .map(|c| c.dn(gate.config.x509.dn_format)),
         },
+        upstream_host: route.pool.host(),
     };
     rewrite::request(
         &mut parts,
@@ -507,20 +523,20 @@ async fn forward<'g>(
     );
     outcome.identity = identity;
 
-    // Forward. A broken request body is the client's fault (400), not the upstream's.
-    let body = body.map_err(upstream::ClientBodyError);
+    // Forward, if the upstream has room (503 at once otherwise). A broken or stalled request
+    // body is the client's fault (400 / 408), not the upstream's.
+    let slot = route.pool.claim()?;
+    let body = ClientBody::new(body, gate.config.server.body_read_timeout);
     let body: Body = if max_body > 0 {
         Limited::new(body, max_body as usize).boxed_unsync()
     } else {
-        body.map_err(BoxError::from).boxed_unsync()
+        body.boxed_unsync()
     };
     let upstream_start = Instant::now();
-    let response = upstream::forward(
-        &route.client,
-        Request::from_parts(parts, body),
-        route.config.timeout,
-    )
-    .await;
+    let response = route
+        .pool
+        .send(slot, Request::from_parts(parts, body), route.config.timeout)
+        .await;
     outcome.upstream = Some(upstream_start.elapsed());
     let mut response = response?;
 
@@ -537,7 +553,14 @@ async fn forward<'g>(
         }
         rewrite::remove_hop_by_hop(response.headers_mut(), Some(asked));
         let upstream_upgrade = hyper::upgrade::on(&mut response);
-        tokio::spawn(relay_upgrade(client_upgrade, upstream_upgrade));
+        let (parts, body) = response.into_parts();
+        // The tunnel holds the upstream connection, so it holds the in-flight slot too.
+        let slot = body.into_slot();
+        tokio::spawn(relay_upgrade(client_upgrade, upstream_upgrade, slot));
+        return Ok(Response::from_parts(
+            parts,
+            crate::error::full(Bytes::new()),
+        ));
     } else {
         rewrite::remove_hop_by_hop(response.headers_mut(), None);
     }
@@ -708,8 +731,13 @@ fn declared_length<B>(request: &Request<B>) -> Option<u64> {
         .ok()
 }
 
-/// Copies bytes both ways between an upgraded client connection and the upstream's.
-async fn relay_upgrade(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+/// Copies bytes both ways between an upgraded client connection and the upstream's, holding
+/// the route's in-flight slot until both are closed.
+async fn relay_upgrade(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    _slot: Option<upstream::Slot>,
+) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(pair) => pair,
         Err(e) => {

@@ -395,6 +395,8 @@ pub struct Forwarding<'a> {
     pub tls: bool,
     /// Placeholder values.
     pub values: Values<'a>,
+    /// The upstream's `host:port`: `Host` when the client's is not kept (or there is none).
+    pub upstream_host: &'a HeaderValue,
 }
 
 /// Turns the client's request head into the upstream's: strips what the boundary forbids
@@ -462,25 +464,23 @@ pub fn request(
             headers.remove(&X_FORWARDED_HOST);
         }
     }
-    if route.preserve_host {
-        if let Some(host) = original_host {
-            headers.insert(header::HOST, host);
-        }
-    } else {
-        // The client sets Host from the URI's authority.
-        headers.remove(header::HOST);
-    }
+    let host = match original_host {
+        Some(host) if route.preserve_host => host,
+        _ => fwd.upstream_host.clone(),
+    };
+    headers.insert(header::HOST, host);
 
-    let mut uri = route.upstream.clone().into_parts();
-    uri.path_and_query = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
-    if let Ok(u) = Uri::from_parts(uri) {
-        parts.uri = u;
+    // Origin-form: the upstream connection is chosen by the route, the request line carries
+    // only the (normalised) path and query.
+    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+        let path_and_query = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        parts.uri = Uri::from(path_and_query);
     }
-    // The pooled client speaks HTTP/1.1 to the upstream whatever the client spoke to us.
+    // The pool speaks HTTP/1.1 to the upstream whatever the client spoke to us.
     parts.version = http::Version::HTTP_11;
 }
 
@@ -595,10 +595,12 @@ sources = ["bearer", "x-auth-token", "auth-token", "rucio", "header:X-Api-Key", 
             .iter()
             .find(|r| r.path_prefix == "/public")
             .unwrap();
+        let upstream_host = HeaderValue::from_static("127.0.0.1:1");
         let fwd = Forwarding {
             client_ip: IpAddr::from([127, 0, 0, 1]),
             tls: false,
             values: Values::default(),
+            upstream_host: &upstream_host,
         };
         request(&mut parts, route, &Boundary::new(config), &fwd, None);
         parts
@@ -637,7 +639,10 @@ sources = ["bearer", "x-auth-token", "auth-token", "rucio", "header:X-Api-Key", 
         );
         let mut names: Vec<&str> = parts.headers.keys().map(HeaderName::as_str).collect();
         names.sort_unstable();
-        assert_eq!(names, ["x-forwarded-for", "x-forwarded-proto", "x-other"]);
+        assert_eq!(
+            names,
+            ["host", "x-forwarded-for", "x-forwarded-proto", "x-other"]
+        );
     }
 
     #[test]
