@@ -285,6 +285,10 @@ const DEFAULT_LOG_FILTER: &str = "info,rustls=error";
 /// Logs go to standard output through a background writer, so a slow log reader never blocks
 /// a request. `RUST_LOG` filters.
 fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+    tokengate::access_log::init(match format {
+        LogFormat::Json => tokengate::access_log::Format::Json,
+        LogFormat::Text => tokengate::access_log::Format::Text,
+    });
     let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
     install_logging(format, writer);
     guard

@@ -18,6 +18,7 @@ use std::borrow::Cow;
 
 use tokio::sync::mpsc;
 
+use crate::access_log;
 use crate::audit::Actor;
 use crate::cache::{Cache, Provenance};
 use crate::config::{AuthMode, Config, RouteConfig};
@@ -245,8 +246,9 @@ pub(crate) struct Outcome<'g> {
 /// Handles one request: the inner chain, then one access-log line, whatever happened.
 pub async fn handle(gate: &Gate, peer: &Peer, request: Request<Incoming>) -> Response<Body> {
     let start = Instant::now();
-    let method = request.method().clone();
-    let uri = request.uri().clone();
+    // What the log line needs of the request once it has been handed on: the method, and the
+    // path as sent (its bytes are shared with the request, not copied).
+    let logged = access_log::enabled().then(|| (request.method().clone(), request.uri().clone()));
     let mut outcome = Outcome::default();
     let response = match forward_request(gate, peer, request, &mut outcome).await {
         Ok(response) => response,
@@ -263,25 +265,25 @@ pub async fn handle(gate: &Gate, peer: &Peer, request: Request<Incoming>) -> Res
     if let Some((result, by)) = outcome.auth {
         gate.auth_metrics.record(result, by);
     }
-    tracing::info!(
-        target: "access",
-        method = %method,
-        // The query may carry a credential (`query:NAME` sources): only the path is logged.
-        path = uri.path(),
-        status,
-        route = outcome
-            .route
-            .map(|r| r.config.path_prefix.as_str())
-            .or(outcome.endpoint)
-            .unwrap_or("-"),
-        subject = outcome.identity.as_deref().map_or("-", |i| i.subject.as_str()),
-        source = outcome.source.unwrap_or("-"),
-        auth = outcome.auth.map_or("-", |(result, _)| result.label()),
-        validator = outcome.auth.map_or("-", |(_, by)| by),
-        client = %peer.addr.ip(),
-        duration_ms = duration.as_secs_f64() * 1000.0,
-        upstream_ms = outcome.upstream.map_or(-1.0, |d| d.as_secs_f64() * 1000.0),
-    );
+    if let Some((method, uri)) = &logged {
+        access_log::write(&access_log::Line {
+            method: method.as_str(),
+            // The query may carry a credential (`query:NAME` sources): only the path is logged.
+            path: uri.path(),
+            status,
+            route: outcome
+                .route
+                .map(|r| r.config.path_prefix.as_str())
+                .or(outcome.endpoint),
+            subject: outcome.identity.as_deref().map(|i| i.subject.as_str()),
+            source: outcome.source,
+            auth: outcome.auth.map(|(result, _)| result.label()),
+            validator: outcome.auth.map(|(_, by)| by),
+            client: peer.addr.ip(),
+            duration,
+            upstream: outcome.upstream,
+        });
+    }
     response
 }
 

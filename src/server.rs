@@ -37,8 +37,8 @@ use crate::proxy::{self, ClientCert, Gate, Peer, SharedGate};
 
 /// How often expired cache entries are swept.
 const CACHE_SWEEP_INTERVAL: Duration = Duration::from_secs(30);
-/// How often each worker closes its upstream connections idle for too long.
-const UPSTREAM_SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+/// How often (in access-log flush ticks) each worker closes upstream connections idle too long.
+const UPSTREAM_SWEEP_TICKS: u32 = 10;
 /// Pause after a failed accept (e.g. out of file descriptors) before trying again.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 /// HTTP/2 PING interval and the time a PING may go unanswered before the peer counts as dead.
@@ -209,6 +209,7 @@ pub async fn serve(
         for thread in threads {
             let _ = thread.join();
         }
+        crate::access_log::sync();
     })
     .await;
     sweeper.abort();
@@ -236,13 +237,15 @@ fn run_worker(index: usize, listener: std::net::TcpListener, shared: Arc<Shared>
                 return;
             }
         };
-        let upkeep = tokio::spawn(sweep_upstreams(Arc::clone(&shared.gate)));
+        let upkeep = tokio::spawn(upkeep(Arc::clone(&shared.gate)));
         accept(listener, &shared).await;
         let mut stop = shared.stop.clone();
         let _ = stop.wait_for(|stopped| *stopped).await;
         upkeep.abort();
     });
     // Dropping the runtime drops whatever outlived the drain.
+    drop(runtime);
+    crate::access_log::flush_thread();
 }
 
 /// Accepts until the drain starts.
@@ -272,12 +275,18 @@ async fn accept(listener: TcpListener, shared: &Arc<Shared>) {
     }
 }
 
-/// Closes this worker's idle upstream connections past their time, periodically.
-async fn sweep_upstreams(gate: SharedGate) {
-    let mut tick = tokio::time::interval(UPSTREAM_SWEEP_INTERVAL);
+/// A worker's periodic chores: hand buffered access lines to the writer (every second), and
+/// close upstream connections idle past their time.
+async fn upkeep(gate: SharedGate) {
+    let mut tick = tokio::time::interval(crate::access_log::FLUSH_INTERVAL);
+    let mut ticks: u32 = 0;
     loop {
         tick.tick().await;
-        gate.load().sweep_idle_upstreams();
+        crate::access_log::flush_thread();
+        ticks = ticks.wrapping_add(1);
+        if ticks % UPSTREAM_SWEEP_TICKS == 0 {
+            gate.load().sweep_idle_upstreams();
+        }
     }
 }
 

@@ -1,0 +1,268 @@
+//! The access log: one line per request, off the hot path's costs.
+//!
+//! Lines are formatted by hand (no `tracing` field machinery) into a per-worker buffer that is
+//! handed to a writer thread when it reaches 64 KiB or once a second, as nginx's
+//! `access_log … buffer=64k flush=1s`: whole lines only, one `write` per batch under the
+//! standard-output lock (so a line is never torn by another writer of this process), and the
+//! writer sleeps on its channel instead of spinning. Audit and other log lines do not go
+//! through this buffer: they are written at once. `RUST_LOG` still decides (`access=off`).
+
+use std::cell::RefCell;
+use std::io::Write as _;
+use std::net::IpAddr;
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime};
+
+/// How much a worker buffers before handing lines to the writer.
+const BUFFER_BYTES: usize = 64 * 1024;
+/// How often workers hand over what they have.
+pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+/// Batches waiting for the writer; beyond it a worker waits (as nginx waits on a slow disk).
+const QUEUE: usize = 16;
+
+/// How lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// One JSON object per line (the default).
+    Json,
+    /// `key=value` pairs for humans.
+    Text,
+}
+
+static FORMAT: OnceLock<Format> = OnceLock::new();
+
+/// Chooses the format (once, at startup; JSON otherwise).
+pub fn init(format: Format) {
+    let _ = FORMAT.set(format);
+}
+
+/// What one access line says.
+pub struct Line<'a> {
+    /// The request method.
+    pub method: &'a str,
+    /// The path as the client sent it (never the query: it may hold a credential).
+    pub path: &'a str,
+    /// The response status.
+    pub status: u16,
+    /// The route's prefix, or `tokengate:…` for tokengate's own endpoints.
+    pub route: Option<&'a str>,
+    /// The verified subject.
+    pub subject: Option<&'a str>,
+    /// The dialect the credential came in.
+    pub source: Option<&'a str>,
+    /// `allowed`, `denied`, `missing`, `error`.
+    pub auth: Option<&'a str>,
+    /// Who decided (`cache`, a validator, `x509`, `none`).
+    pub validator: Option<&'a str>,
+    /// The client's address.
+    pub client: IpAddr,
+    /// From request head to response head.
+    pub duration: Duration,
+    /// The upstream's share of it.
+    pub upstream: Option<Duration>,
+}
+
+thread_local! {
+    static BUFFER: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(BUFFER_BYTES));
+}
+
+/// Whether access lines are wanted (`RUST_LOG`).
+pub fn enabled() -> bool {
+    tracing::enabled!(target: "access", tracing::Level::INFO)
+}
+
+/// Appends one line. Worker threads buffer it; any other thread writes it at once.
+pub fn write(line: &Line<'_>) {
+    let buffered = crate::server::worker_slot() != usize::MAX;
+    BUFFER.with(|buffer| {
+        let mut buffer = buffer.borrow_mut();
+        format_line(&mut buffer, line, *FORMAT.get().unwrap_or(&Format::Json));
+        if !buffered || buffer.len() >= BUFFER_BYTES {
+            hand_over(&mut buffer);
+        }
+    });
+}
+
+/// Hands this thread's buffered lines to the writer (the workers' once-a-second tick, and
+/// their last act).
+pub fn flush_thread() {
+    BUFFER.with(|buffer| hand_over(&mut buffer.borrow_mut()));
+}
+
+/// Waits until every batch handed over so far has been written (at shutdown).
+pub fn sync() {
+    let (done, wait) = sync_channel(1);
+    if writer().send(Batch::Sync(done)).is_ok() {
+        let _ = wait.recv_timeout(Duration::from_secs(5));
+    }
+}
+
+enum Batch {
+    Lines(Vec<u8>),
+    Sync(SyncSender<()>),
+}
+
+fn hand_over(buffer: &mut Vec<u8>) {
+    if buffer.is_empty() {
+        return;
+    }
+    let full = std::mem::replace(buffer, Vec::with_capacity(BUFFER_BYTES));
+    let _ = writer().send(Batch::Lines(full));
+}
+
+/// The writer thread's queue, started on first use.
+fn writer() -> &'static SyncSender<Batch> {
+    static WRITER: OnceLock<SyncSender<Batch>> = OnceLock::new();
+    WRITER.get_or_init(|| {
+        let (send, receive) = sync_channel::<Batch>(QUEUE);
+        let spawned = std::thread::Builder::new()
+            .name("tokengate-access-log".into())
+            .spawn(move || {
+                while let Ok(batch) = receive.recv() {
+                    match batch {
+                        Batch::Lines(lines) => {
+                            let mut out = std::io::stdout().lock();
+                            let _ = out.write_all(&lines);
+                            let _ = out.flush();
+                        }
+                        Batch::Sync(done) => {
+                            let _ = done.send(());
+                        }
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the access-log writer");
+        }
+        send
+    })
+}
+
+fn format_line(out: &mut Vec<u8>, line: &Line<'_>, format: Format) {
+    // Writing into a Vec cannot fail: the results are ignored.
+    let now = humantime::format_rfc3339_micros(SystemTime::now());
+    match format {
+        Format::Json => {
+            let _ = write!(
+                out,
+                "{{\"timestamp\":\"{now}\",\"level\":\"INFO\",\"target\":\"access\",\"method\":"
+            );
+            json_string(out, Some(line.method));
+            out.extend_from_slice(b",\"path\":");
+            json_string(out, Some(line.path));
+            let _ = write!(out, ",\"status\":{},\"route\":", line.status);
+            json_string(out, line.route);
+            out.extend_from_slice(b",\"subject\":");
+            json_string(out, line.subject);
+            out.extend_from_slice(b",\"source\":");
+            json_string(out, line.source);
+            out.extend_from_slice(b",\"auth\":");
+            json_string(out, line.auth);
+            out.extend_from_slice(b",\"validator\":");
+            json_string(out, line.validator);
+            let _ = write!(out, ",\"client\":\"{}\",\"duration_ms\":", line.client);
+            millis(out, Some(line.duration));
+            out.extend_from_slice(b",\"upstream_ms\":");
+            millis(out, line.upstream);
+            out.extend_from_slice(b"}\n");
+        }
+        Format::Text => {
+            let _ = write!(
+                out,
+                "{now}  INFO access: method={} path={} status={} route={} subject={} source={} \
+                 auth={} validator={} client={} duration_ms=",
+                line.method,
+                line.path.escape_debug(),
+                line.status,
+                line.route.unwrap_or("-"),
+                line.subject.unwrap_or("-").escape_debug(),
+                line.source.unwrap_or("-"),
+                line.auth.unwrap_or("-"),
+                line.validator.unwrap_or("-"),
+                line.client,
+            );
+            millis(out, Some(line.duration));
+            out.extend_from_slice(b" upstream_ms=");
+            millis(out, line.upstream);
+            out.push(b'\n');
+        }
+    }
+}
+
+/// A duration in milliseconds with microsecond precision (`0.249`), or `null`.
+fn millis(out: &mut Vec<u8>, d: Option<Duration>) {
+    match d {
+        Some(d) => {
+            let micros = d.as_micros();
+            let _ = write!(out, "{}.{:03}", micros / 1000, micros % 1000);
+        }
+        None => out.extend_from_slice(b"null"),
+    }
+}
+
+/// A JSON string (escaped), or `null`.
+fn json_string(out: &mut Vec<u8>, value: Option<&str>) {
+    let Some(value) = value else {
+        out.extend_from_slice(b"null");
+        return;
+    };
+    out.push(b'"');
+    for &b in value.as_bytes() {
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            0..=0x1f | 0x7f => {
+                let _ = write!(out, "\\u{b:04x}");
+            }
+            // UTF-8 passes through unchanged.
+            b => out.push(b),
+        }
+    }
+    out.push(b'"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line() -> Line<'static> {
+        Line {
+            method: "GET",
+            path: "/a\"b\n",
+            status: 200,
+            route: Some("/"),
+            subject: Some("al\\ice"),
+            source: None,
+            auth: Some("allowed"),
+            validator: Some("cache"),
+            client: IpAddr::from([127, 0, 0, 1]),
+            duration: Duration::from_micros(1249),
+            upstream: None,
+        }
+    }
+
+    #[test]
+    fn json_lines_parse_with_nulls_and_rounded_durations() {
+        let mut out = Vec::new();
+        format_line(&mut out, &line(), Format::Json);
+        assert_eq!(out.last(), Some(&b'\n'));
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["path"], "/a\"b\n");
+        assert_eq!(v["subject"], "al\\ice");
+        assert_eq!(v["source"], serde_json::Value::Null);
+        assert_eq!(v["upstream_ms"], serde_json::Value::Null);
+        assert_eq!(v["duration_ms"].as_f64(), Some(1.249));
+        assert_eq!(v["target"], "access");
+        assert!(v["timestamp"].as_str().unwrap().ends_with('Z'));
+    }
+
+    #[test]
+    fn text_lines_are_one_line() {
+        let mut out = Vec::new();
+        format_line(&mut out, &line(), Format::Text);
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(text.matches('\n').count(), 1, "{text}");
+        assert!(text.contains("status=200") && text.contains("duration_ms=1.249"));
+    }
+}
