@@ -284,7 +284,7 @@ async fn upkeep(gate: SharedGate) {
         tick.tick().await;
         crate::access_log::flush_thread();
         ticks = ticks.wrapping_add(1);
-        if ticks % UPSTREAM_SWEEP_TICKS == 0 {
+        if ticks.is_multiple_of(UPSTREAM_SWEEP_TICKS) {
             gate.load().sweep_idle_upstreams();
         }
     }
