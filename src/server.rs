@@ -106,6 +106,8 @@ fn gate_for_request(shared: &SharedGate) -> Arc<WorkerGate> {
 struct Limits {
     header_read: Duration,
     idle: Duration,
+    /// The watchdog's longest sleep: a quarter of the shorter limit, 50 ms to 2.5 s.
+    tick: Duration,
 }
 
 /// What every worker shares.
@@ -156,6 +158,8 @@ pub async fn serve(
         limits: Limits {
             header_read: server.header_read_timeout,
             idle: server.idle_timeout,
+            tick: (server.header_read_timeout.min(server.idle_timeout) / 4)
+                .clamp(Duration::from_millis(50), Duration::from_millis(2500)),
         },
         connections: Arc::clone(&connections),
         drain,
@@ -189,6 +193,7 @@ pub async fn serve(
             tick.tick().await;
             let gate = gate.load();
             gate.cache().purge_expired();
+            crate::validate::purge_principals();
             crate::telemetry::cache_entries(gate.cache().len());
         }
     });
@@ -396,6 +401,10 @@ async fn drive<I>(
         if close_by.is_some_and(|by| now >= by) {
             return;
         }
+        // Requests starting and ending, and heads beginning, do not wake the watchdog (that
+        // would cost every request a task wake-up); it looks again at least every tick, so a
+        // limit is enforced at most a tick late.
+        let wake = wake.min(now + shared.limits.tick);
         let wake = close_by.map_or(wake, |by| wake.min(by));
         tokio::select! {
             result = served.as_mut() => {
