@@ -20,14 +20,28 @@ use crate::validate::{lifetime, BackendError, Identity, Verdict};
 /// What waiters receive: the verdict, or that the backend could not be reached.
 type Outcome = Result<Verdict, BackendError>;
 
+/// One entry: 16 bytes beside its 32-byte key (a million entries are a lot of buckets).
 enum Slot {
-    Ready { verdict: Verdict, expires: Instant },
-    Pending(watch::Receiver<Option<Outcome>>),
+    Ready {
+        verdict: Verdict,
+        expires: Tick,
+    },
+    /// Boxed: waiting is rare and short, and the box keeps every entry small.
+    Pending(Box<watch::Receiver<Option<Outcome>>>),
 }
+
+/// Time as the cache keeps it: 100 ms steps since the cache was made, so an entry's expiry
+/// takes 4 bytes (13 years of range). Expiries are rounded down: an entry may end up to a step
+/// early, never late.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Tick(u32);
+
+const TICK_MS: u128 = 100;
 
 /// The validation cache (SPEC §2).
 pub struct Cache {
     map: DashMap<[u8; 32], Slot>,
+    epoch: Instant,
     /// Where validations run: the control runtime the cache was made on, so that store round
     /// trips and signature checks never stall a worker's other connections.
     control: Option<tokio::runtime::Handle>,
@@ -50,6 +64,7 @@ impl Cache {
     pub fn new(config: &CacheConfig) -> Arc<Cache> {
         Arc::new(Cache {
             map: DashMap::new(),
+            epoch: Instant::now(),
             control: tokio::runtime::Handle::try_current().ok(),
             ttl: config.ttl,
             negative_ttl: config.negative_ttl,
@@ -70,12 +85,12 @@ impl Cache {
     {
         let mut validate = Some(validate);
         loop {
-            let now = Instant::now();
+            let now = self.now();
             let waiting = match self.map.get(&key).as_deref() {
                 Some(Slot::Ready { verdict, expires }) if *expires > now => {
                     return (Ok(verdict.clone()), Provenance::Cache)
                 }
-                Some(Slot::Pending(rx)) => Some(rx.clone()),
+                Some(Slot::Pending(rx)) => Some((**rx).clone()),
                 _ => None,
             };
             let mut rx = match waiting {
@@ -113,7 +128,7 @@ impl Cache {
     fn claim(
         &self,
         key: [u8; 32],
-        now: Instant,
+        now: Tick,
     ) -> Option<(
         watch::Sender<Option<Outcome>>,
         watch::Receiver<Option<Outcome>>,
@@ -124,11 +139,11 @@ impl Cache {
         let (tx, rx) = watch::channel(None);
         match self.map.entry(key) {
             Entry::Vacant(v) => {
-                v.insert(Slot::Pending(rx.clone()));
+                v.insert(Slot::Pending(Box::new(rx.clone())));
             }
             Entry::Occupied(mut o) => match o.get() {
                 Slot::Ready { expires, .. } if *expires <= now => {
-                    o.insert(Slot::Pending(rx.clone()));
+                    o.insert(Slot::Pending(Box::new(rx.clone())));
                 }
                 _ => return None,
             },
@@ -163,7 +178,7 @@ impl Cache {
                 if life.is_zero() {
                     self.map.remove(&key);
                 } else {
-                    let expires = Instant::now() + life;
+                    let expires = self.after(life);
                     self.map.insert(
                         key,
                         Slot::Ready {
@@ -181,7 +196,7 @@ impl Cache {
 
     /// Drops expired entries; if the cache is still full, evicts an eighth of it (negative
     /// verdicts first) so a flood of random credentials costs amortised O(1) per insert.
-    fn make_room(&self, now: Instant) {
+    fn make_room(&self, now: Tick) {
         self.purge_expired_at(now);
         if self.map.len() < self.max_entries {
             return;
@@ -213,10 +228,23 @@ impl Cache {
 
     /// Drops expired entries (run periodically, off the request path).
     pub fn purge_expired(&self) {
-        self.purge_expired_at(Instant::now());
+        self.purge_expired_at(self.now());
     }
 
-    fn purge_expired_at(&self, now: Instant) {
+    fn now(&self) -> Tick {
+        self.tick_at(self.epoch.elapsed())
+    }
+
+    /// The tick `life` from now.
+    fn after(&self, life: Duration) -> Tick {
+        self.tick_at(self.epoch.elapsed().saturating_add(life))
+    }
+
+    fn tick_at(&self, since_epoch: Duration) -> Tick {
+        Tick(u32::try_from(since_epoch.as_millis() / TICK_MS).unwrap_or(u32::MAX))
+    }
+
+    fn purge_expired_at(&self, now: Tick) {
         self.map
             .retain(|_, slot| !matches!(slot, Slot::Ready { expires, .. } if *expires <= now));
     }

@@ -325,16 +325,13 @@ impl JwtValidator {
             .and_then(Value::as_f64)
             .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
             .map(|since| UNIX_EPOCH + since);
-        Some(Arc::new(Identity {
-            account: subject.clone(),
-            subject,
-            dn: None,
-            token_id: None,
-            validator: "jwt",
-            // `exp` is required and was checked; without a readable one, nothing is cached.
-            expires: expires.or(Some(SystemTime::now())),
-            usage: None,
-        }))
+        let mut identity = Identity::of(
+            crate::validate::principal(&subject, &subject, None),
+            crate::validate::ValidatedBy::Jwt,
+        );
+        // `exp` is required and was checked; without a readable one, nothing is cached.
+        identity.expires = expires.or(Some(SystemTime::now()));
+        Some(Arc::new(identity))
     }
 }
 

@@ -668,18 +668,11 @@ async fn client_caller(gate: &Gate, peer: &Peer) -> Result<Option<Arc<Identity>>
             tracing::warn!(error = %e, "token store unavailable");
             ProxyError::BackendUnavailable
         })?;
-    Ok(Some(Arc::new(Identity {
-        subject: dn.to_string(),
-        account: accounts
-            .into_iter()
-            .next()
-            .unwrap_or_else(|| dn.to_string()),
-        dn: Some(dn.to_string()),
-        token_id: None,
-        validator: "x509",
-        expires: None,
-        usage: None,
-    })))
+    let account = accounts.first().map_or(dn, String::as_str);
+    Ok(Some(Arc::new(Identity::of(
+        crate::validate::principal(dn, account, Some(dn)),
+        crate::validate::ValidatedBy::X509,
+    ))))
 }
 
 /// Cache, then validators: the identity behind a credential.
@@ -702,7 +695,7 @@ async fn authenticate(
         Ok(Verdict::Allowed(identity)) => {
             let by = match provenance {
                 Provenance::Cache => "cache",
-                Provenance::Validated => identity.validator,
+                Provenance::Validated => identity.validator.label(),
             };
             outcome.auth = Some((AuthResult::Allowed, by));
             Ok(identity)

@@ -129,7 +129,12 @@ impl Template {
             }
         }
         let value = if let [piece] = self.pieces.as_slice() {
-            HeaderValue::from_str(value_of(piece, values)?).ok()?
+            match (piece, values.identity) {
+                // Made once per principal: no allocation per request.
+                (Piece::Subject, Some(identity)) => identity.subject_value()?.clone(),
+                (Piece::Account, Some(identity)) => identity.account_value()?.clone(),
+                _ => HeaderValue::from_str(value_of(piece, values)?).ok()?,
+            }
         } else {
             let mut text = String::with_capacity(64);
             for piece in &self.pieces {
@@ -493,15 +498,10 @@ mod tests {
     use super::*;
 
     fn identity() -> Identity {
-        Identity {
-            subject: "alice".into(),
-            account: "ops".into(),
-            dn: None,
-            token_id: None,
-            validator: "static",
-            expires: None,
-            usage: None,
-        }
+        Identity::of(
+            crate::validate::principal("alice", "ops", None),
+            crate::validate::ValidatedBy::Static,
+        )
     }
 
     #[test]

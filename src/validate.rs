@@ -4,11 +4,12 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::{Method, Request, StatusCode};
+use dashmap::DashMap;
+use http::{HeaderValue, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Limited};
 
 use crate::config::{IntrospectConfig, StaticToken, ValidatorConfig};
@@ -18,23 +19,130 @@ use crate::jwt_validator::JwtValidator;
 use crate::store::{Store, TokenRecord};
 use crate::upstream::HttpClient;
 
-/// A verified identity.
-#[derive(Debug, Clone)]
-pub struct Identity {
+/// Who a credential belongs to. Interned ([`principal`]): the many credentials of one person
+/// share one, so a cached credential costs little more than its own expiry and id.
+#[derive(Debug)]
+pub struct Principal {
     /// Who the credential belongs to.
     pub subject: String,
     /// The account acted as.
     pub account: String,
     /// The certificate DN, when the credential came from a client certificate.
     pub dn: Option<String>,
+    /// `subject` and `account` as header values, made once (`{subject}` and `{account}` in an
+    /// identity header then cost no allocation per request); `None` when they cannot be one.
+    subject_value: Option<HeaderValue>,
+    account_value: Option<HeaderValue>,
+}
+
+impl Principal {
+    /// `subject` as a header value.
+    pub fn subject_value(&self) -> Option<&HeaderValue> {
+        self.subject_value.as_ref()
+    }
+
+    /// `account` as a header value.
+    pub fn account_value(&self) -> Option<&HeaderValue> {
+        self.account_value.as_ref()
+    }
+}
+
+type PrincipalKey = (String, String, Option<String>);
+
+/// Every principal in use, so that equal ones are one allocation.
+fn principals() -> &'static DashMap<PrincipalKey, Arc<Principal>> {
+    static PRINCIPALS: OnceLock<DashMap<PrincipalKey, Arc<Principal>>> = OnceLock::new();
+    PRINCIPALS.get_or_init(DashMap::new)
+}
+
+/// The principal for `subject`, `account` and `dn`: the same allocation for equal ones.
+pub fn principal(subject: &str, account: &str, dn: Option<&str>) -> Arc<Principal> {
+    let key = (
+        subject.to_string(),
+        account.to_string(),
+        dn.map(str::to_string),
+    );
+    if let Some(found) = principals().get(&key) {
+        return Arc::clone(&found);
+    }
+    let made = Arc::new(Principal {
+        subject_value: HeaderValue::from_str(subject).ok(),
+        account_value: HeaderValue::from_str(account).ok(),
+        subject: key.0.clone(),
+        account: key.1.clone(),
+        dn: key.2.clone(),
+    });
+    Arc::clone(principals().entry(key).or_insert(made).value())
+}
+
+/// Forgets principals no identity uses any more (with the cache's periodic sweep).
+pub fn purge_principals() {
+    principals().retain(|_, p| Arc::strong_count(p) > 1);
+}
+
+/// A verified identity: who, and what this credential says about itself.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// Who (shared by all of their credentials).
+    pub principal: Arc<Principal>,
     /// The id of a token tokengate issued.
-    pub token_id: Option<String>,
+    pub token_id: Option<Box<str>>,
     /// Which validator recognised it (`static`, `introspect`, ...).
-    pub validator: &'static str,
+    pub validator: ValidatedBy,
     /// When the credential itself expires; the cache entry never outlives it.
     pub expires: Option<SystemTime>,
     /// For tokens tokengate issued: when their last use was last written back.
     pub usage: Option<Arc<Usage>>,
+}
+
+/// Which validator recognised a credential (one byte in every cached identity).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValidatedBy {
+    /// A token tokengate issued, found in the store.
+    Store,
+    /// A `static` validator.
+    Static,
+    /// An `introspect` validator.
+    Introspect,
+    /// A `jwt` validator, or a JWT API key tokengate signed.
+    Jwt,
+    /// A verified client certificate.
+    X509,
+}
+
+impl ValidatedBy {
+    /// The name in logs and the `source` metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            ValidatedBy::Store => "store",
+            ValidatedBy::Static => "static",
+            ValidatedBy::Introspect => "introspect",
+            ValidatedBy::Jwt => "jwt",
+            ValidatedBy::X509 => "x509",
+        }
+    }
+}
+
+impl std::ops::Deref for Identity {
+    type Target = Principal;
+
+    fn deref(&self) -> &Principal {
+        &self.principal
+    }
+}
+
+impl Identity {
+    /// An identity with no expiry, id or usage of its own (static tokens, introspection,
+    /// client certificates).
+    pub fn of(principal: Arc<Principal>, validator: ValidatedBy) -> Identity {
+        Identity {
+            principal,
+            token_id: None,
+            validator,
+            expires: None,
+            usage: None,
+        }
+    }
 }
 
 /// Last-use bookkeeping of an issued token, shared by every request that uses it, so the
@@ -76,11 +184,9 @@ impl Identity {
         Identity {
             usage: Some(Arc::new(Usage::new(record.hash, record.last_used_ms))),
             expires: record.expires_ms.map(to_time),
-            subject: record.subject,
-            account: record.account,
-            dn: record.dn,
-            token_id: Some(record.id),
-            validator: "store",
+            principal: principal(&record.subject, &record.account, record.dn.as_deref()),
+            token_id: Some(record.id.into()),
+            validator: ValidatedBy::Store,
         }
     }
 }
@@ -182,13 +288,13 @@ impl Validators {
         // A `tg_` token is ours: only the store can vouch for it (its checksum was checked
         // before the cache).
         if crate::token::is_ours(token) {
-            return self.issued(key, "store").await;
+            return self.issued(key, ValidatedBy::Store).await;
         }
         // A JWT API key of ours: signature, algorithm, issuer and expiry first (a forged or
         // expired key never reaches the store), then the store says whether it was revoked.
         if let Some(jwt) = self.jwt.as_ref().filter(|k| k.recognises(token)) {
             return match jwt.verify(token) {
-                Some(_) => self.issued(key, "jwt").await,
+                Some(_) => self.issued(key, ValidatedBy::Jwt).await,
                 None => Ok(Verdict::Denied),
             };
         }
@@ -248,7 +354,7 @@ impl Validators {
     async fn issued(
         &self,
         key: &[u8; 32],
-        validator: &'static str,
+        validator: ValidatedBy,
     ) -> Result<Verdict, BackendError> {
         match self.store.find(key).await {
             Ok(Some(record)) => {
@@ -269,15 +375,8 @@ fn static_map(tokens: &[StaticToken]) -> HashMap<[u8; 32], Arc<Identity>> {
     tokens
         .iter()
         .map(|t| {
-            let identity = Identity {
-                subject: t.subject.clone(),
-                account: t.account.clone(),
-                dn: None,
-                token_id: None,
-                validator: "static",
-                expires: None,
-                usage: None,
-            };
+            let identity =
+                Identity::of(principal(&t.subject, &t.account, None), ValidatedBy::Static);
             (t.sha256, Arc::new(identity))
         })
         .collect()
@@ -360,16 +459,12 @@ impl Introspector {
             Some(s) => s,
             None => hex::encode(&key[..8]),
         };
-        let account = pick(&c.account)?.unwrap_or_else(|| subject.clone());
-        Ok(Some(Arc::new(Identity {
-            subject,
-            account,
-            dn: None,
-            token_id: None,
-            validator: "introspect",
-            expires: None,
-            usage: None,
-        })))
+        let account = pick(&c.account)?;
+        let account = account.as_deref().unwrap_or(&subject);
+        Ok(Some(Arc::new(Identity::of(
+            principal(&subject, account, None),
+            ValidatedBy::Introspect,
+        ))))
     }
 }
 
@@ -401,15 +496,7 @@ mod tests {
 
     #[test]
     fn lifetime_never_outlives_credential() {
-        let mut id = Identity {
-            subject: "a".into(),
-            account: "a".into(),
-            dn: None,
-            token_id: None,
-            validator: "static",
-            expires: None,
-            usage: None,
-        };
+        let mut id = Identity::of(principal("a", "a", None), ValidatedBy::Static);
         let hour = Duration::from_secs(3600);
         let ten = Duration::from_secs(10);
         assert_eq!(
