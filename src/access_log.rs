@@ -65,6 +65,28 @@ pub struct Line<'a> {
 
 thread_local! {
     static BUFFER: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(BUFFER_BYTES));
+    /// The current second, formatted (`2026-11-27T08:54:47`): formatted once a second.
+    static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+}
+
+/// Writes `now` as RFC 3339 UTC with microseconds (`2026-11-27T08:54:47.123456Z`).
+fn timestamp(out: &mut Vec<u8>, now: SystemTime) {
+    let since = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = since.as_secs();
+    SECOND.with(|second| {
+        let mut second = second.borrow_mut();
+        if second.0 != secs {
+            let whole = std::time::UNIX_EPOCH + Duration::from_secs(secs);
+            let text = humantime::format_rfc3339_seconds(whole).to_string();
+            // `…:47Z` without the `Z`: the fraction goes in between.
+            second.1 = text.trim_end_matches('Z').to_string();
+            second.0 = secs;
+        }
+        out.extend_from_slice(second.1.as_bytes());
+    });
+    let _ = write!(out, ".{:06}Z", since.subsec_micros());
 }
 
 /// Whether access lines are wanted (`RUST_LOG`).
@@ -141,13 +163,12 @@ fn writer() -> &'static SyncSender<Batch> {
 
 fn format_line(out: &mut Vec<u8>, line: &Line<'_>, format: Format) {
     // Writing into a Vec cannot fail: the results are ignored.
-    let now = humantime::format_rfc3339_micros(SystemTime::now());
+    let now = SystemTime::now();
     match format {
         Format::Json => {
-            let _ = write!(
-                out,
-                "{{\"timestamp\":\"{now}\",\"level\":\"INFO\",\"target\":\"access\",\"method\":"
-            );
+            out.extend_from_slice(b"{\"timestamp\":\"");
+            timestamp(out, now);
+            out.extend_from_slice(b"\",\"level\":\"INFO\",\"target\":\"access\",\"method\":");
             json_string(out, Some(line.method));
             out.extend_from_slice(b",\"path\":");
             json_string(out, Some(line.path));
@@ -168,9 +189,10 @@ fn format_line(out: &mut Vec<u8>, line: &Line<'_>, format: Format) {
             out.extend_from_slice(b"}\n");
         }
         Format::Text => {
+            timestamp(out, now);
             let _ = write!(
                 out,
-                "{now}  INFO access: method={} path={} status={} route={} subject={} source={} \
+                "  INFO access: method={} path={} status={} route={} subject={} source={} \
                  auth={} validator={} client={} duration_ms=",
                 line.method,
                 line.path.escape_debug(),
@@ -254,7 +276,12 @@ mod tests {
         assert_eq!(v["upstream_ms"], serde_json::Value::Null);
         assert_eq!(v["duration_ms"].as_f64(), Some(1.249));
         assert_eq!(v["target"], "access");
-        assert!(v["timestamp"].as_str().unwrap().ends_with('Z'));
+        let stamp = v["timestamp"].as_str().unwrap();
+        assert!(stamp.ends_with('Z') && stamp.contains('T'), "{stamp}");
+        assert_eq!(stamp.len(), "2026-11-27T08:54:47.123456Z".len(), "{stamp}");
+        let parsed = humantime::parse_rfc3339(stamp).unwrap();
+        let skew = SystemTime::now().duration_since(parsed).unwrap_or_default();
+        assert!(skew < Duration::from_secs(5), "{stamp}");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::{header, Method, Request, Response, StatusCode};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -85,6 +85,22 @@ pub struct Peer {
     pub tls: bool,
     /// The verified client certificate, when the client presented one.
     pub client: Option<Arc<ClientCert>>,
+    /// The client's address as a header value (`X-Forwarded-For`), made once per connection.
+    pub ip: HeaderValue,
+}
+
+impl Peer {
+    /// What the connection knows about a client at `addr`.
+    pub fn new(addr: SocketAddr, tls: bool, client: Option<Arc<ClientCert>>) -> Peer {
+        let ip = HeaderValue::try_from(addr.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Peer {
+            addr,
+            tls,
+            client,
+            ip,
+        }
+    }
 }
 
 /// The identity of a verified client certificate (or proxy chain): its end-entity DN, in both
@@ -503,7 +519,7 @@ async fn forward<'g>(
 
     // Rewrite.
     let forwarding = Forwarding {
-        client_ip: peer.addr.ip(),
+        client_ip: &peer.ip,
         tls: peer.tls,
         values: Values {
             token: token_for_upstream.as_deref(),
@@ -537,7 +553,11 @@ async fn forward<'g>(
     let upstream_start = Instant::now();
     let response = route
         .pool
-        .send(slot, Request::from_parts(parts, body), route.config.timeout)
+        .send(
+            slot,
+            Request::from_parts(parts, body),
+            upstream_start + route.config.timeout,
+        )
         .await;
     outcome.upstream = Some(upstream_start.elapsed());
     let mut response = response?;

@@ -2,8 +2,6 @@
 //! identity headers out, the upstream's own credential form and the verified identity in,
 //! hop-by-hop headers out (both ways), forwarding headers set.
 
-use std::net::IpAddr;
-
 use http::{header, request::Parts, HeaderMap, HeaderName, HeaderValue, Uri};
 
 use crate::config::{Config, RouteConfig};
@@ -158,6 +156,13 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
+/// Removes every header whose name `doomed` says, scanning the names once per removal.
+fn remove_where(headers: &mut HeaderMap, doomed: impl Fn(&HeaderName) -> bool) {
+    while let Some(name) = headers.keys().find(|name| doomed(name)).cloned() {
+        headers.remove(&name);
+    }
+}
+
 /// Removes hop-by-hop headers, and the headers the `Connection` header names. For an upgrade
 /// (`upgrade` is the protocol), `Connection: upgrade` and `Upgrade` are kept.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: Option<&HeaderValue>) {
@@ -174,10 +179,9 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: Option<&HeaderValue>)
             headers.remove(name);
         }
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
-    }
-    headers.remove(header::UPGRADE);
+    remove_where(headers, |name| {
+        name == header::UPGRADE || HOP_BY_HOP.contains(name)
+    });
     if let Some(protocol) = upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, protocol.clone());
@@ -262,20 +266,11 @@ impl Boundary {
     /// Removes everything a client may not send upstream: the boundary's headers, underscore
     /// names, and credential query parameters and cookies (other parameters and cookies kept).
     pub fn strip(&self, parts: &mut Parts) {
-        for name in &self.headers {
-            parts.headers.remove(name);
-        }
-        if !parts.headers.keys().all(|k| self.forwardable(k)) {
-            let named: Vec<HeaderName> = parts
-                .headers
-                .keys()
-                .filter(|k| !self.forwardable(k))
-                .cloned()
-                .collect();
-            for name in named {
-                parts.headers.remove(name);
-            }
-        }
+        // One pass over what the client sent (a handful of headers) rather than a hash lookup
+        // for every name the boundary knows.
+        remove_where(&mut parts.headers, |name| {
+            !self.forwardable(name) || self.headers.contains(name)
+        });
         for source in &self.parameters {
             match source {
                 Source::Query(name) => strip_query_parameter(parts, name),
@@ -394,8 +389,8 @@ static ALWAYS_REMOVED: [HeaderName; 5] = [
 
 /// Everything the upstream request needs besides the original request.
 pub struct Forwarding<'a> {
-    /// The client's address.
-    pub client_ip: IpAddr,
+    /// The client's address, as a header value.
+    pub client_ip: &'a HeaderValue,
     /// Whether the client spoke TLS to us.
     pub tls: bool,
     /// Placeholder values.
@@ -441,21 +436,29 @@ pub fn request(
     }
 
     // X-Forwarded-For appends, as nginx's $proxy_add_x_forwarded_for does.
-    let client_ip = fwd.client_ip.to_string();
-    // Several incoming lines form one list (RFC 9110 §5.3): keep every one, in order.
-    let mut xff = String::new();
-    for line in headers.get_all(&X_FORWARDED_FOR) {
-        if let Ok(text) = line.to_str() {
-            let text = text.trim();
-            if !text.is_empty() {
-                xff.push_str(text);
-                xff.push_str(", ");
+    match headers.entry(&X_FORWARDED_FOR) {
+        header::Entry::Vacant(vacant) => {
+            // The common case: the client's address, made once per connection.
+            vacant.insert(fwd.client_ip.clone());
+        }
+        header::Entry::Occupied(occupied) => {
+            // Several incoming lines form one list (RFC 9110 §5.3): keep every one, in order.
+            let mut xff = String::new();
+            for line in occupied.iter() {
+                if let Ok(text) = line.to_str() {
+                    let text = text.trim();
+                    if !text.is_empty() {
+                        xff.push_str(text);
+                        xff.push_str(", ");
+                    }
+                }
+            }
+            xff.push_str(fwd.client_ip.to_str().unwrap_or_default());
+            if let Ok(v) = HeaderValue::try_from(xff) {
+                let mut occupied = occupied;
+                occupied.insert(v);
             }
         }
-    }
-    xff.push_str(&client_ip);
-    if let Ok(v) = HeaderValue::try_from(xff) {
-        headers.insert(X_FORWARDED_FOR.clone(), v);
     }
     headers.insert(
         X_FORWARDED_PROTO.clone(),
@@ -597,7 +600,7 @@ sources = ["bearer", "x-auth-token", "auth-token", "rucio", "header:X-Api-Key", 
             .unwrap();
         let upstream_host = HeaderValue::from_static("127.0.0.1:1");
         let fwd = Forwarding {
-            client_ip: IpAddr::from([127, 0, 0, 1]),
+            client_ip: &HeaderValue::from_static("127.0.0.1"),
             tls: false,
             values: Values::default(),
             upstream_host: &upstream_host,

@@ -15,7 +15,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -308,11 +308,7 @@ async fn connection(
     // New handshakes use the certificate in force now.
     let acceptor = shared.gate.load().acceptor.clone();
     let Some(acceptor) = acceptor else {
-        let peer = Peer {
-            addr,
-            tls: false,
-            client: None,
-        };
+        let peer = Peer::new(addr, false, None);
         return drive(&shared, tcp, peer, state, first_deadline).await;
     };
     let handshake = crate::tls::handshake(&acceptor, tcp);
@@ -324,11 +320,7 @@ async fn connection(
                 .peer_certificates()
                 .and_then(ClientCert::of_chain)
                 .map(Arc::new);
-            let peer = Peer {
-                addr,
-                tls: true,
-                client,
-            };
+            let peer = Peer::new(addr, true, client);
             drive(&shared, stream, peer, state, first_deadline).await;
         }
         // A TCP probe that closed without a byte is not a failed handshake.
@@ -384,9 +376,10 @@ async fn drive<I>(
     // Set when the watchdog asked an idle connection to close: it gets one more header-read
     // period to do so, then it is dropped.
     let mut close_by: Option<Instant> = None;
+    let mut watch = Watch::new(first_deadline);
     loop {
         let now = Instant::now();
-        let (verdict, wake) = state.check(now, first_deadline, shared.limits);
+        let (verdict, wake) = watch.check(&state, now, shared.limits);
         match verdict {
             Verdict::Expired => {
                 tracing::debug!(client = %addr.ip(), "connection closed: too slow");
@@ -422,20 +415,41 @@ async fn drive<I>(
     }
 }
 
-/// What the watchdog knows of a connection. Shared by the connection task, its requests and
-/// its socket (which may outlive the task as an upgraded tunnel): the connection slot is given
-/// back when the last of them is gone.
+/// What a connection's requests and socket tell its watchdog. Shared by the connection task,
+/// its requests and its socket (which may outlive the task as an upgraded tunnel): the
+/// connection slot is given back when the last of them is gone. Only counters and flags: the
+/// request path reads no clock for the watchdog.
 struct ConnectionState {
     _permit: OwnedSemaphorePermit,
     /// Requests (HTTP/2 streams) whose response has not been sent completely.
     active: AtomicUsize,
-    /// When the connection last became idle, in ms since [`epoch`].
-    idle_since: AtomicU64,
-    /// When bytes arrived on an idle HTTP/1 connection (a request head begun); 0: none.
-    head_since: AtomicU64,
+    /// Requests begun and ended so far: a change means the connection was not idle.
+    events: AtomicU64,
+    /// Bytes arrived while no request was in progress: an HTTP/1 request head has begun.
+    head_begun: AtomicBool,
     /// A request has arrived.
     served: AtomicBool,
     http2: AtomicBool,
+}
+
+impl ConnectionState {
+    fn new(permit: OwnedSemaphorePermit) -> ConnectionState {
+        ConnectionState {
+            _permit: permit,
+            active: AtomicUsize::new(0),
+            events: AtomicU64::new(0),
+            head_begun: AtomicBool::new(false),
+            served: AtomicBool::new(false),
+            http2: AtomicBool::new(false),
+        }
+    }
+
+    /// Bytes arrived: on an idle connection, a request head has begun.
+    fn bytes_arrived(&self) {
+        if self.active.load(Ordering::Relaxed) == 0 && !self.head_begun.load(Ordering::Relaxed) {
+            self.head_begun.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
 enum Verdict {
@@ -444,68 +458,63 @@ enum Verdict {
     Expired,
 }
 
-impl ConnectionState {
-    fn new(permit: OwnedSemaphorePermit) -> ConnectionState {
-        ConnectionState {
-            _permit: permit,
-            active: AtomicUsize::new(0),
-            idle_since: AtomicU64::new(now_ms()),
-            head_since: AtomicU64::new(0),
-            served: AtomicBool::new(false),
-            http2: AtomicBool::new(false),
-        }
-    }
+/// The watchdog's own clock-keeping for one connection: when it saw the connection go idle and
+/// a head begin. Activity is noticed at the watchdog's next look (at most a tick late), so the
+/// limits are enforced at most a tick late, never early.
+struct Watch {
+    first_deadline: Instant,
+    idle_since: Instant,
+    seen_events: u64,
+    head_since: Option<Instant>,
+}
 
-    /// Bytes arrived: on an idle HTTP/1 connection, a request head has begun.
-    fn bytes_arrived(&self) {
-        if self.active.load(Ordering::Relaxed) == 0 && self.head_since.load(Ordering::Relaxed) == 0
-        {
-            self.head_since.store(now_ms().max(1), Ordering::Relaxed);
+impl Watch {
+    fn new(first_deadline: Instant) -> Watch {
+        Watch {
+            first_deadline,
+            idle_since: Instant::now(),
+            seen_events: 0,
+            head_since: None,
         }
     }
 
     /// Whether the connection broke a limit, is idle, or is fine; and when to look again.
-    fn check(&self, now: Instant, first_deadline: Instant, limits: Limits) -> (Verdict, Instant) {
-        if !self.served.load(Ordering::Relaxed) {
-            if now >= first_deadline {
+    fn check(
+        &mut self,
+        state: &ConnectionState,
+        now: Instant,
+        limits: Limits,
+    ) -> (Verdict, Instant) {
+        if !state.served.load(Ordering::Relaxed) {
+            if now >= self.first_deadline {
                 return (Verdict::Expired, now);
             }
-            return (Verdict::Fine, first_deadline);
+            return (Verdict::Fine, self.first_deadline);
         }
-        if self.active.load(Ordering::Relaxed) > 0 {
+        let events = state.events.load(Ordering::Relaxed);
+        if events != self.seen_events {
+            self.seen_events = events;
+            self.idle_since = now;
+            self.head_since = None;
+        }
+        if state.active.load(Ordering::Relaxed) > 0 {
             return (Verdict::Fine, now + limits.idle);
         }
-        let now_ms = now_ms();
-        let at = |ms: u64| now + Duration::from_millis(ms.saturating_sub(now_ms));
-        let idle_ms = millis(limits.idle);
-        let mut wake = at(self.idle_since.load(Ordering::Relaxed) + idle_ms);
-        if !self.http2.load(Ordering::Relaxed) {
-            let head = self.head_since.load(Ordering::Relaxed);
-            if head != 0 {
-                let head_deadline = head + millis(limits.header_read);
-                if now_ms >= head_deadline {
-                    return (Verdict::Expired, now);
-                }
-                // A head is on its way: the header-read limit applies, not the idle one.
-                return (Verdict::Fine, at(head_deadline));
+        if !state.http2.load(Ordering::Relaxed) && state.head_begun.load(Ordering::Relaxed) {
+            // A head is on its way: the header-read limit applies, not the idle one.
+            let since = *self.head_since.get_or_insert(now);
+            let deadline = since + limits.header_read;
+            if now >= deadline {
+                return (Verdict::Expired, now);
             }
+            return (Verdict::Fine, deadline);
         }
-        if now_ms >= self.idle_since.load(Ordering::Relaxed) + idle_ms {
+        let idle_deadline = self.idle_since + limits.idle;
+        if now >= idle_deadline {
             return (Verdict::Idle, now);
         }
-        wake = wake.max(now + Duration::from_millis(1));
-        (Verdict::Fine, wake)
+        (Verdict::Fine, idle_deadline)
     }
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX / 2)
-}
-
-/// A coarse monotonic clock: ms since the first call.
-fn now_ms() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    millis(EPOCH.get_or_init(Instant::now).elapsed())
 }
 
 /// A request in progress on a connection; when dropped (the response sent, or the request
@@ -515,7 +524,8 @@ struct InFlight(Arc<ConnectionState>);
 impl InFlight {
     fn begin(state: &Arc<ConnectionState>, version: Version) -> InFlight {
         state.active.fetch_add(1, Ordering::Relaxed);
-        state.head_since.store(0, Ordering::Relaxed);
+        state.events.fetch_add(1, Ordering::Relaxed);
+        state.head_begun.store(false, Ordering::Relaxed);
         state.served.store(true, Ordering::Relaxed);
         if version == Version::HTTP_2 {
             state.http2.store(true, Ordering::Relaxed);
@@ -526,7 +536,7 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.idle_since.store(now_ms(), Ordering::Relaxed);
+        self.0.events.fetch_add(1, Ordering::Relaxed);
         self.0.active.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -122,14 +122,14 @@ impl Pool {
         Ok(Slot(Arc::clone(self)))
     }
 
-    /// Sends `request` (origin-form URI, `Host` set) in `slot`, waiting at most `timeout` for
-    /// the response head. The response body gives the connection back to the pool when it
-    /// ends.
+    /// Sends `request` (origin-form URI, `Host` set) in `slot`, waiting until `deadline` at
+    /// most for the response head. The response body gives the connection back to the pool
+    /// when it ends.
     pub async fn send(
         &self,
         slot: Slot,
         request: Request<Body>,
-        timeout: Duration,
+        deadline: Instant,
     ) -> Result<Response<PooledBody>, ProxyError> {
         let exchange = async {
             let mut request = request;
@@ -160,7 +160,7 @@ impl Pool {
                 }
             }
         };
-        match tokio::time::timeout(timeout, exchange).await {
+        match tokio::time::timeout_at(deadline, exchange).await {
             Err(_) => Err(ProxyError::UpstreamTimeout),
             Ok(Err(SendError::Hyper(e))) => Err(super::classify(&e)),
             Ok(Err(SendError::Closed)) => {
