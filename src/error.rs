@@ -4,12 +4,10 @@
 //! [`ProxyError::into_response`] is the only place that decides status codes and bodies, so the
 //! SPEC §4 table lives here and is locked by a unit test.
 
+pub use crate::body::{full, Body};
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
-use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
 
-/// The body type every response of tokengate carries (ours, or the upstream's streamed through).
-pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 /// A boxed error, as body streams carry them.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -152,13 +150,6 @@ pub fn json_response(status: StatusCode, body: Bytes) -> Response<Body> {
         HeaderValue::from_static("application/json"),
     );
     response
-}
-
-/// A complete in-memory body, boxed like a streamed one.
-pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into())
-        .map_err(|never| match never {})
-        .boxed_unsync()
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod audit;
+pub mod body;
 pub mod cache;
 pub mod config;
 pub mod credential;

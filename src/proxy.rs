@@ -8,7 +8,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::Limited;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
@@ -24,7 +24,7 @@ use crate::cache::{Cache, Provenance};
 use crate::config::{AuthMode, Config, RouteConfig};
 use crate::credential::{self, Source};
 use crate::endpoints::{self, Endpoint, TokenService};
-use crate::error::{Body, BoxError, ProxyError};
+use crate::error::{Body, ProxyError};
 use crate::rewrite::{self, Boundary, Forwarding, Values};
 use crate::rucio::{self, RucioEndpoint};
 use crate::store::{self, Store};
@@ -545,10 +545,10 @@ async fn forward<'g>(
     // body is the client's fault (400 / 408), not the upstream's.
     let slot = route.pool.claim()?;
     let body = ClientBody::new(body, gate.config.server.body_read_timeout);
-    let body: Body = if max_body > 0 {
-        Limited::new(body, max_body as usize).boxed_unsync()
+    let body = if max_body > 0 {
+        Body::Limited(Limited::new(body, max_body as usize))
     } else {
-        body.boxed_unsync()
+        Body::Client(body)
     };
     let upstream_start = Instant::now();
     let response = route
@@ -586,7 +586,7 @@ async fn forward<'g>(
     } else {
         rewrite::remove_hop_by_hop(response.headers_mut(), None);
     }
-    Ok(response.map(|b| b.map_err(BoxError::from).boxed_unsync()))
+    Ok(response.map(Body::Upstream))
 }
 
 /// Who sent a request, with what credential, found where.
