@@ -490,8 +490,14 @@ async fn forward<'g>(
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
     let (mut parts, body) = request.into_parts();
 
-    // Extract and validate.
-    let mut token_for_upstream = None;
+    // Extract and validate. The upstream's credential form is rendered here, while the
+    // credential is still borrowed from the request: no copy of it is made to outlive it.
+    let client_dn = peer
+        .client
+        .as_deref()
+        .map(|c| c.dn(gate.config.x509.dn_format));
+    let mut token_for_identity = None;
+    let mut upstream_credential = None;
     let identity = if route.config.auth == AuthMode::None {
         None
     } else {
@@ -504,13 +510,22 @@ async fn forward<'g>(
             Some(Caller {
                 identity, token, ..
             }) => {
-                let needs_token = route
+                if let Some((_, template)) = &route.config.upstream_auth {
+                    upstream_credential = template.render(&Values {
+                        token: Some(&token),
+                        identity: Some(&identity),
+                        source: outcome.source,
+                        client_dn,
+                    });
+                }
+                // Rare: an identity header made from the credential itself.
+                if route
                     .config
-                    .upstream_auth
-                    .as_ref()
-                    .is_some_and(|(_, t)| t.uses_token());
-                if needs_token {
-                    token_for_upstream = Some(token.into_owned());
+                    .identity_headers
+                    .iter()
+                    .any(|(_, t)| t.uses_token())
+                {
+                    token_for_identity = Some(token.into_owned());
                 }
                 Some(identity)
             }
@@ -522,21 +537,19 @@ async fn forward<'g>(
         client_ip: &peer.ip,
         tls: peer.tls,
         values: Values {
-            token: token_for_upstream.as_deref(),
+            token: token_for_identity.as_deref(),
             identity: identity.as_deref(),
             source: outcome.source,
-            client_dn: peer
-                .client
-                .as_deref()
-                .map(|c| c.dn(gate.config.x509.dn_format)),
+            client_dn,
         },
+        upstream_credential,
         upstream_host: route.pool.host(),
     };
     rewrite::request(
         &mut parts,
         &route.config,
         &gate.boundary,
-        &forwarding,
+        forwarding,
         upgrade.as_ref(),
     );
     outcome.identity = identity;

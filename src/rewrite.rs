@@ -395,6 +395,9 @@ pub struct Forwarding<'a> {
     pub tls: bool,
     /// Placeholder values.
     pub values: Values<'a>,
+    /// The route's `upstream_auth` value when it was rendered already (with the credential);
+    /// `None`: rendered here from `values`.
+    pub upstream_credential: Option<HeaderValue>,
     /// The upstream's `host:port`: `Host` when the client's is not kept (or there is none).
     pub upstream_host: &'a HeaderValue,
 }
@@ -408,7 +411,7 @@ pub fn request(
     parts: &mut Parts,
     route: &RouteConfig,
     boundary: &Boundary,
-    fwd: &Forwarding<'_>,
+    fwd: Forwarding<'_>,
     upgrade: Option<&HeaderValue>,
 ) {
     remove_hop_by_hop(&mut parts.headers, upgrade);
@@ -430,7 +433,11 @@ pub fn request(
         }
     }
     if let Some((name, template)) = &route.upstream_auth {
-        if let Some(value) = template.render(&fwd.values) {
+        let value = match fwd.upstream_credential {
+            Some(rendered) => Some(rendered),
+            None => template.render(&fwd.values),
+        };
+        if let Some(value) = value {
             headers.insert(name.clone(), value);
         }
     }
@@ -603,9 +610,10 @@ sources = ["bearer", "x-auth-token", "auth-token", "rucio", "header:X-Api-Key", 
             client_ip: &HeaderValue::from_static("127.0.0.1"),
             tls: false,
             values: Values::default(),
+            upstream_credential: None,
             upstream_host: &upstream_host,
         };
-        request(&mut parts, route, &Boundary::new(config), &fwd, None);
+        request(&mut parts, route, &Boundary::new(config), fwd, None);
         parts
     }
 
