@@ -844,6 +844,8 @@ async fn max_inflight_gives_503_at_once() {
 async fn http2_fan_out_is_bounded_and_other_routes_stay_fast() {
     const CONNECTIONS: usize = 10;
     const PER_CONNECTION: usize = 200;
+    /// HTTP/1.1 clients in the same flood, one request each on its own connection.
+    const H1_CLIENTS: usize = 40;
     let slow_up = Upstream::start();
     let fast_up = Upstream::start();
     let port = free_port();
@@ -882,6 +884,16 @@ async fn http2_fan_out_is_bounded_and_other_routes_stay_fast() {
                     .flatten()
             }));
         }
+    }
+
+    for _ in 0..H1_CLIENTS {
+        requests.push(tokio::spawn(async move {
+            let mut stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+            stream.write_all(&get_request("/slow?ms=4000")).await.ok()?;
+            let resp = read_response(&mut stream, Duration::from_secs(12)).await?;
+            let retry_after = resp.header("retry-after");
+            Some((resp.status, retry_after, Bytes::from(resp.body)))
+        }));
     }
 
     // While the slow ones are in flight: the fast route, and the gate's descriptors.
@@ -924,7 +936,8 @@ async fn http2_fan_out_is_bounded_and_other_routes_stay_fast() {
     let total_time = started.elapsed();
     let max_fds = fds.iter().copied().max().unwrap_or(0);
     println!(
-        "HTTP/2 fan-out: {CONNECTIONS} connections x {PER_CONNECTION} requests → {ok} x 200, \
+        "HTTP/2 fan-out: {CONNECTIONS} connections x {PER_CONNECTION} requests + {H1_CLIENTS} \
+         HTTP/1.1 clients → {ok} x 200, \
          {busy} x 503, {} other ({:?}) in {} ms; upstream saw {in_flight_upstream} while in flight",
         other.len(),
         other.iter().take(5).collect::<Vec<_>>(),
@@ -937,7 +950,7 @@ async fn http2_fan_out_is_bounded_and_other_routes_stay_fast() {
         other.is_empty(),
         "requests failed or got other statuses: {other:?}"
     );
-    assert_eq!(ok + busy, CONNECTIONS * PER_CONNECTION);
+    assert_eq!(ok + busy, CONNECTIONS * PER_CONNECTION + H1_CLIENTS);
     assert!(ok >= 1, "no request was served");
     assert!(busy >= 1, "max_inflight = 32 never answered 503");
     assert!(
@@ -945,7 +958,7 @@ async fn http2_fan_out_is_bounded_and_other_routes_stay_fast() {
         "the upstream had {in_flight_upstream} requests while max_inflight = 32"
     );
     // client connections + max_inflight + max_idle_connections + a small constant
-    let bound = CONNECTIONS + 32 + 8 + 40;
+    let bound = CONNECTIONS + H1_CLIENTS + 32 + 8 + 40;
     assert!(
         max_fds <= bound,
         "the gate held {max_fds} descriptors (bound {bound}); samples {fds:?}"
