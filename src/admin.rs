@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
@@ -47,9 +47,33 @@ pub struct AdminState {
     pub metrics: Option<PrometheusHandle>,
 }
 
-/// Serves the admin endpoints on `listener` until the task is dropped.
+/// Connections the admin listener serves at once (scrapers, probes, operators); more wait in
+/// the accept backlog.
+const ADMIN_CONNECTIONS: usize = 64;
+/// The longest an admin connection is kept (scrapers and probes reconnect).
+const ADMIN_CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Serves the admin endpoints on `listener` until the task is dropped. Bounded like the main
+/// listener: a connection limit, and a request head (also the next one on a keep-alive
+/// connection) within `header_read_timeout`.
 pub async fn serve(listener: TcpListener, state: AdminState) {
+    let limit = Arc::new(tokio::sync::Semaphore::new(ADMIN_CONNECTIONS));
+    let header_read_timeout = state.gate.load().config.server.header_read_timeout;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(header_read_timeout)
+        .max_concurrent_streams(16);
+    let builder = Arc::new(builder);
     loop {
+        let Ok(permit) = Arc::clone(&limit).acquire_owned().await else {
+            return;
+        };
         let (tcp, client) = match listener.accept().await {
             Ok(pair) => pair,
             Err(e) => {
@@ -59,14 +83,22 @@ pub async fn serve(listener: TcpListener, state: AdminState) {
             }
         };
         let state = state.clone();
+        let builder = Arc::clone(&builder);
         tokio::spawn(async move {
+            let _permit = permit;
+            // A client that says nothing is not waited for (the HTTP/1 head timer starts only
+            // once a protocol is known).
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(header_read_timeout, tcp.peek(&mut first)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return,
+            }
             let service = service_fn(move |request| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(handle(&state, request, client.ip()).await) }
             });
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tcp), service)
-                .await;
+            let connection = builder.serve_connection(TokioIo::new(tcp), service);
+            let _ = tokio::time::timeout(ADMIN_CONNECTION_LIFETIME, connection).await;
         });
     }
 }
@@ -128,6 +160,7 @@ async fn tokens(
     client: std::net::IpAddr,
 ) -> Response<Body> {
     let gate = state.gate.load_full();
+    let body_timeout = gate.config.server.body_read_timeout;
     let Some(expected) = gate.config.admin.as_ref().and_then(|a| a.token.as_ref()) else {
         return json_response(
             StatusCode::NOT_FOUND,
@@ -167,17 +200,19 @@ async fn tokens(
             .map(|v| v.into_owned())
     });
     match (method, path.strip_prefix("/tokens/")) {
-        (Method::POST, None) => match read_create_request(request.into_body()).await {
-            Ok(create) => match create.user.clone() {
-                Some(user) if !user.is_empty() => {
-                    service
-                        .create(&user, create.account.as_deref(), &create)
-                        .await
-                }
-                _ => bad_request("user is required"),
-            },
-            Err(message) => bad_request(&message),
-        },
+        (Method::POST, None) => {
+            match read_create_request(request.into_body(), body_timeout).await {
+                Ok(create) => match create.user.clone() {
+                    Some(user) if !user.is_empty() => {
+                        service
+                            .create(&user, create.account.as_deref(), &create)
+                            .await
+                    }
+                    _ => bad_request("user is required"),
+                },
+                Err(bad) => bad.into_response(),
+            }
+        }
         (Method::GET, None) => service.list(user.as_deref()).await,
         (Method::DELETE, Some(id)) if !id.is_empty() => service.revoke(id, None).await,
         _ => status_json(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),

@@ -104,22 +104,53 @@ pub struct CreateRequest {
     pub account: Option<String>,
 }
 
+/// Why a create request was not read.
+#[derive(Debug)]
+pub enum BadCreate {
+    /// The body did not arrive within the time allowed (408).
+    Timeout,
+    /// It is not a create request (400 with this message).
+    Invalid(String),
+}
+
+impl BadCreate {
+    /// The response.
+    pub fn into_response(self) -> Response<Body> {
+        match self {
+            BadCreate::Timeout => ProxyError::RequestTimeout.into_response(),
+            BadCreate::Invalid(message) => bad_request(&message),
+        }
+    }
+}
+
+impl From<String> for BadCreate {
+    fn from(message: String) -> Self {
+        BadCreate::Invalid(message)
+    }
+}
+
 /// Reads a JSON create request (`{"name":..,"ttl":..}`, both optional; `ttl` a duration string
-/// or seconds). An empty body is an empty request.
-pub async fn read_create_request<B>(body: B) -> Result<CreateRequest, String>
+/// or seconds) that must arrive whole within `within`. An empty body is an empty request.
+pub async fn read_create_request<B>(body: B, within: Duration) -> Result<CreateRequest, BadCreate>
 where
     B: hyper::body::Body<Data = Bytes>,
     B::Error: std::error::Error + Send + Sync + 'static,
 {
-    let bytes = Limited::new(body, MAX_REQUEST_BODY)
-        .collect()
+    let collected = tokio::time::timeout(within, Limited::new(body, MAX_REQUEST_BODY).collect())
         .await
-        .map_err(|_| "request body is too large or unreadable".to_string())?
+        .map_err(|_| BadCreate::Timeout)?;
+    let bytes = collected
+        .map_err(|_| BadCreate::Invalid("request body is too large or unreadable".to_string()))?
         .to_bytes();
+    Ok(parse_create_request(&bytes)?)
+}
+
+/// Parses a JSON create request.
+fn parse_create_request(bytes: &[u8]) -> Result<CreateRequest, String> {
     let value: Value = if bytes.iter().all(u8::is_ascii_whitespace) {
         json!({})
     } else {
-        serde_json::from_slice(&bytes).map_err(|e| format!("body is not JSON: {e}"))?
+        serde_json::from_slice(bytes).map_err(|e| format!("body is not JSON: {e}"))?
     };
     let Value::Object(map) = value else {
         return Err("body must be a JSON object".to_string());
@@ -287,10 +318,11 @@ pub async fn serve(
     caller: &crate::validate::Identity,
     presented: &str,
     body: hyper::body::Incoming,
+    body_timeout: Duration,
 ) -> Result<Response<Body>, ProxyError> {
     let subject = caller.subject.as_str();
     let response = match (endpoint, method) {
-        (Endpoint::Tokens, &Method::POST) => match read_create_request(body).await {
+        (Endpoint::Tokens, &Method::POST) => match read_create_request(body, body_timeout).await {
             Ok(request) if request.user.is_some() || request.account.is_some() => {
                 let _ = request;
                 bad_request("user and account can only be set through the admin API")
@@ -300,7 +332,7 @@ pub async fn serve(
                     .create(subject, Some(&caller.account), &request)
                     .await
             }
-            Err(message) => bad_request(&message),
+            Err(bad) => bad.into_response(),
         },
         (Endpoint::Tokens, &Method::GET) => service.list(Some(subject)).await,
         (Endpoint::Token(id), &Method::DELETE) => service.revoke(id, Some(subject)).await,

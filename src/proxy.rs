@@ -414,7 +414,16 @@ async fn serve_endpoint<'g>(
         same_origin_only(peer, &parts, &endpoint)?;
     }
     let service = service(Actor::Subject(&caller.subject));
-    endpoints::serve(&service, &endpoint, &parts.method, &caller, &token, body).await
+    endpoints::serve(
+        &service,
+        &endpoint,
+        &parts.method,
+        &caller,
+        &token,
+        body,
+        gate.config.server.body_read_timeout,
+    )
+    .await
 }
 
 /// A browser sends its cookie with requests that other sites make: a cookie-authenticated call

@@ -736,6 +736,66 @@ async fn http2_idle_connection_gets_goaway() {
 // body_read_timeout
 // ---------------------------------------------------------------------------------------------
 
+/// A token request whose body stalls is not waited for forever either: 408, not a connection
+/// held open by a slow POST to tokengate's own endpoint.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_token_request_body_is_408() {
+    let up = Upstream::start();
+    let port = free_port();
+    let _gate = Gate::start(&config(
+        port,
+        "body_read_timeout = \"1s\"",
+        &open_route("/", up.port, ""),
+    ));
+    let mut tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let head = format!(
+        "POST /_tokengate/tokens HTTP/1.1\r\nHost: gate\r\nauth-token: {TOKEN}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"name\":"
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let resp = read_response(&mut tcp, Duration::from_secs(6))
+        .await
+        .expect("no response within 6 s to a stalled token request");
+    let took = started.elapsed();
+    println!(
+        "stalled token request: {} after {} ms",
+        resp.status,
+        ms(took)
+    );
+    assert_eq!(resp.status, 408, "{resp:?}");
+    assert!(
+        (Duration::from_millis(700)..Duration::from_millis(2500)).contains(&took),
+        "408 after {took:?} (body_read_timeout = 1s)"
+    );
+}
+
+/// The admin listener is bounded too: a client that connects and says nothing is let go after
+/// `header_read_timeout`.
+#[tokio::test(flavor = "multi_thread")]
+async fn silent_admin_sockets_are_closed() {
+    let up = Upstream::start();
+    let port = free_port();
+    let admin = free_port();
+    let _gate = Gate::start(&format!(
+        "{}\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n",
+        config(
+            port,
+            "header_read_timeout = \"1s\"",
+            &open_route("/", up.port, "")
+        )
+    ));
+    wait_port(admin);
+    let mut silent = TcpStream::connect(("127.0.0.1", admin)).await.unwrap();
+    let closed = closed_within(&mut silent, Duration::from_secs(4)).await;
+    println!("silent admin socket closed after {closed:?}");
+    let closed = closed.expect("a silent admin socket was kept open for 4 s");
+    assert!(closed < Duration::from_millis(2500), "{closed:?}");
+    // And the admin listener still answers.
+    let health = get(&format!("http://127.0.0.1:{admin}/healthz"), &[]).await;
+    assert_eq!(health.status, 200);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn stalled_request_body_is_408_and_the_upstream_request_aborted() {
     let up = RawUpstream::start().await;
