@@ -251,7 +251,13 @@ impl Validator {
 struct Introspector {
     config: IntrospectConfig,
     client: HttpClient,
+    /// Calls in flight at once (each holds a connection): a flood of distinct credentials
+    /// waits here, within the validator's timeout, instead of opening a socket each.
+    calls: tokio::sync::Semaphore,
 }
+
+/// Concurrent calls of one introspection validator.
+pub const INTROSPECT_CONCURRENCY: usize = 32;
 
 /// The most of an introspection response that is read.
 const INTROSPECT_BODY_LIMIT: usize = 64 * 1024;
@@ -273,6 +279,7 @@ impl Validators {
                     Validator::Introspect(Box::new(Introspector {
                         config: config.clone(),
                         client: client.clone(),
+                        calls: tokio::sync::Semaphore::new(INTROSPECT_CONCURRENCY),
                     }))
                 }
                 ValidatorConfig::Jwt(config) => {
@@ -406,6 +413,12 @@ impl Introspector {
             .body(full(Bytes::new()))
             .map_err(|e| BackendError(format!("introspection request: {e}")))?;
         let call = async {
+            // Within the same timeout: waiting for a free call slot counts against it.
+            let _slot = self
+                .calls
+                .acquire()
+                .await
+                .map_err(|_| BackendError("introspection validator closed".into()))?;
             let response = self
                 .client
                 .request(request)

@@ -1438,3 +1438,64 @@ async fn drain_with_several_workers() {
     );
     assert!(signalled.elapsed() < Duration::from_secs(5));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Validators
+// ---------------------------------------------------------------------------------------------
+
+/// A flood of distinct credentials does not open a socket per credential to the introspection
+/// endpoint: at most `INTROSPECT_CONCURRENCY` (32) calls are in flight; the rest wait within
+/// the validator's timeout, and every credential still gets its answer.
+#[tokio::test(flavor = "multi_thread")]
+async fn introspection_calls_are_capped() {
+    const CREDENTIALS: usize = 100;
+    let up = Upstream::start();
+    up.set_whoami_delay(1000);
+    let port = free_port();
+    let gate = Gate::start(&format!(
+        r#"[server]
+listen = "127.0.0.1:{port}"
+max_connections = 500
+
+[store]
+backend = "memory"
+
+{validator}
+{route}"#,
+        validator = introspect_validator(up.port, "10s"),
+        route = catch_all_route(up.port, ""),
+    ));
+    let pid = gate.pid();
+    let baseline = fd_count(pid);
+    let mut requests = Vec::new();
+    for i in 0..CREDENTIALS {
+        let url = gate.url("/x");
+        requests.push(tokio::spawn(async move {
+            let token = format!("legacy-secret-user{i}");
+            get(&url, &[("auth-token", token.as_str())]).await.status
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let early_calls = up.whoami_calls();
+    let fds = fd_count(pid);
+    let mut statuses = Vec::new();
+    for r in requests {
+        statuses.push(r.await.expect("request task"));
+    }
+    println!(
+        "introspection flood: {early_calls} calls in flight after 500 ms, {} in all; \
+         gate fds {baseline} -> {fds}",
+        up.whoami_calls()
+    );
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert!(
+        early_calls <= 32,
+        "{early_calls} introspection calls at once (cap 32)"
+    );
+    assert_eq!(up.whoami_calls(), CREDENTIALS, "one call per credential");
+    // client connections + 32 validator connections + a constant
+    assert!(
+        fds <= baseline + CREDENTIALS + 32 + 10,
+        "{fds} descriptors (baseline {baseline})"
+    );
+}
