@@ -280,14 +280,17 @@ async fn accept(listener: TcpListener, shared: &Arc<Shared>) {
     }
 }
 
-/// A worker's periodic chores: hand buffered access lines to the writer (every second), and
-/// close upstream connections idle past their time.
+/// A worker's periodic chores: hand buffered access lines to the writer and drop a replaced
+/// gate (every second), and close upstream connections idle past their time.
 async fn upkeep(gate: SharedGate) {
     let mut tick = tokio::time::interval(crate::access_log::FLUSH_INTERVAL);
     let mut ticks: u32 = 0;
     loop {
         tick.tick().await;
         crate::access_log::flush_thread();
+        // Let go of a gate a reload replaced, even on a worker no request has reached since:
+        // it holds its routes' upstream pools and their idle connections.
+        drop(gate_for_request(&gate));
         ticks = ticks.wrapping_add(1);
         if ticks.is_multiple_of(UPSTREAM_SWEEP_TICKS) {
             gate.load().sweep_idle_upstreams();
