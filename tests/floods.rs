@@ -1499,3 +1499,40 @@ backend = "memory"
         "{fds} descriptors (baseline {baseline})"
     );
 }
+
+/// A reload that replaces a route lets go of the old upstream's idle connections within a few
+/// seconds, even on workers no request reaches afterwards.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_closes_the_replaced_upstreams_idle_connections() {
+    let old = RawUpstream::start().await;
+    let new = RawUpstream::start().await;
+    let port = free_port();
+    let gate = Gate::start(&config(port, "workers = 2", &open_route("/", old.port, "")));
+    let mut tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    tcp.write_all(&get_request("/before")).await.unwrap();
+    let resp = read_response(&mut tcp, Duration::from_secs(5)).await;
+    assert_eq!(resp.map(|r| r.status), Some(200));
+    drop(tcp);
+    assert_eq!(old.open(), 1, "the old upstream's pooled connection");
+
+    std::fs::write(
+        &gate.config_path,
+        config(port, "workers = 2", &open_route("/", new.port, "")),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while old.open() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        old.open(),
+        0,
+        "the replaced upstream still has a pooled connection; log:\n{}",
+        gate.log()
+    );
+    let mut tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    tcp.write_all(&get_request("/after")).await.unwrap();
+    let resp = read_response(&mut tcp, Duration::from_secs(5)).await;
+    assert_eq!(resp.map(|r| r.status), Some(200));
+    assert_eq!(new.requests(), 1, "the new route serves");
+}
