@@ -204,6 +204,7 @@ struct RawValidator {
     subject: Option<Spanned<String>>,
     account: Option<Spanned<String>>,
     timeout: Option<Spanned<String>>,
+    max_concurrent: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -539,8 +540,10 @@ pub struct IntrospectConfig {
     pub subject: Option<String>,
     /// Where the account comes from: a JSON pointer; the subject when not given.
     pub account: Option<String>,
-    /// How long one call may take.
+    /// How long one call may take (waiting for a free call slot included).
     pub timeout: Duration,
+    /// Calls in flight at once; more wait (SPEC §9: every validator's calls are capped).
+    pub max_concurrent: usize,
 }
 
 /// `auth = ...` of a route.
@@ -1014,6 +1017,11 @@ impl Checker<'_> {
 
     fn validator(&self, raw: &Spanned<RawValidator>) -> Result<ValidatorConfig, ConfigError> {
         let v = raw.get_ref();
+        if let Some(m) = &v.max_concurrent {
+            if v.kind.get_ref() != "introspect" {
+                return Err(self.at(m, "max_concurrent applies to introspect validators"));
+            }
+        }
         match v.kind.get_ref().as_str() {
             "static" => {
                 if v.token.is_empty() {
@@ -1078,6 +1086,7 @@ impl Checker<'_> {
                         .map(|s| self.json_pointer(s))
                         .transpose()?,
                     timeout: self.duration(&v.timeout, Duration::from_secs(2))?,
+                    max_concurrent: self.positive(&v.max_concurrent, 64)?,
                 }))
             }
             "jwt" => {
@@ -1436,6 +1445,25 @@ upstream = "http://127.0.0.1:8080"
         ))
         .unwrap_err();
         assert!(!e.to_string().contains("s3cret"), "{e}");
+    }
+
+    #[test]
+    fn validator_concurrency() {
+        let introspect = "[[validator]]\ntype = \"introspect\"\nurl = \"http://127.0.0.1:1/w\"\n";
+        let c = parse(&format!("{introspect}{MINIMAL}")).unwrap();
+        assert!(
+            matches!(&c.validators[0], ValidatorConfig::Introspect(i) if i.max_concurrent == 64)
+        );
+        let c = parse(&format!("{introspect}max_concurrent = 8\n{MINIMAL}")).unwrap();
+        assert!(
+            matches!(&c.validators[0], ValidatorConfig::Introspect(i) if i.max_concurrent == 8)
+        );
+        for bad in [
+            format!("{introspect}max_concurrent = 0\n{MINIMAL}"),
+            format!("[[validator]]\ntype = \"static\"\nmax_concurrent = 8\n[[validator.token]]\nsha256 = \"{}\"\nsubject = \"a\"\n{MINIMAL}", "0".repeat(64)),
+        ] {
+            assert!(parse(&bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -251,13 +251,11 @@ impl Validator {
 struct Introspector {
     config: IntrospectConfig,
     client: HttpClient,
-    /// Calls in flight at once (each holds a connection): a flood of distinct credentials
-    /// waits here, within the validator's timeout, instead of opening a socket each.
+    /// Calls in flight at once (`max_concurrent`; each holds a connection): a flood of
+    /// distinct credentials waits here, within the validator's timeout, instead of opening a
+    /// socket each.
     calls: tokio::sync::Semaphore,
 }
-
-/// Concurrent calls of one introspection validator.
-pub const INTROSPECT_CONCURRENCY: usize = 32;
 
 /// The most of an introspection response that is read.
 const INTROSPECT_BODY_LIMIT: usize = 64 * 1024;
@@ -279,7 +277,7 @@ impl Validators {
                     Validator::Introspect(Box::new(Introspector {
                         config: config.clone(),
                         client: client.clone(),
-                        calls: tokio::sync::Semaphore::new(INTROSPECT_CONCURRENCY),
+                        calls: tokio::sync::Semaphore::new(config.max_concurrent),
                     }))
                 }
                 ValidatorConfig::Jwt(config) => {

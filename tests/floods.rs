@@ -1444,8 +1444,8 @@ async fn drain_with_several_workers() {
 // ---------------------------------------------------------------------------------------------
 
 /// A flood of distinct credentials does not open a socket per credential to the introspection
-/// endpoint: at most `INTROSPECT_CONCURRENCY` (32) calls are in flight; the rest wait within
-/// the validator's timeout, and every credential still gets its answer.
+/// endpoint: at most the validator's `max_concurrent` (32 here) calls are in flight; the rest
+/// wait within the validator's timeout, and every credential still gets its answer.
 #[tokio::test(flavor = "multi_thread")]
 async fn introspection_calls_are_capped() {
     const CREDENTIALS: usize = 100;
@@ -1462,7 +1462,10 @@ backend = "memory"
 
 {validator}
 {route}"#,
-        validator = introspect_validator(up.port, "10s"),
+        validator = format!(
+            "{}max_concurrent = 32\n",
+            introspect_validator(up.port, "10s")
+        ),
         route = catch_all_route(up.port, ""),
     ));
     let pid = gate.pid();
