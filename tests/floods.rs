@@ -1452,6 +1452,7 @@ async fn introspection_calls_are_capped() {
     let up = Upstream::start();
     up.set_whoami_delay(1000);
     let port = free_port();
+    let validator = introspect_validator(up.port, "10s");
     let gate = Gate::start(&format!(
         r#"[server]
 listen = "127.0.0.1:{port}"
@@ -1460,12 +1461,8 @@ max_connections = 500
 [store]
 backend = "memory"
 
-{validator}
+{validator}max_concurrent = 32
 {route}"#,
-        validator = format!(
-            "{}max_concurrent = 32\n",
-            introspect_validator(up.port, "10s")
-        ),
         route = catch_all_route(up.port, ""),
     ));
     let pid = gate.pid();
