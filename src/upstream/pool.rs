@@ -102,16 +102,6 @@ impl Pool {
         &self.host
     }
 
-    /// Requests in flight now.
-    pub fn inflight(&self) -> usize {
-        self.inflight.load(Ordering::Relaxed)
-    }
-
-    /// Idle connections now (all workers).
-    pub fn idle(&self) -> usize {
-        self.idle_count.load(Ordering::Relaxed)
-    }
-
     /// Takes an in-flight slot, or says the upstream is busy (at once, never a wait). The slot
     /// is released when the exchange is over (see [`PooledBody`]).
     pub fn claim(self: &Arc<Self>) -> Result<Slot, ProxyError> {
@@ -198,10 +188,11 @@ impl Pool {
 
     /// Keeps a connection whose exchange ended cleanly, unless the pool is full.
     fn checkin(&self, send: SendRequest<Body>) {
-        if send.is_closed() || self.idle_count.fetch_add(1, Ordering::AcqRel) >= self.max_idle {
-            if !send.is_closed() {
-                self.idle_count.fetch_sub(1, Ordering::AcqRel);
-            }
+        if send.is_closed() {
+            return;
+        }
+        if self.idle_count.fetch_add(1, Ordering::AcqRel) >= self.max_idle {
+            self.idle_count.fetch_sub(1, Ordering::AcqRel);
             return;
         }
         let mut list = self.slot_list().lock().unwrap_or_else(|e| e.into_inner());
