@@ -1,9 +1,10 @@
 //! tokengate: an authenticating reverse-proxy sidecar.
 //!
-//! A request's life, one module per step: accept and drain ([`server`]) → TLS ([`tls`]) →
-//! route ([`path`]), then the chain in [`proxy`]: extract the credential ([`credential`]) → validate
-//! ([`cache`], then [`validate`]) → rewrite ([`rewrite`]) → forward ([`upstream`]) → one access
-//! log line. Errors become responses in one place ([`error`]).
+//! A request's life, one module per step: accept, limits and drain on per-core workers
+//! ([`server`]) → TLS ([`tls`]) → normalise the path and route ([`path`]), then the chain in
+//! [`proxy`]: extract the credential ([`credential`]) → validate ([`cache`], then [`validate`])
+//! → rewrite ([`rewrite`]) → forward ([`upstream`]) → one access-log line ([`access_log`]).
+//! Errors become responses in one place ([`error`]); token events are audited ([`audit`]).
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
