@@ -288,6 +288,8 @@ async fn path_tricks_are_400_before_any_upstream() {
         "/public/%5c../api/secret",
         "/public/%2e%2e%2fapi/secret",
         "/public/x%2f..%2f..%2fapi/secret",
+        // a dot segment behind an encoded `;`
+        "/public/..%3Bx/api/secret",
         "/public/.%2e%5capi/secret",
     ];
     for target in targets {
@@ -583,6 +585,7 @@ async fn path_tricks_never_reach_nginx_api_without_a_credential() {
         ("/public/%2f../api/secret", 400),
         ("/public/%2e%2e%2fapi/secret", 400),
         ("/public/..%5capi/secret", 400),
+        ("/public/..%3Bx/../api/secret", 400),
         ("/public/..\\api/secret", 400),
         ("/public\\..\\api\\secret", 400),
         ("/public/%00/../api/secret", 400),
