@@ -2,38 +2,31 @@
 //! one bound socket; per connection TLS, HTTP/1.1 or HTTP/2, and the time limits of SPEC §9;
 //! graceful drain.
 //!
-//! Limits are process-wide (one connection semaphore for all workers). Every connection has a
-//! watchdog that enforces, from accept: `header_read_timeout` for the TLS handshake, the HTTP/2
-//! preface and the first request head (and for every later HTTP/1 head), and `idle_timeout`
-//! for a keep-alive HTTP/1 connection or an HTTP/2 connection with no open stream. Idle tracking
-//! is ours rather than hyper's, whose HTTP/1 header timer would also close a keep-alive
-//! connection that is merely waiting for its next request.
+//! Limits are process-wide (one connection semaphore for all workers). The TLS handshake must
+//! end within `header_read_timeout` of accept; then the connection's watchdog ([`connection`])
+//! holds the rest of SPEC §9's time limits. Idle tracking is ours rather than hyper's, whose
+//! HTTP/1 header timer would also close a keep-alive connection that is merely waiting for its
+//! next request.
 
 use std::cell::{Cell, RefCell};
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Request, Version};
-use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::admin::Health;
 use crate::config::ServerConfig;
-use crate::error::{Body, BoxError};
-use crate::proxy::{self, ClientCert, Gate, Peer, SharedGate};
+use crate::proxy::{ClientCert, Gate, Peer, SharedGate};
+
+mod connection;
+
+use connection::{drive, ConnectionState};
 
 /// How often expired cache entries are swept.
 const CACHE_SWEEP_INTERVAL: Duration = Duration::from_secs(30);
@@ -336,287 +329,5 @@ async fn connection(
             crate::telemetry::tls_handshake_error();
             tracing::info!(client = %addr.ip(), "TLS handshake not completed within header_read_timeout");
         }
-    }
-}
-
-/// Serves HTTP on one connection, under its watchdog. Each request uses the gate in force when
-/// it arrives.
-async fn drive<I>(
-    shared: &Arc<Shared>,
-    io: I,
-    peer: Peer,
-    state: Arc<ConnectionState>,
-    first_deadline: Instant,
-) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let addr = peer.addr;
-    let peer = Arc::new(peer);
-    let service = {
-        let gate = Arc::clone(&shared.gate);
-        let state = Arc::clone(&state);
-        service_fn(move |request: Request<Incoming>| {
-            let in_flight = InFlight::begin(&state, request.version());
-            let gate = gate_for_request(&gate);
-            let peer = Arc::clone(&peer);
-            async move {
-                let response = proxy::handle(&gate, &peer, request).await;
-                Ok::<_, Infallible>(response.map(|body| TrackedBody {
-                    inner: body,
-                    _in_flight: in_flight,
-                }))
-            }
-        })
-    };
-    let io = TokioIo::new(Tracked {
-        io,
-        state: Arc::clone(&state),
-    });
-    let served = shared.builder.serve_connection_with_upgrades(io, service);
-    tokio::pin!(served);
-    let mut drain = shared.drain.clone();
-    let mut draining = false;
-    // Set when the watchdog asked an idle connection to close: it gets one more header-read
-    // period to do so, then it is dropped.
-    let mut close_by: Option<Instant> = None;
-    let mut watch = Watch::new(first_deadline);
-    loop {
-        let now = Instant::now();
-        let (verdict, wake) = watch.check(&state, now, shared.limits);
-        match verdict {
-            Verdict::Expired => {
-                tracing::debug!(client = %addr.ip(), "connection closed: too slow");
-                return;
-            }
-            Verdict::Idle if close_by.is_none() && !draining => {
-                served.as_mut().graceful_shutdown();
-                close_by = Some(now + shared.limits.header_read);
-            }
-            _ => {}
-        }
-        if close_by.is_some_and(|by| now >= by) {
-            return;
-        }
-        // Requests starting and ending, and heads beginning, do not wake the watchdog (that
-        // would cost every request a task wake-up); it looks again at least every tick, so a
-        // limit is enforced at most a tick late.
-        let wake = wake.min(now + shared.limits.tick);
-        let wake = close_by.map_or(wake, |by| wake.min(by));
-        tokio::select! {
-            result = served.as_mut() => {
-                if let Err(e) = result {
-                    tracing::debug!(client = %addr.ip(), error = %e, "connection ended with an error");
-                }
-                return;
-            }
-            _ = drain.wait_for(|d| *d), if !draining => {
-                draining = true;
-                served.as_mut().graceful_shutdown();
-            }
-            () = tokio::time::sleep_until(wake) => {}
-        }
-    }
-}
-
-/// What a connection's requests and socket tell its watchdog. Shared by the connection task,
-/// its requests and its socket (which may outlive the task as an upgraded tunnel): the
-/// connection slot is given back when the last of them is gone. Only counters and flags: the
-/// request path reads no clock for the watchdog.
-struct ConnectionState {
-    _permit: OwnedSemaphorePermit,
-    /// Requests (HTTP/2 streams) whose response has not been sent completely.
-    active: AtomicUsize,
-    /// Requests begun and ended so far: a change means the connection was not idle.
-    events: AtomicU64,
-    /// Bytes arrived while no request was in progress: an HTTP/1 request head has begun.
-    head_begun: AtomicBool,
-    /// A request has arrived.
-    served: AtomicBool,
-    http2: AtomicBool,
-}
-
-impl ConnectionState {
-    fn new(permit: OwnedSemaphorePermit) -> ConnectionState {
-        ConnectionState {
-            _permit: permit,
-            active: AtomicUsize::new(0),
-            events: AtomicU64::new(0),
-            head_begun: AtomicBool::new(false),
-            served: AtomicBool::new(false),
-            http2: AtomicBool::new(false),
-        }
-    }
-
-    /// Bytes arrived: on an idle connection, a request head has begun.
-    fn bytes_arrived(&self) {
-        if self.active.load(Ordering::Relaxed) == 0 && !self.head_begun.load(Ordering::Relaxed) {
-            self.head_begun.store(true, Ordering::Relaxed);
-        }
-    }
-}
-
-enum Verdict {
-    Fine,
-    Idle,
-    Expired,
-}
-
-/// The watchdog's own clock-keeping for one connection: when it saw the connection go idle and
-/// a head begin. Activity is noticed at the watchdog's next look (at most a tick late), so the
-/// limits are enforced at most a tick late, never early.
-struct Watch {
-    first_deadline: Instant,
-    idle_since: Instant,
-    seen_events: u64,
-    head_since: Option<Instant>,
-}
-
-impl Watch {
-    fn new(first_deadline: Instant) -> Watch {
-        Watch {
-            first_deadline,
-            idle_since: Instant::now(),
-            seen_events: 0,
-            head_since: None,
-        }
-    }
-
-    /// Whether the connection broke a limit, is idle, or is fine; and when to look again.
-    fn check(
-        &mut self,
-        state: &ConnectionState,
-        now: Instant,
-        limits: Limits,
-    ) -> (Verdict, Instant) {
-        if !state.served.load(Ordering::Relaxed) {
-            if now >= self.first_deadline {
-                return (Verdict::Expired, now);
-            }
-            return (Verdict::Fine, self.first_deadline);
-        }
-        let events = state.events.load(Ordering::Relaxed);
-        if events != self.seen_events {
-            self.seen_events = events;
-            self.idle_since = now;
-            self.head_since = None;
-        }
-        if state.active.load(Ordering::Relaxed) > 0 {
-            return (Verdict::Fine, now + limits.idle);
-        }
-        if !state.http2.load(Ordering::Relaxed) && state.head_begun.load(Ordering::Relaxed) {
-            // A head is on its way: the header-read limit applies, not the idle one.
-            let since = *self.head_since.get_or_insert(now);
-            let deadline = since + limits.header_read;
-            if now >= deadline {
-                return (Verdict::Expired, now);
-            }
-            return (Verdict::Fine, deadline);
-        }
-        let idle_deadline = self.idle_since + limits.idle;
-        if now >= idle_deadline {
-            return (Verdict::Idle, now);
-        }
-        (Verdict::Fine, idle_deadline)
-    }
-}
-
-/// A request in progress on a connection; when dropped (the response sent, or the request
-/// abandoned) the connection may become idle.
-struct InFlight(Arc<ConnectionState>);
-
-impl InFlight {
-    fn begin(state: &Arc<ConnectionState>, version: Version) -> InFlight {
-        state.active.fetch_add(1, Ordering::Relaxed);
-        state.events.fetch_add(1, Ordering::Relaxed);
-        state.head_begun.store(false, Ordering::Relaxed);
-        state.served.store(true, Ordering::Relaxed);
-        if version == Version::HTTP_2 {
-            state.http2.store(true, Ordering::Relaxed);
-        }
-        InFlight(Arc::clone(state))
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.events.fetch_add(1, Ordering::Relaxed);
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// A response body that keeps its request counted as in flight until it has been sent.
-struct TrackedBody {
-    inner: Body,
-    _in_flight: InFlight,
-}
-
-impl HttpBody for TrackedBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// The client's socket, telling the watchdog when bytes arrive.
-struct Tracked<I> {
-    io: I,
-    state: Arc<ConnectionState>,
-}
-
-impl<I: AsyncRead + Unpin> AsyncRead for Tracked<I> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.state.bytes_arrived();
-        }
-        polled
-    }
-}
-
-impl<I: AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
