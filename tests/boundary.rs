@@ -1702,23 +1702,6 @@ async fn cookie_authenticated_minting_needs_json_and_same_origin() {
 // x509 tokens (TLS, curl)
 // ---------------------------------------------------------------------------------------------
 
-/// What curl got.
-#[derive(Debug)]
-struct CurlReply {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl CurlReply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
 /// `curl https://localhost:PORT{path}` trusting `dir/ca.pem`, with a client certificate
 /// (`dir/alice.pem`) when `cert`, and `extra` arguments.
 fn curl(dir: &Path, port: u16, path: &str, cert: bool, extra: &[&str]) -> CurlReply {
@@ -1735,28 +1718,12 @@ fn curl(dir: &Path, port: u16, path: &str, cert: bool, extra: &[&str]) -> CurlRe
     cmd.args(extra)
         .arg(format!("https://localhost:{port}{path}"));
     let out = cmd.output().expect("run curl");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         out.status.success(),
         "curl {path}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {text:?}"));
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    CurlReply {
-        status,
-        headers,
-        body: body.to_string(),
-    }
+    CurlReply::parse(&String::from_utf8_lossy(&out.stdout))
 }
 
 /// Refused: minting with an x509-kind token (from `/auth/x509`), on either surface. The

@@ -90,28 +90,15 @@ const ALICE_IDENTITY: &str = r#"[[x509.identity]]
 dn = "/C=CH/O=Example/OU=Users/CN=Alice Smith"
 accounts = ["alice", "ops"]"#;
 
-/// What curl got: status, lower-case headers, body.
-#[derive(Debug)]
-struct Reply {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
+type Reply = CurlReply;
+
+/// The Rucio failure shape.
+trait RucioReply {
+    /// 401, ExceptionClass + ExceptionMessage headers and JSON.
+    fn assert_cannot_authenticate(&self, status: u16, message_part: &str);
 }
 
-impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
-    }
-
-    /// The Rucio failure shape: 401, ExceptionClass + ExceptionMessage headers and JSON.
+impl RucioReply for Reply {
     fn assert_cannot_authenticate(&self, status: u16, message_part: &str) {
         assert_eq!(self.status, status, "{self:?}");
         assert_eq!(self.header("exceptionclass"), Some("CannotAuthenticate"));
@@ -155,23 +142,7 @@ fn curl(
             String::from_utf8_lossy(&out.stderr)
         ));
     }
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {text:?}"));
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    Ok(Reply {
-        status,
-        headers,
-        body: body.to_string(),
-    })
+    Ok(CurlReply::parse(&String::from_utf8_lossy(&out.stdout)))
 }
 
 fn ok(reply: Result<Reply, String>) -> Reply {

@@ -495,6 +495,50 @@ async fn serve_upstream(
 
 pub type UpBody = BoxBody<Bytes, Infallible>;
 
+/// What `curl -i` printed: status, lower-case headers, body.
+#[derive(Debug)]
+pub struct CurlReply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl CurlReply {
+    /// Parses `curl -i` output (one response); panics without a status line.
+    pub fn parse(text: &str) -> CurlReply {
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((text, ""));
+        let mut lines = head.lines();
+        let status = lines
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no status line in {text:?}"));
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        CurlReply {
+            status,
+            headers,
+            body: body.to_string(),
+        }
+    }
+
+    /// The value of a header (lower-case name).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as JSON; panics when it is not.
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+}
+
 /// The `Sec-WebSocket-Accept` for a client's key (RFC 6455 §4.2.2), as a real WebSocket
 /// server computes it.
 pub fn websocket_accept(key: &[u8]) -> String {
