@@ -544,10 +544,7 @@ impl Drop for Nginx {
 #[tokio::test(flavor = "multi_thread")]
 async fn path_tricks_never_reach_nginx_api_without_a_credential() {
     let Some(nginx) = Nginx::start() else {
-        if std::env::var("TOKENGATE_TEST_STRICT").as_deref() == Ok("1") {
-            panic!("nginx not installed and TOKENGATE_TEST_STRICT=1");
-        }
-        println!("skipped: nginx not installed (apt-get install nginx-light)");
+        missing_tool("nginx", "nginx-light");
         return;
     };
     let port = free_port();
@@ -774,10 +771,7 @@ impl Drop for Wsgi {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_wsgi_upstream_never_sees_an_underscore_identity() {
     let Some(wsgi) = Wsgi::start() else {
-        if std::env::var("TOKENGATE_TEST_STRICT").as_deref() == Ok("1") {
-            panic!("python3 not installed and TOKENGATE_TEST_STRICT=1");
-        }
-        println!("skipped: python3 not installed (apt-get install python3)");
+        missing_tool("python3", "python3");
         return;
     };
     let port = free_port();

@@ -495,6 +495,15 @@ async fn serve_upstream(
 
 pub type UpBody = BoxBody<Bytes, Infallible>;
 
+/// A tool a test needs is missing: the test is skipped with one line naming the Debian
+/// package, or fails when `TOKENGATE_TEST_STRICT=1` (CI installs everything and sets it).
+pub fn missing_tool(tool: &str, package: &str) {
+    if std::env::var("TOKENGATE_TEST_STRICT").as_deref() == Ok("1") {
+        panic!("{tool} not installed and TOKENGATE_TEST_STRICT=1 (apt-get install {package})");
+    }
+    println!("skipped: {tool} not installed (apt-get install {package})");
+}
+
 /// What `curl -i` printed: status, lower-case headers, body.
 #[derive(Debug)]
 pub struct CurlReply {
