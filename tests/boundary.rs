@@ -464,17 +464,55 @@ fn nginx_binary() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// An nginx answering `api:$uri` under `/api/` and `public:$uri` under `/public/`, in the
-/// foreground, its files in a temporary directory. Killed on drop.
-struct Nginx {
+/// A real server the test started (nginx, a WSGI app) listening on `port`. Killed on drop.
+struct ChildServer {
     port: u16,
     child: std::process::Child,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
+
+impl ChildServer {
+    /// Waits (10 s at most) until `child` listens on `port`; panics with its log if it exits.
+    fn listening(
+        what: &str,
+        port: u16,
+        mut child: std::process::Child,
+        dir: Option<tempfile::TempDir>,
+        log: Option<PathBuf>,
+    ) -> ChildServer {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                let log = log
+                    .and_then(|l| std::fs::read_to_string(l).ok())
+                    .unwrap_or_default();
+                panic!("{what} exited ({status}): {log}");
+            }
+            assert!(Instant::now() < deadline, "{what} did not listen in 10 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        ChildServer {
+            port,
+            child,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An nginx answering `api:$uri` under `/api/` and `public:$uri` under `/public/`, in the
+/// foreground, its files in a temporary directory.
+struct Nginx;
 
 impl Nginx {
     /// `None` when nginx is not installed.
-    fn start() -> Option<Nginx> {
+    fn start() -> Option<ChildServer> {
         let binary = nginx_binary()?;
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
@@ -502,7 +540,7 @@ http {{
         );
         let conf_path = write_file(dir.path(), "nginx.conf", &conf);
         let log = std::fs::File::create(dir.path().join("nginx.log")).expect("nginx log");
-        let mut child = Command::new(binary)
+        let child = Command::new(binary)
             .arg("-e")
             .arg("stderr")
             .arg("-p")
@@ -514,27 +552,14 @@ http {{
             .stderr(log)
             .spawn()
             .expect("spawn nginx");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Ok(Some(status)) = child.try_wait() {
-                let log = std::fs::read_to_string(dir.path().join("nginx.log")).unwrap_or_default();
-                panic!("nginx exited ({status}): {log}");
-            }
-            assert!(Instant::now() < deadline, "nginx did not listen in 10 s");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Some(Nginx {
+        let log = dir.path().join("nginx.log");
+        Some(ChildServer::listening(
+            "nginx",
             port,
             child,
-            _dir: dir,
-        })
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+            Some(dir),
+            Some(log),
+        ))
     }
 }
 
@@ -721,15 +746,12 @@ fn assert_boundary_held(seen: &Recorded, except: &[&str], case: &str) {
 
 /// A real WSGI upstream (Python's `wsgiref`), which folds `-` and `_` in header names into one
 /// CGI variable: `X_Auth_User` and `X-Auth-User` both become `HTTP_X_AUTH_USER`. It answers
-/// with that variable. Killed on drop.
-struct Wsgi {
-    port: u16,
-    child: std::process::Child,
-}
+/// with that variable.
+struct Wsgi;
 
 impl Wsgi {
     /// `None` when python3 is not installed.
-    fn start() -> Option<Wsgi> {
+    fn start() -> Option<ChildServer> {
         const APP: &str = r#"
 import json, sys
 from wsgiref.simple_server import make_server, WSGIRequestHandler
@@ -747,22 +769,13 @@ make_server("127.0.0.1", int(sys.argv[1]), app, handler_class=Quiet).serve_forev
             .stdin(Stdio::null())
             .spawn()
             .ok()?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "the WSGI server did not listen in 10 s"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Some(Wsgi { port, child })
-    }
-}
-
-impl Drop for Wsgi {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        Some(ChildServer::listening(
+            "the WSGI server",
+            port,
+            child,
+            None,
+            None,
+        ))
     }
 }
 
