@@ -61,6 +61,39 @@ pub struct Line<'a> {
     pub duration: Duration,
     /// The upstream's share of it.
     pub upstream: Option<Duration>,
+    /// `X-Request-Id` (the client's, or the one tokengate made).
+    pub request_id: &'a str,
+    /// The W3C trace id, when the request is part of a trace.
+    pub trace_id: Option<&'a str>,
+    /// The client's `User-Agent`.
+    pub user_agent: Option<&'a str>,
+    /// The `Host` (or HTTP/2 `:authority`) the client asked for.
+    pub host: Option<&'a str>,
+    /// `HTTP/1.1`, `HTTP/2.0`, …
+    pub protocol: &'static str,
+    /// The id of the issued token that authenticated the request (never the token).
+    pub token_id: Option<&'a str>,
+}
+
+/// A line waiting for its response body to end: everything but `bytes_sent`.
+pub struct Pending {
+    head: Vec<u8>,
+    format: Format,
+}
+
+impl Pending {
+    /// Completes the line with the body bytes sent, and appends it like `write`.
+    pub fn finish(self, bytes_sent: u64) {
+        let buffered = crate::server::worker_slot() != usize::MAX;
+        BUFFER.with(|buffer| {
+            let mut buffer = buffer.borrow_mut();
+            buffer.extend_from_slice(&self.head);
+            finish_line(&mut buffer, bytes_sent, self.format);
+            if !buffered || buffer.len() >= BUFFER_BYTES {
+                hand_over(&mut buffer);
+            }
+        });
+    }
 }
 
 thread_local! {
@@ -94,16 +127,34 @@ pub fn enabled() -> bool {
     tracing::enabled!(target: "access", tracing::Level::INFO)
 }
 
-/// Appends one line. Worker threads buffer it; any other thread writes it at once.
-pub fn write(line: &Line<'_>) {
+/// Appends one line whose response body is `bytes_sent` long. Worker threads buffer it; any
+/// other thread writes it at once.
+pub fn write(line: &Line<'_>, bytes_sent: u64) {
     let buffered = crate::server::worker_slot() != usize::MAX;
+    let format = *FORMAT.get().unwrap_or(&Format::Json);
     BUFFER.with(|buffer| {
         let mut buffer = buffer.borrow_mut();
-        format_line(&mut buffer, line, *FORMAT.get().unwrap_or(&Format::Json));
+        format_line(&mut buffer, line, format);
+        finish_line(&mut buffer, bytes_sent, format);
         if !buffered || buffer.len() >= BUFFER_BYTES {
             hand_over(&mut buffer);
         }
     });
+}
+
+/// Formats a line whose response body is still streaming; `Pending::finish` completes it.
+pub fn pending(line: &Line<'_>) -> Pending {
+    let format = *FORMAT.get().unwrap_or(&Format::Json);
+    let mut head = Vec::with_capacity(512);
+    format_line(&mut head, line, format);
+    Pending { head, format }
+}
+
+fn finish_line(out: &mut Vec<u8>, bytes_sent: u64, format: Format) {
+    let _ = match format {
+        Format::Json => writeln!(out, "{bytes_sent}}}"),
+        Format::Text => writeln!(out, "{bytes_sent}"),
+    };
 }
 
 /// Hands this thread's buffered lines to the writer (the workers' once-a-second tick, and
@@ -186,7 +237,18 @@ fn format_line(out: &mut Vec<u8>, line: &Line<'_>, format: Format) {
             millis(out, Some(line.duration));
             out.extend_from_slice(b",\"upstream_ms\":");
             millis(out, line.upstream);
-            out.extend_from_slice(b"}\n");
+            out.extend_from_slice(b",\"request_id\":");
+            json_string(out, Some(line.request_id));
+            out.extend_from_slice(b",\"trace_id\":");
+            json_string(out, line.trace_id);
+            out.extend_from_slice(b",\"user_agent\":");
+            json_string(out, line.user_agent);
+            out.extend_from_slice(b",\"host\":");
+            json_string(out, line.host);
+            let _ = write!(out, ",\"protocol\":\"{}\",\"token_id\":", line.protocol);
+            json_string(out, line.token_id);
+            // `finish_line` writes the number and closes the object.
+            out.extend_from_slice(b",\"bytes_sent\":");
         }
         Format::Text => {
             timestamp(out, now);
@@ -207,7 +269,16 @@ fn format_line(out: &mut Vec<u8>, line: &Line<'_>, format: Format) {
             millis(out, Some(line.duration));
             out.extend_from_slice(b" upstream_ms=");
             millis(out, line.upstream);
-            out.push(b'\n');
+            let _ = write!(
+                out,
+                " request_id={} trace_id={} user_agent={:?} host={} protocol={} token_id={} bytes_sent=",
+                line.request_id,
+                line.trace_id.unwrap_or("-"),
+                line.user_agent.unwrap_or("-"),
+                line.host.unwrap_or("-").escape_debug(),
+                line.protocol,
+                line.token_id.unwrap_or("-"),
+            );
         }
     }
 }
@@ -261,6 +332,12 @@ mod tests {
             client: IpAddr::from([127, 0, 0, 1]),
             duration: Duration::from_micros(1249),
             upstream: None,
+            request_id: "4bf92f3577b34da6a3ce929d0e0e4736",
+            trace_id: None,
+            user_agent: Some("curl/8 \"x\""),
+            host: Some("api.example"),
+            protocol: "HTTP/1.1",
+            token_id: Some("tok_1"),
         }
     }
 
@@ -268,6 +345,7 @@ mod tests {
     fn json_lines_parse_with_nulls_and_rounded_durations() {
         let mut out = Vec::new();
         format_line(&mut out, &line(), Format::Json);
+        finish_line(&mut out, 42, Format::Json);
         assert_eq!(out.last(), Some(&b'\n'));
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["path"], "/a\"b\n");
@@ -276,6 +354,13 @@ mod tests {
         assert_eq!(v["upstream_ms"], serde_json::Value::Null);
         assert_eq!(v["duration_ms"].as_f64(), Some(1.249));
         assert_eq!(v["target"], "access");
+        assert_eq!(v["request_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(v["trace_id"], serde_json::Value::Null);
+        assert_eq!(v["user_agent"], "curl/8 \"x\"");
+        assert_eq!(v["host"], "api.example");
+        assert_eq!(v["protocol"], "HTTP/1.1");
+        assert_eq!(v["token_id"], "tok_1");
+        assert_eq!(v["bytes_sent"], 42);
         let stamp = v["timestamp"].as_str().unwrap();
         assert!(stamp.ends_with('Z') && stamp.contains('T'), "{stamp}");
         assert_eq!(stamp.len(), "2026-11-27T08:54:47.123456Z".len(), "{stamp}");
@@ -288,8 +373,11 @@ mod tests {
     fn text_lines_are_one_line() {
         let mut out = Vec::new();
         format_line(&mut out, &line(), Format::Text);
+        finish_line(&mut out, 7, Format::Text);
         let text = String::from_utf8(out).unwrap();
         assert_eq!(text.matches('\n').count(), 1, "{text}");
         assert!(text.contains("status=200") && text.contains("duration_ms=1.249"));
+        assert!(text.ends_with(" bytes_sent=7\n"), "{text}");
+        assert!(text.contains(r#"user_agent="curl/8 \"x\"""#), "{text}");
     }
 }

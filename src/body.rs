@@ -22,6 +22,39 @@ pub enum Body {
     Limited(Limited<ClientBody>),
     /// The upstream's response body on its way to the client.
     Upstream(PooledBody),
+    /// The same, counted for its access-log line, written when it ends.
+    Logged(Logged),
+}
+
+/// An upstream response body whose access-log line waits for its end (or for the client to go
+/// away), to say how many body bytes were sent.
+pub struct Logged {
+    body: PooledBody,
+    sent: u64,
+    line: Option<crate::access_log::Pending>,
+}
+
+impl Logged {
+    /// `body`, with `line` written when it ends.
+    pub fn new(body: PooledBody, line: crate::access_log::Pending) -> Logged {
+        Logged {
+            body,
+            sent: 0,
+            line: Some(line),
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(line) = self.line.take() {
+            line.finish(self.sent);
+        }
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        self.finish();
+    }
 }
 
 /// A complete in-memory body.
@@ -47,6 +80,19 @@ impl HttpBody for Body {
             Body::Client(body) => Pin::new(body).poll_frame(cx),
             Body::Limited(body) => Pin::new(body).poll_frame(cx),
             Body::Upstream(body) => Pin::new(body).poll_frame(cx).map_err(BoxError::from),
+            Body::Logged(logged) => {
+                let polled = Pin::new(&mut logged.body).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let Some(data) = frame.data_ref() {
+                            logged.sent += data.len() as u64;
+                        }
+                    }
+                    Poll::Ready(_) => logged.finish(),
+                    Poll::Pending => {}
+                }
+                polled.map_err(BoxError::from)
+            }
         }
     }
 
@@ -56,6 +102,7 @@ impl HttpBody for Body {
             Body::Client(body) => body.is_end_stream(),
             Body::Limited(body) => body.is_end_stream(),
             Body::Upstream(body) => body.is_end_stream(),
+            Body::Logged(logged) => logged.body.is_end_stream(),
         }
     }
 
@@ -65,6 +112,7 @@ impl HttpBody for Body {
             Body::Client(body) => body.size_hint(),
             Body::Limited(body) => body.size_hint(),
             Body::Upstream(body) => body.size_hint(),
+            Body::Logged(logged) => logged.body.size_hint(),
         }
     }
 }

@@ -584,8 +584,16 @@ pub struct RouteConfig {
     pub max_idle_connections: usize,
 }
 
+/// `serve --listen`: the main listener's address, whatever the file says (on reload too).
+static LISTEN_OVERRIDE: std::sync::OnceLock<SocketAddr> = std::sync::OnceLock::new();
+
+/// Makes every later `Config::load` listen on `addr` (`serve --listen`); set once, at startup.
+pub fn override_listen(addr: SocketAddr) {
+    let _ = LISTEN_OVERRIDE.set(addr);
+}
+
 impl Config {
-    /// Reads and checks a config file.
+    /// Reads and checks a config file (with `serve --listen` applied).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             path: path.to_owned(),
@@ -593,7 +601,11 @@ impl Config {
             col: 0,
             message: format!("cannot read config: {e}"),
         })?;
-        Config::parse(path, &text)
+        let mut config = Config::parse(path, &text)?;
+        if let Some(addr) = LISTEN_OVERRIDE.get() {
+            config.server.listen = *addr;
+        }
+        Ok(config)
     }
 
     /// Checks config text; `path` is used in messages and to resolve relative file paths.

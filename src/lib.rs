@@ -32,6 +32,7 @@ pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod token;
+pub mod trace;
 pub mod upstream;
 pub mod validate;
 pub mod x509;

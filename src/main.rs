@@ -33,6 +33,9 @@ enum Command {
         /// The config file.
         #[arg(long, env = "TOKENGATE_CONFIG")]
         config: PathBuf,
+        /// Listen here instead of `[server] listen` (kept across reloads).
+        #[arg(long, env = "TOKENGATE_LISTEN")]
+        listen: Option<std::net::SocketAddr>,
     },
     /// Check a config file: prints `config ok`, or `PATH:LINE:COL: message` and exits 2.
     Check {
@@ -207,7 +210,13 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Serve { config: path } => {
+        Command::Serve {
+            config: path,
+            listen,
+        } => {
+            if let Some(addr) = listen {
+                tokengate::config::override_listen(addr);
+            }
             let config = match load(&path) {
                 Ok(c) => c,
                 Err(code) => return code,

@@ -30,6 +30,7 @@ use crate::rucio::{self, RucioEndpoint};
 use crate::store::{self, Store};
 use crate::telemetry::{AuthMetrics, AuthResult, RouteMetrics};
 use crate::token;
+use crate::trace;
 use crate::upstream::{self, ClientBody, Pool};
 use crate::validate::{self, Identity, Validators, Verdict};
 
@@ -260,16 +261,26 @@ pub(crate) struct Outcome<'g> {
 }
 
 /// Handles one request: the inner chain, then one access-log line, whatever happened.
-pub async fn handle(gate: &Gate, peer: &Peer, request: Request<Incoming>) -> Response<Body> {
+pub async fn handle(gate: &Gate, peer: &Peer, mut request: Request<Incoming>) -> Response<Body> {
     let start = Instant::now();
-    // What the log line needs of the request once it has been handed on: the method, and the
-    // path as sent (its bytes are shared with the request, not copied).
-    let logged = access_log::enabled().then(|| (request.method().clone(), request.uri().clone()));
+    let context = trace::Context::take(request.headers_mut());
+    // What the log line needs of the request once it has been handed on (header and path
+    // bytes are shared with the request, not copied).
+    let logged = access_log::enabled().then(|| LoggedRequest {
+        method: request.method().clone(),
+        uri: request.uri().clone(),
+        version: request.version(),
+        user_agent: request.headers().get(header::USER_AGENT).cloned(),
+        host: request.headers().get(header::HOST).cloned(),
+    });
     let mut outcome = Outcome::default();
-    let response = match forward_request(gate, peer, request, &mut outcome).await {
+    let mut response = match forward_request(gate, peer, request, &mut outcome).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
     };
+    response
+        .headers_mut()
+        .insert(trace::X_REQUEST_ID.clone(), context.request_id.clone());
     let duration = start.elapsed();
     let status = response.status().as_u16();
     match outcome.route {
@@ -281,26 +292,79 @@ pub async fn handle(gate: &Gate, peer: &Peer, request: Request<Incoming>) -> Res
     if let Some((result, by)) = outcome.auth {
         gate.auth_metrics.record(result, by);
     }
-    if let Some((method, uri)) = &logged {
-        access_log::write(&access_log::Line {
-            method: method.as_str(),
+    if let Some(request) = &logged {
+        let identity = outcome.identity.as_deref();
+        let user_agent = request.user_agent.as_ref().map(header_text);
+        let line = access_log::Line {
+            method: request.method.as_str(),
             // The query may carry a credential (`query:NAME` sources): only the path is logged.
-            path: uri.path(),
+            path: request.uri.path(),
             status,
             route: outcome
                 .route
                 .map(|r| r.config.path_prefix.as_str())
                 .or(outcome.endpoint),
-            subject: outcome.identity.as_deref().map(|i| i.subject.as_str()),
+            subject: identity.map(|i| i.subject.as_str()),
             source: outcome.source,
             auth: outcome.auth.map(|(result, _)| result.label()),
             validator: outcome.auth.map(|(_, by)| by),
             client: peer.addr.ip(),
             duration,
             upstream: outcome.upstream,
-        });
+            request_id: context.request_id.to_str().unwrap_or_default(),
+            trace_id: context.trace_id(),
+            user_agent: user_agent.as_deref(),
+            host: request
+                .host
+                .as_ref()
+                .and_then(|h| h.to_str().ok())
+                .or_else(|| request.uri.authority().map(|a| a.as_str())),
+            protocol: protocol(request.version),
+            token_id: identity.and_then(|i| i.token_id.as_deref()),
+        };
+        let body = std::mem::replace(response.body_mut(), Body::Full(None));
+        *response.body_mut() = match body {
+            // A streamed body's line waits for its end, to count what was sent.
+            Body::Upstream(stream) if request.method != Method::HEAD => {
+                Body::Logged(crate::body::Logged::new(stream, access_log::pending(&line)))
+            }
+            body => {
+                let sent = match request.method {
+                    Method::HEAD => 0,
+                    _ => hyper::body::Body::size_hint(&body).exact().unwrap_or(0),
+                };
+                access_log::write(&line, sent);
+                body
+            }
+        };
     }
     response
+}
+
+/// What the access log needs of a request after it was handed on.
+struct LoggedRequest {
+    method: Method,
+    uri: http::Uri,
+    version: http::Version,
+    user_agent: Option<HeaderValue>,
+    host: Option<HeaderValue>,
+}
+
+/// A header value as text for the log (bytes outside ASCII replaced).
+fn header_text(value: &HeaderValue) -> Cow<'_, str> {
+    String::from_utf8_lossy(value.as_bytes())
+}
+
+/// The protocol as the access log names it.
+fn protocol(version: http::Version) -> &'static str {
+    match version {
+        http::Version::HTTP_09 => "HTTP/0.9",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_11 => "HTTP/1.1",
+        http::Version::HTTP_2 => "HTTP/2.0",
+        http::Version::HTTP_3 => "HTTP/3.0",
+        _ => "HTTP",
+    }
 }
 
 /// The inner chain. Every early return is an error that `handle` turns into a response.
