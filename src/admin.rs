@@ -139,6 +139,7 @@ async fn handle(
                 );
             };
             crate::telemetry::cache_entries(state.gate.load().cache().len());
+            crate::telemetry::collect_process();
             let mut response = Response::new(full(handle.render()));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,

@@ -136,7 +136,12 @@ async fn follow_revocations(store: Arc<store::Store>, gate: proxy::SharedGate) {
         .follow_revocations(move |revoked| {
             let gate = gate.load();
             match revoked {
-                store::Revoked::One(hash) => gate.cache().evict(&hash),
+                store::Revoked::One { hash, by_cli } => {
+                    gate.cache().evict(&hash);
+                    if by_cli {
+                        telemetry::token_revoked();
+                    }
+                }
                 store::Revoked::Unknown => {
                     gate.cache()
                         .evict_where(|identity| identity.token_id.is_some());

@@ -350,6 +350,8 @@ where
         Ok(r) => r,
         Err(code) => return code,
     };
+    // Revocations made here are counted by the servers that follow the store.
+    tokengate::store::mark_cli();
     runtime.block_on(async {
         let store = match tokengate::store::Store::open(&config.store).await {
             Ok(s) => s,

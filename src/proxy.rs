@@ -3,7 +3,7 @@
 //! forward.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -45,8 +45,9 @@ pub struct Gate {
     validators: Arc<Validators>,
     cache: Arc<Cache>,
     auth_metrics: AuthMetrics,
-    /// `route` metrics of tokengate's own endpoints, and of requests no route matched.
-    own_metrics: [(&'static str, RouteMetrics); OWN_ROUTES.len()],
+    /// `route` metrics of tokengate's own endpoints, and of requests no route matched: made on
+    /// first use, so endpoints that are off have no series.
+    own_metrics: [(&'static str, OnceLock<RouteMetrics>); OWN_ROUTES.len()],
     /// Where issued tokens live (shared by every gate generation).
     pub store: Arc<Store>,
     usage: UsageSender,
@@ -192,6 +193,8 @@ impl Gate {
             }
             _ => Cache::new(&config.cache),
         };
+        crate::telemetry::register(&config);
+        let auth_metrics = AuthMetrics::new(&auth_sources(&config));
         Ok(Gate {
             boundary: Boundary::new(&config),
             config,
@@ -199,8 +202,8 @@ impl Gate {
             routes,
             validators,
             cache,
-            auth_metrics: AuthMetrics::new(),
-            own_metrics: OWN_ROUTES.map(|label| (label, RouteMetrics::new(label))),
+            auth_metrics,
+            own_metrics: OWN_ROUTES.map(|label| (label, OnceLock::new())),
             store,
             usage,
         })
@@ -226,8 +229,12 @@ impl Gate {
     /// The metrics of one of tokengate's own endpoints (`None`: no route matched).
     fn own_metrics(&self, endpoint: Option<&str>) -> &RouteMetrics {
         let label = endpoint.unwrap_or(NO_ROUTE);
-        let found = self.own_metrics.iter().find(|(l, _)| *l == label);
-        &found.unwrap_or(&self.own_metrics[0]).1
+        let (label, metrics) = self
+            .own_metrics
+            .iter()
+            .find(|(l, _)| *l == label)
+            .unwrap_or(&self.own_metrics[0]);
+        metrics.get_or_init(|| RouteMetrics::new(label))
     }
 
     /// The route with the longest `path_prefix` that the (normalised) `path` lies under,
@@ -237,6 +244,28 @@ impl Gate {
             .iter()
             .find(|r| crate::path::under(path, &r.config.path_prefix))
     }
+}
+
+/// The `source` labels of `tokengate_auth_total` this config can produce.
+fn auth_sources(config: &Config) -> Vec<&'static str> {
+    let mut sources = vec!["cache", "store", "none"];
+    for validator in &config.validators {
+        let label = validator.kind();
+        if let Some(known) = crate::telemetry::AUTH_SOURCES.iter().find(|s| **s == label) {
+            if !sources.contains(known) {
+                sources.push(known);
+            }
+        }
+    }
+    let client_certificates = config
+        .server
+        .tls
+        .as_ref()
+        .is_some_and(|tls| tls.client_ca.is_some());
+    if config.x509.enabled || client_certificates {
+        sources.push("x509");
+    }
+    sources
 }
 
 /// Whether two configs sign and check JWT API keys with the same key.

@@ -213,7 +213,7 @@ impl Store {
             Store::Sqlite(s) => s.delete(record.clone()).await?,
             Store::Redis(r) => r.delete(&record).await?,
         }
-        metrics::counter!("tokengate_tokens_revoked_total").increment(1);
+        crate::telemetry::token_revoked();
         Ok(Some(record))
     }
 
@@ -269,11 +269,31 @@ impl Store {
     }
 }
 
+/// Whether this process is the CLI: its revocations are marked so that the servers following
+/// the store count them (`tokengate_tokens_revoked_total` counts every surface; a server counts
+/// its own revocations when it makes them).
+static CLI: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Marks this process as the CLI (see `Revoked::One`'s `by_cli`).
+pub fn mark_cli() {
+    CLI.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn is_cli() -> bool {
+    CLI.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// What a revocation feed reports.
 #[derive(Debug, Clone, Copy)]
 pub enum Revoked {
     /// This token hash was revoked.
-    One([u8; 32]),
+    One {
+        /// The token's hash.
+        hash: [u8; 32],
+        /// By the CLI, whose revocation a server counts (for Redis, the one replica that
+        /// claims it first).
+        by_cli: bool,
+    },
     /// Revocations may have been missed: forget every store-validated entry.
     Unknown,
 }
@@ -323,6 +343,9 @@ CREATE TABLE IF NOT EXISTS revocations (
 );
 ";
 
+/// Files made before revocations said who made them gain the column (older readers ignore it).
+const SQLITE_ORIGIN_COLUMN: &str = "ALTER TABLE revocations ADD COLUMN origin TEXT";
+
 const SQLITE_COLUMNS: &str =
     "hash, id, subject, account, name, kind, dn, created, expires, last_used";
 
@@ -357,6 +380,9 @@ impl SqliteStore {
                 c.pragma_update(None, "journal_mode", "WAL")?;
                 c.pragma_update(None, "synchronous", "NORMAL")?;
                 c.execute_batch(SQLITE_SCHEMA)?;
+                if c.prepare("SELECT origin FROM revocations LIMIT 0").is_err() {
+                    c.execute_batch(SQLITE_ORIGIN_COLUMN)?;
+                }
                 Ok(c)
             })
             .await
@@ -456,8 +482,8 @@ impl SqliteStore {
                 [record.hash.as_slice()],
             )?;
             tx.execute(
-                "INSERT INTO revocations (hash, at) VALUES (?1, ?2)",
-                rusqlite::params![record.hash.as_slice(), now],
+                "INSERT INTO revocations (hash, at, origin) VALUES (?1, ?2, ?3)",
+                rusqlite::params![record.hash.as_slice(), now, is_cli().then_some("cli")],
             )?;
             tx.execute(
                 "DELETE FROM revocations WHERE at < ?1",
@@ -505,19 +531,23 @@ impl SqliteStore {
             let revoked = self
                 .with(move |c| {
                     let mut statement = c.prepare_cached(
-                        "SELECT seq, hash FROM revocations WHERE seq > ?1 ORDER BY seq",
+                        "SELECT seq, hash, origin IS 'cli' FROM revocations WHERE seq > ?1 ORDER BY seq",
                     )?;
                     let rows = statement.query_map([since], |row| {
-                        Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?))
+                        Ok((
+                            row.get::<_, i64>(0)?,
+                            row.get::<_, Vec<u8>>(1)?,
+                            row.get::<_, bool>(2)?,
+                        ))
                     })?;
                     rows.collect::<Result<Vec<_>, _>>()
                 })
                 .await;
             match revoked {
                 Ok(rows) => {
-                    for (seq, hash) in rows {
+                    for (seq, hash, by_cli) in rows {
                         if let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) {
-                            evict(Revoked::One(hash));
+                            evict(Revoked::One { hash, by_cli });
                         }
                         last = seq;
                     }
@@ -669,6 +699,25 @@ impl RedisStore {
         format!("{}revocations", self.prefix)
     }
 
+    /// Where the CLI's revocations are announced a second time, to be counted.
+    fn cli_channel(&self) -> String {
+        format!("{}revocations:cli", self.prefix)
+    }
+
+    /// Whether this replica is the first to count the CLI's revocation of `hash`.
+    async fn claim_count(&self, hash: &str) -> bool {
+        let mut c = self.connection.clone();
+        let claimed: Result<Option<String>, _> = redis::cmd("SET")
+            .arg(format!("{}counted:{hash}", self.prefix))
+            .arg(1)
+            .arg("NX")
+            .arg("EX")
+            .arg(3600)
+            .query_async(&mut c)
+            .await;
+        matches!(claimed, Ok(Some(_)))
+    }
+
     async fn insert(&self, r: &TokenRecord) -> Result<(), StoreError> {
         let token_key = self.token_key(&r.hash);
         let id_key = self.id_key(&r.id);
@@ -758,8 +807,8 @@ impl RedisStore {
 
     async fn delete(&self, r: &TokenRecord) -> Result<(), StoreError> {
         let mut c = self.connection.clone();
-        redis::pipe()
-            .atomic()
+        let mut pipe = redis::pipe();
+        pipe.atomic()
             .del(self.token_key(&r.hash))
             .ignore()
             .del(self.id_key(&r.id))
@@ -767,9 +816,13 @@ impl RedisStore {
             .srem(self.user_key(&r.subject), &r.id)
             .ignore()
             .publish(self.channel(), hex::encode(r.hash))
-            .ignore()
-            .query_async::<()>(&mut c)
-            .await?;
+            .ignore();
+        if is_cli() {
+            // A second channel, so replicas of older versions still read the first unchanged.
+            pipe.publish(self.cli_channel(), hex::encode(r.hash))
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut c).await?;
         Ok(())
     }
 
@@ -794,11 +847,13 @@ impl RedisStore {
     /// messages sent meanwhile are unknown: every store-validated cache entry is dropped.
     async fn follow_revocations(&self, evict: &(impl Fn(Revoked) + Send + Sync)) {
         let channel = self.channel();
+        let cli_channel = self.cli_channel();
         let mut connected_before = false;
         loop {
             let subscribed = async {
                 let mut pubsub = self.client.get_async_pubsub().await?;
                 pubsub.subscribe(&channel).await?;
+                pubsub.subscribe(&cli_channel).await?;
                 Ok::<_, redis::RedisError>(pubsub)
             };
             let pubsub = match tokio::time::timeout(REDIS_CONNECT_TIMEOUT * 2, subscribed).await {
@@ -834,11 +889,19 @@ impl RedisStore {
                         let Ok(payload) = message.get_payload::<String>() else {
                             continue;
                         };
-                        if let Some(hash) = hex::decode(payload.trim())
+                        let Some(hash) = hex::decode(payload.trim())
                             .ok()
                             .and_then(|h| <[u8; 32]>::try_from(h.as_slice()).ok())
-                        {
-                            evict(Revoked::One(hash));
+                        else {
+                            continue;
+                        };
+                        if message.get_channel_name() == cli_channel {
+                            // Evicted by the first message; here only counted, once.
+                            if self.claim_count(payload.trim()).await {
+                                evict(Revoked::One { hash, by_cli: true });
+                            }
+                        } else {
+                            evict(Revoked::One { hash, by_cli: false });
                         }
                     }
                     _ = heartbeat.tick() => {

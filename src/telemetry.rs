@@ -11,6 +11,7 @@ use metrics::{
     Histogram,
 };
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_process::Collector;
 
 /// Request-duration buckets (seconds): sidecar latencies are sub-millisecond to seconds.
 const BUCKETS: &[f64] = &[
@@ -29,6 +30,7 @@ pub fn install() -> Option<PrometheusHandle> {
             match builder.install_recorder() {
                 Ok(handle) => {
                     describe();
+                    process().describe();
                     Some(handle)
                 }
                 Err(e) => {
@@ -38,6 +40,29 @@ pub fn install() -> Option<PrometheusHandle> {
             }
         })
         .clone()
+}
+
+/// The `process_*` metrics (resident memory, open fds, CPU seconds, start time, …).
+fn process() -> &'static Collector {
+    static PROCESS: OnceLock<Collector> = OnceLock::new();
+    PROCESS.get_or_init(Collector::default)
+}
+
+/// Reads the process's figures from `/proc` (on each scrape, so they are current).
+pub fn collect_process() {
+    process().collect();
+}
+
+/// The series of features a config turns on, registered so they read 0 rather than being
+/// absent; a feature that is off has none.
+pub fn register(config: &crate::config::Config) {
+    counter!("tokengate_tokens_revoked_total").absolute(0);
+    for ok in [true, false] {
+        reload_counter(ok).absolute(0);
+    }
+    if config.server.tls.is_some() {
+        counter!("tokengate_tls_handshake_errors_total").absolute(0);
+    }
 }
 
 /// Folds histogram samples periodically (the exporter leaves this to its user).
@@ -82,12 +107,16 @@ fn describe() {
         "tokengate_config_reloads_total",
         "Config reloads, by result (ok, error)."
     );
-    // Counters that other parts of the product drive; registered so they read 0, not absent.
-    counter!("tokengate_tokens_revoked_total").absolute(0);
-    counter!("tokengate_tls_handshake_errors_total").absolute(0);
-    for ok in [true, false] {
-        reload_counter(ok).absolute(0);
-    }
+    describe_gauge!(
+        "tokengate_build_info",
+        "Always 1; the labels say which build is running."
+    );
+    gauge!(
+        "tokengate_build_info",
+        "version" => env!("CARGO_PKG_VERSION"),
+        "commit" => env!("TOKENGATE_COMMIT"),
+    )
+    .set(1.0);
 }
 
 /// The metrics of one route.
@@ -166,46 +195,58 @@ pub const AUTH_SOURCES: [&str; 7] = [
     "none",
 ];
 
-/// `tokengate_auth_total{result,source}`, all combinations registered up front.
+/// `tokengate_auth_total{result,source}`: every result of the sources the config has is
+/// registered up front (reads 0); any other combination on its first use.
 pub struct AuthMetrics {
-    counters: [[Counter; AUTH_SOURCES.len()]; 4],
+    counters: [[OnceLock<Counter>; AUTH_SOURCES.len()]; 4],
 }
 
+const RESULTS: [AuthResult; 4] = [
+    AuthResult::Allowed,
+    AuthResult::Denied,
+    AuthResult::Missing,
+    AuthResult::Error,
+];
+
 impl AuthMetrics {
-    /// Registers every result × source counter.
-    pub fn new() -> AuthMetrics {
-        let row = |result: AuthResult| {
-            AUTH_SOURCES.map(|source| counter!("tokengate_auth_total", "result" => result.label(), "source" => source))
+    /// Registers every result of the sources in `enabled` (labels of `AUTH_SOURCES`).
+    pub fn new(enabled: &[&str]) -> AuthMetrics {
+        let metrics = AuthMetrics {
+            counters: [(); 4].map(|_| [(); AUTH_SOURCES.len()].map(|_| OnceLock::new())),
         };
-        AuthMetrics {
-            counters: [
-                row(AuthResult::Allowed),
-                row(AuthResult::Denied),
-                row(AuthResult::Missing),
-                row(AuthResult::Error),
-            ],
+        for result in RESULTS {
+            for source in enabled {
+                metrics.counter(result, source);
+            }
         }
+        metrics
     }
 
-    /// Counts one decision; an unknown source counts as `none`.
-    pub fn record(&self, result: AuthResult, source: &str) {
+    fn counter(&self, result: AuthResult, source: &str) -> &Counter {
         let column = AUTH_SOURCES
             .iter()
             .position(|s| *s == source)
             .unwrap_or(AUTH_SOURCES.len() - 1);
-        self.counters[result as usize][column].increment(1);
+        self.counters[result as usize][column].get_or_init(|| {
+            counter!("tokengate_auth_total", "result" => result.label(), "source" => AUTH_SOURCES[column])
+        })
     }
-}
 
-impl Default for AuthMetrics {
-    fn default() -> Self {
-        AuthMetrics::new()
+    /// Counts one decision; an unknown source counts as `none`.
+    pub fn record(&self, result: AuthResult, source: &str) {
+        self.counter(result, source).increment(1);
     }
 }
 
 /// Sets `tokengate_cache_entries`.
 pub fn cache_entries(entries: usize) {
     gauge!("tokengate_cache_entries").set(entries as f64);
+}
+
+/// Counts a revoked token (on every surface: the servers' own revocations, and the CLI's as
+/// the store's revocation feed reports them).
+pub fn token_revoked() {
+    counter!("tokengate_tokens_revoked_total").increment(1);
 }
 
 /// Counts a failed TLS handshake.

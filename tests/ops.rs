@@ -640,7 +640,45 @@ async fn metrics_count_real_traffic_with_exact_labels() {
     let before = scrape(admin).await;
     assert_eq!(before.get("tokengate_cache_entries", &[]), 0.0);
     assert_eq!(before.get("tokengate_tokens_revoked_total", &[]), 0.0);
-    assert_eq!(before.get("tokengate_tls_handshake_errors_total", &[]), 0.0);
+    // Features that are off have no series: no TLS, no jwt validator, no x509, no Insight.io.
+    assert_eq!(
+        before.value("tokengate_tls_handshake_errors_total", &[]),
+        None
+    );
+    for absent in [
+        "source=\"jwt\"",
+        "source=\"x509\"",
+        "tokengate:insight",
+        "tokengate:auth/x509",
+    ] {
+        assert!(
+            !before.text.contains(absent),
+            "{absent} in:\n{}",
+            before.text
+        );
+    }
+    assert_eq!(auth_total_of(&before, "denied", "introspect"), 0.0);
+    assert_eq!(auth_total_of(&before, "allowed", "static"), 0.0);
+    // Which build, and the process's own figures.
+    let build_info = before
+        .series("tokengate_build_info")
+        .next()
+        .expect("tokengate_build_info");
+    assert_eq!(build_info.value, 1.0);
+    assert_eq!(build_info.labels["version"], env!("CARGO_PKG_VERSION"));
+    assert!(!build_info.labels["commit"].is_empty());
+    assert!(before.get("process_resident_memory_bytes", &[]) > 1e6);
+    assert!(before.get("process_open_fds", &[]) >= 3.0);
+    assert!(
+        before.get("process_cpu_seconds_total", &[]) >= 0.0,
+        "present"
+    );
+    let started = before.get("process_start_time_seconds", &[]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(started > now - 600.0 && started <= now + 1.0, "{started}");
     assert_eq!(
         before
             .types
@@ -2003,4 +2041,152 @@ upstream = "http://127.0.0.1:{up}"
     for secret in [STATIC_TOKEN, ADMIN_TOKEN, &redis.password, &issued] {
         assert!(!log.contains(secret), "{secret:?} reached the log:\n{log}");
     }
+}
+
+/// `tokengate_tokens_revoked_total` counts every surface: a revocation made with the CLI reaches
+/// the server through the store's revocation feed and is counted there, once.
+#[tokio::test(flavor = "multi_thread")]
+async fn cli_revocations_are_counted_by_the_server() {
+    let up = Upstream::start();
+    let (port, admin) = (free_port(), free_port());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("tokens.db");
+    let toml = format!(
+        r#"[server]
+listen = "127.0.0.1:{port}"
+
+[admin]
+listen = "127.0.0.1:{admin}"
+
+[store]
+backend = "sqlite"
+path = "{db}"
+
+[[route]]
+path_prefix = "/api"
+upstream = "http://127.0.0.1:{up}"
+"#,
+        db = db.display(),
+        up = up.port,
+    );
+    let gate = Gate::start_in(dir, &toml, &[]);
+    wait_port(admin).await;
+    let config = gate.config_path.to_str().unwrap().to_string();
+    let made = cli(&["token", "create", "--config", &config, "--user", "dave"]);
+    assert!(made.status.success(), "{made:?}");
+    let token = String::from_utf8_lossy(&made.stdout).trim().to_string();
+    assert_eq!(
+        status_of(&gate.url("/api/x"), Some(&token)).await,
+        200,
+        "the CLI's token works"
+    );
+    let said = String::from_utf8_lossy(&made.stderr);
+    let id = said
+        .split("created token ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the CLI names the token id")
+        .to_string();
+    assert_eq!(
+        scrape(admin)
+            .await
+            .get("tokengate_tokens_revoked_total", &[]),
+        0.0
+    );
+
+    let revoked = cli(&["token", "revoke", "--config", &config, &id]);
+    assert!(revoked.status.success(), "{revoked:?}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let m = scrape(admin).await;
+        if m.get("tokengate_tokens_revoked_total", &[]) == 1.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the CLI's revocation was not counted:\n{}",
+            m.text
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status_of(&gate.url("/api/x"), Some(&token)).await, 401);
+    // Counted once, not again on later polls.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        scrape(admin)
+            .await
+            .get("tokengate_tokens_revoked_total", &[]),
+        1.0
+    );
+}
+
+/// With Redis, every replica hears the CLI's revocation; exactly one of them counts it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cli_revocation_is_counted_by_one_redis_replica() {
+    if Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        return missing_tool("redis-server", "redis-server");
+    }
+    let redis = RedisServer::start();
+    let up = Upstream::start();
+    let replica = |port: u16, admin: u16| {
+        format!(
+            r#"[server]
+listen = "127.0.0.1:{port}"
+
+[admin]
+listen = "127.0.0.1:{admin}"
+
+[store]
+backend = "redis"
+url = "{url}"
+
+[[route]]
+path_prefix = "/api"
+upstream = "http://127.0.0.1:{up}"
+"#,
+            url = redis.url(),
+            up = up.port,
+        )
+    };
+    let (a_port, a_admin, b_port, b_admin) = (free_port(), free_port(), free_port(), free_port());
+    let a = Gate::start(&replica(a_port, a_admin));
+    let b = Gate::start(&replica(b_port, b_admin));
+    wait_port(a_admin).await;
+    wait_port(b_admin).await;
+    // Both replicas are subscribed once they have seen their own heartbeat; give them a moment.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let config = a.config_path.to_str().unwrap().to_string();
+    let made = cli(&["token", "create", "--config", &config, "--user", "erin"]);
+    assert!(made.status.success(), "{made:?}");
+    let token = String::from_utf8_lossy(&made.stdout).trim().to_string();
+    let said = String::from_utf8_lossy(&made.stderr);
+    let id = said
+        .split("created token ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the CLI names the token id")
+        .to_string();
+    assert_eq!(status_of(&b.url("/api/x"), Some(&token)).await, 200);
+    let revoked = cli(&["token", "revoke", "--config", &config, &id]);
+    assert!(revoked.status.success(), "{revoked:?}");
+    let total = || async {
+        scrape(a_admin)
+            .await
+            .get("tokengate_tokens_revoked_total", &[])
+            + scrape(b_admin)
+                .await
+                .get("tokengate_tokens_revoked_total", &[])
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while total().await < 1.0 {
+        assert!(tokio::time::Instant::now() < deadline, "not counted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(total().await, 1.0, "counted by exactly one replica");
+    assert_eq!(status_of(&b.url("/api/x"), Some(&token)).await, 401);
 }
