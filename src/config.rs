@@ -71,6 +71,7 @@ struct RawConfig {
     #[serde(default)]
     server: RawServer,
     admin: Option<RawAdmin>,
+    verify: Option<Spanned<RawVerify>>,
     #[serde(default)]
     endpoints: RawEndpoints,
     #[serde(default)]
@@ -113,6 +114,15 @@ struct RawTls {
     client_ca: Option<Spanned<String>>,
     client_auth: Option<Spanned<String>>,
     proxy_certificates: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVerify {
+    listen: Spanned<String>,
+    ingress: Spanned<String>,
+    token: Option<Spanned<String>>,
+    tls: Option<Spanned<RawTls>>,
 }
 
 #[derive(Deserialize)]
@@ -298,6 +308,8 @@ pub struct Config {
     pub server: ServerConfig,
     /// The admin listener, when configured.
     pub admin: Option<AdminConfig>,
+    /// The forward-auth decision listener, when configured.
+    pub verify: Option<VerifyConfig>,
     /// Where tokengate looks for a credential, in order.
     pub sources: Vec<Source>,
     /// Sources forwarded unchanged (`[credentials] keep`), in addition to the upstream form.
@@ -441,6 +453,31 @@ pub struct TlsConfig {
     pub client_auth_required: bool,
     /// Accept RFC 3820 / Globus proxy chains.
     pub proxy_certificates: bool,
+}
+
+/// `[verify]`: forward-auth decisions for an ingress (SPEC §5).
+#[derive(Debug, Clone)]
+pub struct VerifyConfig {
+    /// Address of the decision listener.
+    pub listen: SocketAddr,
+    /// Which headers name the original request.
+    pub ingress: Ingress,
+    /// The bearer token the ingress must send (required off loopback, unless TLS with client
+    /// certificates is used).
+    pub token: Option<Secret>,
+    /// TLS for the decision listener (its `client_ca` makes client certificates required).
+    pub tls: Option<TlsConfig>,
+}
+
+/// The ingress that asks for decisions, and so where the original request is named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ingress {
+    /// nginx `auth_request`: `X-Original-URI`, `X-Original-Method`.
+    Nginx,
+    /// Traefik `ForwardAuth`: `X-Forwarded-Uri`, `X-Forwarded-Method`, `X-Forwarded-Host`.
+    Traefik,
+    /// Envoy `ext_authz` (HTTP service): the request's own path and method.
+    Envoy,
 }
 
 /// `[admin]`.
@@ -705,6 +742,10 @@ impl Checker<'_> {
                 token: admin.token.as_ref().map(|t| self.secret(t)).transpose()?,
             }),
         };
+        let verify = match &raw.verify {
+            None => None,
+            Some(verify) => Some(self.verify(verify)?),
+        };
         let endpoints = EndpointsConfig {
             tokens_prefix: match &raw.endpoints.tokens_prefix {
                 None => "/_tokengate".to_string(),
@@ -767,6 +808,7 @@ impl Checker<'_> {
         Ok(Config {
             server,
             admin,
+            verify,
             sources,
             keep,
             cache,
@@ -776,6 +818,76 @@ impl Checker<'_> {
             tokens,
             endpoints,
             x509,
+        })
+    }
+
+    fn tls(&self, tls: &Spanned<RawTls>) -> Result<TlsConfig, ConfigError> {
+        let t = tls.get_ref();
+        let client_auth_required = match t.client_auth.as_ref().map(|v| (v, v.get_ref().as_str())) {
+            None | Some((_, "optional")) => false,
+            Some((_, "required")) => true,
+            Some((v, other)) => {
+                return Err(self.at(
+                    v,
+                    format!("client_auth must be \"optional\" or \"required\", not {other:?}"),
+                ))
+            }
+        };
+        if client_auth_required && t.client_ca.is_none() {
+            return Err(self.at(tls, "client_auth = \"required\" needs client_ca"));
+        }
+        let config = TlsConfig {
+            cert: self.file(&t.cert),
+            key: self.file(&t.key),
+            client_ca: t.client_ca.as_ref().map(|c| self.file(c)),
+            client_auth_required,
+            proxy_certificates: t.proxy_certificates.unwrap_or(false),
+        };
+        // Load the files now, so `check` catches a missing or mismatched certificate.
+        crate::tls::server_config(&config).map_err(|m| self.at(tls, m))?;
+        Ok(config)
+    }
+
+    /// `[verify]`: off loopback, the listener must know who asks (SPEC §5).
+    fn verify(&self, raw: &Spanned<RawVerify>) -> Result<VerifyConfig, ConfigError> {
+        let v = raw.get_ref();
+        let listen = self.socket_addr(&v.listen)?;
+        let ingress = match v.ingress.get_ref().as_str() {
+            "nginx" => Ingress::Nginx,
+            "traefik" => Ingress::Traefik,
+            "envoy" => Ingress::Envoy,
+            other => {
+                return Err(self.at(
+                    &v.ingress,
+                    format!("ingress must be \"nginx\", \"traefik\" or \"envoy\", not {other:?}"),
+                ))
+            }
+        };
+        let token = v.token.as_ref().map(|t| self.secret(t)).transpose()?;
+        if token.as_ref().is_some_and(|t| t.expose().len() < 16) {
+            return Err(self.at(
+                v.token.as_ref().unwrap_or(&v.listen),
+                "[verify] token must be at least 16 characters",
+            ));
+        }
+        let mut tls = v.tls.as_ref().map(|t| self.tls(t)).transpose()?;
+        if let Some(tls) = &mut tls {
+            // Client certificates on the decision listener identify the ingress: never optional.
+            tls.client_auth_required = tls.client_ca.is_some();
+        }
+        let client_certificates = tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+        if !listen.ip().is_loopback() && token.is_none() && !client_certificates {
+            return Err(self.at(
+                raw,
+                "[verify] listens beyond loopback: set token, or [verify.tls] with client_ca \
+                 (its answers can carry an upstream's secret)",
+            ));
+        }
+        Ok(VerifyConfig {
+            listen,
+            ingress,
+            token,
+            tls,
         })
     }
 
@@ -803,38 +915,7 @@ impl Checker<'_> {
                 return Err(self.at(v, "max_header_bytes must be at least 8192"));
             }
         }
-        let tls = match &raw.tls {
-            None => None,
-            Some(tls) => {
-                let t = tls.get_ref();
-                let client_auth_required =
-                    match t.client_auth.as_ref().map(|v| (v, v.get_ref().as_str())) {
-                        None | Some((_, "optional")) => false,
-                        Some((_, "required")) => true,
-                        Some((v, other)) => {
-                            return Err(self.at(
-                                v,
-                                format!(
-                                "client_auth must be \"optional\" or \"required\", not {other:?}"
-                            ),
-                            ))
-                        }
-                    };
-                if client_auth_required && t.client_ca.is_none() {
-                    return Err(self.at(tls, "client_auth = \"required\" needs client_ca"));
-                }
-                let config = TlsConfig {
-                    cert: self.file(&t.cert),
-                    key: self.file(&t.key),
-                    client_ca: t.client_ca.as_ref().map(|c| self.file(c)),
-                    client_auth_required,
-                    proxy_certificates: t.proxy_certificates.unwrap_or(false),
-                };
-                // Load the files now, so `check` catches a missing or mismatched certificate.
-                crate::tls::server_config(&config).map_err(|m| self.at(tls, m))?;
-                Some(config)
-            }
-        };
+        let tls = raw.tls.as_ref().map(|tls| self.tls(tls)).transpose()?;
         Ok(ServerConfig {
             listen,
             max_header_bytes,

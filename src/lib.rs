@@ -35,6 +35,7 @@ pub mod token;
 pub mod trace;
 pub mod upstream;
 pub mod validate;
+pub mod verify;
 pub mod x509;
 
 use std::future::Future;
@@ -98,6 +99,19 @@ pub async fn run_on(
         };
         background.push(tokio::spawn(admin::serve(admin_listener, state)));
         tracing::info!(listen = %admin_addr, "admin listener");
+    }
+    if let Some(verify) = gate.load().config.verify.clone() {
+        let acceptor = match &verify.tls {
+            Some(tls) => Some(tokio_rustls::TlsAcceptor::from(tls::server_config(tls)?)),
+            None => None,
+        };
+        let verify_listener = server::bind(verify.listen).await?;
+        background.push(tokio::spawn(verify::serve(
+            verify_listener,
+            Arc::clone(&gate),
+            acceptor,
+        )));
+        tracing::info!(listen = %verify.listen, ingress = ?verify.ingress, "verify listener");
     }
     background.push(tokio::spawn(write_usage(Arc::clone(&store), usage_marks)));
     background.push(tokio::spawn(follow_revocations(

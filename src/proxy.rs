@@ -44,7 +44,7 @@ pub struct Gate {
     boundary: Boundary,
     validators: Arc<Validators>,
     cache: Arc<Cache>,
-    auth_metrics: AuthMetrics,
+    pub(crate) auth_metrics: AuthMetrics,
     /// `route` metrics of tokengate's own endpoints, and of requests no route matched: made on
     /// first use, so endpoints that are off have no series.
     own_metrics: [(&'static str, OnceLock<RouteMetrics>); OWN_ROUTES.len()],
@@ -72,10 +72,10 @@ pub type UsageSender = mpsc::Sender<([u8; 32], i64)>;
 /// The gate in force; reload swaps it, requests load it.
 pub type SharedGate = Arc<ArcSwap<Gate>>;
 
-struct Route {
-    config: RouteConfig,
+pub(crate) struct Route {
+    pub(crate) config: RouteConfig,
     pool: Arc<Pool>,
-    metrics: RouteMetrics,
+    pub(crate) metrics: RouteMetrics,
 }
 
 /// What the connection knows about the client.
@@ -239,7 +239,7 @@ impl Gate {
 
     /// The route with the longest `path_prefix` that the (normalised) `path` lies under,
     /// matching whole segments.
-    fn route_for(&self, path: &str) -> Option<&Route> {
+    pub(crate) fn route_for(&self, path: &str) -> Option<&Route> {
         self.routes
             .iter()
             .find(|r| crate::path::under(path, &r.config.path_prefix))
@@ -280,12 +280,12 @@ fn same_jwt_key(a: &Config, b: &Config) -> bool {
 /// What the access log line says about a request, filled in as the chain goes.
 #[derive(Default)]
 pub(crate) struct Outcome<'g> {
-    route: Option<&'g Route>,
+    pub(crate) route: Option<&'g Route>,
     endpoint: Option<&'static str>,
-    identity: Option<Arc<Identity>>,
-    source: Option<&'g str>,
+    pub(crate) identity: Option<Arc<Identity>>,
+    pub(crate) source: Option<&'g str>,
     /// The decision, and who made it (`cache` or the validator).
-    auth: Option<(AuthResult, &'static str)>,
+    pub(crate) auth: Option<(AuthResult, &'static str)>,
     upstream: Option<std::time::Duration>,
 }
 
@@ -433,7 +433,7 @@ async fn forward_request<'g>(
 
 /// Replaces the request's path with its normalised form (SPEC §9), so that the route is chosen
 /// by, and the upstream receives, the same path; 400 for a path that cannot be made safe.
-fn normalize_path(uri: &mut http::Uri) -> Result<(), ProxyError> {
+pub(crate) fn normalize_path(uri: &mut http::Uri) -> Result<(), ProxyError> {
     let normal = match crate::path::normalize(uri.path()) {
         Ok(Cow::Borrowed(_)) => return Ok(()),
         Ok(Cow::Owned(normal)) => normal,
@@ -705,14 +705,14 @@ async fn forward<'g>(
 }
 
 /// Who sent a request, with what credential, found where.
-struct Caller<'p, 'g> {
-    identity: Arc<Identity>,
-    token: Cow<'p, str>,
+pub(crate) struct Caller<'p, 'g> {
+    pub(crate) identity: Arc<Identity>,
+    pub(crate) token: Cow<'p, str>,
     source: &'g Source,
 }
 
 /// Extract and validate: the caller's identity and credential, `None` without a credential.
-async fn identify<'p, 'g>(
+pub(crate) async fn identify<'p, 'g>(
     gate: &'g Gate,
     parts: &'p http::request::Parts,
     outcome: &mut Outcome<'g>,

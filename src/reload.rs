@@ -102,6 +102,10 @@ fn restart_only_changes(current: &Config, next: &Config) -> Vec<&'static str> {
         ),
         ("server.drain_timeout", a.drain_timeout != b.drain_timeout),
         ("admin.listen", admin_listen(current) != admin_listen(next)),
+        (
+            "verify.listen",
+            current.verify.as_ref().map(|v| v.listen) != next.verify.as_ref().map(|v| v.listen),
+        ),
     ]
     .into_iter()
     .filter_map(|(key, changed)| changed.then_some(key))

@@ -453,59 +453,6 @@ async fn malformed_chunked_body_is_400_not_502() {
 // Paths against nginx, an upstream that normalises paths itself
 // ---------------------------------------------------------------------------------------------
 
-/// `nginx` on PATH, or /usr/sbin/nginx.
-fn nginx_binary() -> Option<PathBuf> {
-    let on_path = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|dir| dir.join("nginx"));
-    on_path
-        .chain([PathBuf::from("/usr/sbin/nginx")])
-        .find(|p| p.is_file())
-}
-
-/// A real server the test started (nginx, a WSGI app) listening on `port`. Killed on drop.
-struct ChildServer {
-    port: u16,
-    child: std::process::Child,
-    _dir: Option<tempfile::TempDir>,
-}
-
-impl ChildServer {
-    /// Waits (10 s at most) until `child` listens on `port`; panics with its log if it exits.
-    fn listening(
-        what: &str,
-        port: u16,
-        mut child: std::process::Child,
-        dir: Option<tempfile::TempDir>,
-        log: Option<PathBuf>,
-    ) -> ChildServer {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Ok(Some(status)) = child.try_wait() {
-                let log = log
-                    .and_then(|l| std::fs::read_to_string(l).ok())
-                    .unwrap_or_default();
-                panic!("{what} exited ({status}): {log}");
-            }
-            assert!(Instant::now() < deadline, "{what} did not listen in 10 s");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        ChildServer {
-            port,
-            child,
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for ChildServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// An nginx answering `api:$uri` under `/api/` and `public:$uri` under `/public/`, in the
 /// foreground, its files in a temporary directory.
 struct Nginx;
@@ -513,53 +460,15 @@ struct Nginx;
 impl Nginx {
     /// `None` when nginx is not installed.
     fn start() -> Option<ChildServer> {
-        let binary = nginx_binary()?;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
-        let d = dir.path().display();
-        let conf = format!(
-            r#"daemon off;
-master_process off;
-error_log stderr;
-pid {d}/nginx.pid;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {d}/body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
-    server {{
+        start_nginx(|port| {
+            format!(
+                r#"server {{
         listen 127.0.0.1:{port};
         location /api/ {{ return 200 "api:$uri\n"; }}
         location /public/ {{ return 200 "public:$uri\n"; }}
-    }}
-}}
-"#
-        );
-        let conf_path = write_file(dir.path(), "nginx.conf", &conf);
-        let log = std::fs::File::create(dir.path().join("nginx.log")).expect("nginx log");
-        let child = Command::new(binary)
-            .arg("-e")
-            .arg("stderr")
-            .arg("-p")
-            .arg(dir.path())
-            .arg("-c")
-            .arg(&conf_path)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("clone log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn nginx");
-        let log = dir.path().join("nginx.log");
-        Some(ChildServer::listening(
-            "nginx",
-            port,
-            child,
-            Some(dir),
-            Some(log),
-        ))
+    }}"#
+            )
+        })
     }
 }
 

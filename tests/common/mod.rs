@@ -1379,3 +1379,108 @@ pub fn wait_port(port: u16) {
 pub async fn delete(url: &str, headers: &[(&str, &str)]) -> Resp {
     send(build("DELETE", url, headers, full(Bytes::new()))).await
 }
+
+// ---------------------------------------------------------------------------------------------
+// Real servers the tests start (nginx, a WSGI app)
+
+/// `nginx` on PATH, or /usr/sbin/nginx.
+pub fn nginx_binary() -> Option<PathBuf> {
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join("nginx"));
+    on_path
+        .chain([PathBuf::from("/usr/sbin/nginx")])
+        .find(|p| p.is_file())
+}
+
+/// A real server the test started (nginx, a WSGI app) listening on `port`. Killed on drop.
+pub struct ChildServer {
+    pub port: u16,
+    child: std::process::Child,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl ChildServer {
+    /// Waits (10 s at most) until `child` listens on `port`; panics with its log if it exits.
+    pub fn listening(
+        what: &str,
+        port: u16,
+        mut child: std::process::Child,
+        dir: Option<tempfile::TempDir>,
+        log: Option<PathBuf>,
+    ) -> ChildServer {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                let log = log
+                    .and_then(|l| std::fs::read_to_string(l).ok())
+                    .unwrap_or_default();
+                panic!("{what} exited ({status}): {log}");
+            }
+            assert!(Instant::now() < deadline, "{what} did not listen in 10 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        ChildServer {
+            port,
+            child,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// nginx in the foreground, its files in a temporary directory, with the `server { }` blocks
+/// `servers` makes for the port it is given. `None` when nginx is not installed.
+pub fn start_nginx(servers: impl FnOnce(u16) -> String) -> Option<ChildServer> {
+    let binary = nginx_binary()?;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let d = dir.path().display();
+    let servers = servers(port);
+    let conf = format!(
+        r#"daemon off;
+master_process off;
+error_log stderr;
+pid {d}/nginx.pid;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    {servers}
+}}
+"#
+    );
+    let conf_path = write_file(dir.path(), "nginx.conf", &conf);
+    let log = std::fs::File::create(dir.path().join("nginx.log")).expect("nginx log");
+    let child = Command::new(binary)
+        .arg("-e")
+        .arg("stderr")
+        .arg("-p")
+        .arg(dir.path())
+        .arg("-c")
+        .arg(&conf_path)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("clone log"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn nginx");
+    let log = dir.path().join("nginx.log");
+    Some(ChildServer::listening(
+        "nginx",
+        port,
+        child,
+        Some(dir),
+        Some(log),
+    ))
+}
