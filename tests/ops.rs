@@ -482,63 +482,6 @@ impl TlsTarget<'_> {
 // Processes
 // ---------------------------------------------------------------------------------------------
 
-/// A Redis server of this test's own (never the shared one on 6379), with a password. Killed on
-/// drop.
-struct Redis {
-    port: u16,
-    password: String,
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-}
-
-impl Redis {
-    async fn start(password: &str) -> Redis {
-        let mut redis = Redis {
-            port: free_port(),
-            password: password.to_string(),
-            dir: tempfile::tempdir().expect("tempdir"),
-            child: None,
-        };
-        redis.spawn().await;
-        redis
-    }
-
-    /// `redis://:PASSWORD@127.0.0.1:PORT`.
-    fn url(&self) -> String {
-        format!("redis://:{}@127.0.0.1:{}", self.password, self.port)
-    }
-
-    async fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .args(["--requirepass", &self.password])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start redis-server (is it installed?)");
-        self.child = Some(child);
-        wait_port(self.port).await;
-    }
-
-    /// SIGKILL: the store becomes unreachable at once.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 /// A `tokengate` process started with arbitrary arguments (the demo, `--log-format text`), its
 /// standard output and error in a file. Killed on drop.
 struct Proc {
@@ -1003,7 +946,9 @@ async fn failed_tls_handshakes_are_counted() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn readyz_follows_the_redis_store_down_and_back_up() {
-    let mut redis = Redis::start("redis-pw-5e8a1c").await;
+    let Some(mut redis) = RedisServer::start_with_password("redis-pw-5e8a1c") else {
+        return;
+    };
     let up = Upstream::start();
     let (port, admin) = (free_port(), free_port());
     let toml = format!(
@@ -1051,7 +996,7 @@ upstream = "http://127.0.0.1:{up}"
         "the process is still alive"
     );
 
-    redis.spawn().await;
+    redis.restart();
     let back = eventually(
         "readyz 200 after redis returned",
         Duration::from_secs(10),
@@ -1061,7 +1006,7 @@ upstream = "http://127.0.0.1:{up}"
     eprintln!("readyz: 503 {down:?} after redis died, 200 {back:?} after it returned");
     let log = gate.log();
     assert!(
-        !log.contains(&redis.password),
+        !log.contains("redis-pw-5e8a1c"),
         "the redis password reached the log:\n{log}"
     );
 }
@@ -1949,7 +1894,9 @@ async fn rust_log_warn_suppresses_the_access_line() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn startup_lines_name_listeners_routes_and_validators_but_no_secret() {
-    let redis = Redis::start("redis-pw-startup-93ab").await;
+    let Some(redis) = RedisServer::start_with_password("redis-pw-startup-93ab") else {
+        return;
+    };
     let up = Upstream::start();
     let (port, admin) = (free_port(), free_port());
     let toml = format!(
@@ -2038,7 +1985,7 @@ upstream = "http://127.0.0.1:{up}"
         Some(Value::from(format!("127.0.0.1:{admin}"))),
         "{log}"
     );
-    for secret in [STATIC_TOKEN, ADMIN_TOKEN, &redis.password, &issued] {
+    for secret in [STATIC_TOKEN, ADMIN_TOKEN, "redis-pw-startup-93ab", &issued] {
         assert!(!log.contains(secret), "{secret:?} reached the log:\n{log}");
     }
 }

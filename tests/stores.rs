@@ -1,7 +1,7 @@
 //! Issued tokens and their stores (SPEC §3 `[store]` `[tokens]` `[endpoints]` `[admin]`, §5, §6),
 //! end to end: the real binary, real configs on loopback, a real upstream, a real SQLite file and
-//! real Redis servers (the shared one on 6379 with a prefix per test, or a private
-//! `redis-server` where a test stops it or reads its command statistics).
+//! real Redis servers (a private `redis-server` on a free port per test, killed when the test
+//! ends; skipped with one line when `redis-server` is not installed).
 //!
 //! Every token goes through its whole life on every surface that issues tokens (the CLI, the
 //! admin API, the caller's own API on the main listener, the Insight.io endpoints): created,
@@ -364,11 +364,10 @@ async fn cli_lifecycle_on_the_sqlite_file_the_server_uses() {
 async fn cli_lifecycle_on_the_redis_the_server_uses() {
     // Glob characters in the prefix must not confuse `token list` (it SCANs the id keys).
     let prefix = format!("{}[a]?*:", unique_prefix("cli"));
-    let _keys = RedisKeys {
-        url: SHARED_REDIS.into(),
-        prefix: prefix.clone(),
+    let Some(redis) = RedisServer::start() else {
+        return;
     };
-    let setup = Setup::start(&redis_store(SHARED_REDIS, &prefix));
+    let setup = Setup::start(&redis_store(&redis.url(), &prefix));
     cli_lifecycle(&setup).await;
 }
 
@@ -804,12 +803,10 @@ async fn sqlite_concurrent_writers_server_and_cli_processes() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_revocation_reaches_the_other_replica_within_a_second() {
-    let prefix = unique_prefix("replicas");
-    let _keys = RedisKeys {
-        url: SHARED_REDIS.into(),
-        prefix: prefix.clone(),
+    let Some(redis) = RedisServer::start() else {
+        return;
     };
-    let store = redis_store(SHARED_REDIS, &prefix);
+    let store = redis_store(&redis.url(), "tg:");
     let one = Setup::start(&store);
     let two = Setup::start(&store);
 
@@ -837,7 +834,7 @@ async fn redis_revocation_reaches_the_other_replica_within_a_second() {
         .assert_error(401, "Invalid credentials");
 }
 
-/// A TCP relay to the shared Redis that can silently stop relaying the connections it holds
+/// A TCP relay to a Redis server that can silently stop relaying the connections it holds
 /// (no FIN, no RST: what a dropped NAT entry or a vanished peer looks like), while connections
 /// made afterwards are relayed normally.
 struct Relay {
@@ -847,7 +844,7 @@ struct Relay {
 }
 
 impl Relay {
-    async fn start() -> Relay {
+    async fn start(redis_port: u16) -> Relay {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let relay = Relay {
@@ -859,7 +856,8 @@ impl Relay {
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let n = accepted.fetch_add(1, Ordering::SeqCst);
-                let Ok(server) = tokio::net::TcpStream::connect("127.0.0.1:6379").await else {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", redis_port)).await
+                else {
                     continue;
                 };
                 let (client_r, client_w) = client.into_split();
@@ -908,14 +906,13 @@ async fn pipe(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_silently_dead_subscription_is_replaced_and_the_revocation_still_wins() {
-    let prefix = unique_prefix("silent");
-    let _keys = RedisKeys {
-        url: SHARED_REDIS.into(),
-        prefix: prefix.clone(),
+    let Some(redis) = RedisServer::start() else {
+        return;
     };
-    let relay = Relay::start().await;
-    let behind_relay = Setup::start(&redis_store(&relay.url(), &prefix));
-    let direct = Setup::start(&redis_store(SHARED_REDIS, &prefix));
+    let prefix = "tg:";
+    let relay = Relay::start(redis.port).await;
+    let behind_relay = Setup::start(&redis_store(&relay.url(), prefix));
+    let direct = Setup::start(&redis_store(&redis.url(), prefix));
 
     let (token, id) = direct.admin_create(r#"{"user":"gina"}"#).await;
     assert_works(&behind_relay.gate, &token, "gina", "gina").await;
@@ -965,13 +962,12 @@ async fn redis_silently_dead_subscription_is_replaced_and_the_revocation_still_w
 
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_token_with_ttl_has_a_redis_expiry_and_is_refused_once_expired() {
-    let prefix = unique_prefix("ttl");
-    let _keys = RedisKeys {
-        url: SHARED_REDIS.into(),
-        prefix: prefix.clone(),
+    let Some(server) = RedisServer::start() else {
+        return;
     };
-    let setup = Setup::start(&redis_store(SHARED_REDIS, &prefix));
-    let mut redis = redis_connection(SHARED_REDIS);
+    let prefix = "tg:";
+    let setup = Setup::start(&redis_store(&server.url(), prefix));
+    let mut redis = server.connection();
 
     let (token, id) = setup.admin_create(r#"{"user":"gina","ttl":"3s"}"#).await;
     let created = Instant::now();
@@ -1013,7 +1009,9 @@ async fn redis_token_with_ttl_has_a_redis_expiry_and_is_refused_once_expired() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_down_fails_closed_and_recovers_without_restart() {
-    let mut redis = RedisServer::start();
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
     let prefix = "tg:";
     let setup = Setup::start(&redis_store(&redis.url(), prefix));
     let channel = format!("{prefix}revocations");
@@ -1094,7 +1092,9 @@ async fn redis_down_fails_closed_and_recovers_without_restart() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_down_at_startup_serves_and_recovers() {
-    let mut redis = RedisServer::start();
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
     redis.kill();
     let setup = Setup::start(&redis_store(&redis.url(), "tg:"));
     // Credentials that do not need the store still work; issued tokens fail closed.
@@ -1102,7 +1102,7 @@ async fn redis_down_at_startup_serves_and_recovers() {
     assert_eq!(resp.status, 200, "a static token while Redis is down");
     let (well_formed, _) = {
         // A well-formed token from another store: only this store could vouch for it.
-        let other = RedisServer::start();
+        let other = RedisServer::start().expect("redis-server was there a moment ago");
         let elsewhere = Setup::start(&redis_store(&other.url(), "tg:"));
         elsewhere.admin_create(r#"{"user":"jill"}"#).await
     };
@@ -1216,7 +1216,9 @@ async fn all_refused(gate: &Gate, credentials: Vec<String>) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn malformed_tokens_never_reach_the_store_or_the_cache() {
-    let redis = RedisServer::start();
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
     let setup = Setup::start(&redis_store(&redis.url(), "tg:"));
 
     // Well-formed tokens the store does not know: created, then revoked.

@@ -1218,11 +1218,8 @@ pub fn peak_rss(pid: u32) -> Option<u64> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Redis (the shared server on 6379, or a private redis-server per test) and small waits
+// Redis (a private redis-server per test, never a machine-wide one) and small waits
 // ---------------------------------------------------------------------------------------------
-
-/// The Redis server every test may share; tests keep apart by a [`unique_prefix`].
-pub const SHARED_REDIS: &str = "redis://127.0.0.1:6379/0";
 
 /// A key prefix no other test (or earlier run) uses: `tgtest:<tag>:<pid>:<nanos>:<n>:`.
 pub fn unique_prefix(tag: &str) -> String {
@@ -1258,61 +1255,59 @@ pub fn redis_connection(url: &str) -> redis::Connection {
     }
 }
 
-/// Deletes every key under a prefix of the shared Redis when dropped.
-pub struct RedisKeys {
-    pub url: String,
-    pub prefix: String,
-}
-
-impl Drop for RedisKeys {
-    fn drop(&mut self) {
-        let Ok(client) = redis::Client::open(self.url.as_str()) else {
-            return;
-        };
-        let Ok(mut c) = client.get_connection() else {
-            return;
-        };
-        let literal: String = self
-            .prefix
-            .chars()
-            .flat_map(|c| {
-                let escape = matches!(c, '*' | '?' | '[' | ']' | '\\').then_some('\\');
-                escape.into_iter().chain([c])
-            })
-            .collect();
-        let pattern = format!("{literal}*");
-        let keys: Vec<String> = match redis::Commands::scan_match::<_, String>(&mut c, pattern) {
-            Ok(iter) => iter.filter_map(Result::ok).collect(),
-            Err(_) => return,
-        };
-        for key in keys {
-            let _ = redis::cmd("DEL").arg(&key).query::<i64>(&mut c);
-        }
-    }
-}
-
 /// A private `redis-server` on a free port, its append-only file in a temporary directory
-/// (`appendfsync always`, so a SIGKILL loses nothing and a restart brings the data back).
-/// Killed on drop. Never touches the shared server on 6379.
+/// (`appendfsync always`, so a SIGKILL loses nothing and a restart brings the data back),
+/// optionally with a password. Killed on drop, so no server outlives its test. Tests never
+/// assume a Redis on the machine (no well-known port): each starts its own.
 pub struct RedisServer {
     pub port: u16,
     pub dir: tempfile::TempDir,
+    /// `requirepass`, when started with one.
+    pub password: Option<String>,
     child: Option<Child>,
 }
 
 impl RedisServer {
-    pub fn start() -> RedisServer {
+    /// A fresh server without a password; `None` when `redis-server` is not installed (then
+    /// [`missing_tool`] has printed the skip line, or panicked under `TOKENGATE_TEST_STRICT=1`).
+    pub fn start() -> Option<RedisServer> {
+        RedisServer::launch(None)
+    }
+
+    /// A fresh server that requires `password` (its URL carries it); `None` as for
+    /// [`RedisServer::start`].
+    pub fn start_with_password(password: &str) -> Option<RedisServer> {
+        RedisServer::launch(Some(password.to_string()))
+    }
+
+    fn launch(password: Option<String>) -> Option<RedisServer> {
+        let installed = Command::new("redis-server")
+            .arg("--version")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !installed {
+            missing_tool("redis-server", "redis-server");
+            return None;
+        }
         let mut server = RedisServer {
             port: free_port(),
             dir: tempfile::tempdir().expect("tempdir"),
+            password,
             child: None,
         };
         server.spawn();
-        server
+        Some(server)
     }
 
+    /// `redis://127.0.0.1:PORT/0`, or `redis://:PASSWORD@127.0.0.1:PORT/0`.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        match &self.password {
+            Some(pw) => format!("redis://:{pw}@127.0.0.1:{}/0", self.port),
+            None => format!("redis://127.0.0.1:{}/0", self.port),
+        }
     }
 
     pub fn connection(&self) -> redis::Connection {
@@ -1325,14 +1320,18 @@ impl RedisServer {
             .append(true)
             .open(self.dir.path().join("redis.log"))
             .expect("open redis log");
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string()])
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1"])
             .args(["--save", ""])
             .args(["--appendonly", "yes"])
             .args(["--appendfsync", "always"])
             .arg("--dir")
-            .arg(self.dir.path())
+            .arg(self.dir.path());
+        if let Some(pw) = &self.password {
+            cmd.args(["--requirepass", pw]);
+        }
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log handle"))
             .stderr(log)
