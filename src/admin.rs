@@ -57,7 +57,6 @@ const ADMIN_CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from
 /// listener: a connection limit, and a request head (also the next one on a keep-alive
 /// connection) within `header_read_timeout`.
 pub async fn serve(listener: TcpListener, state: AdminState) {
-    let limit = Arc::new(tokio::sync::Semaphore::new(ADMIN_CONNECTIONS));
     let header_read_timeout = state.gate.load().config.server.header_read_timeout;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -70,37 +69,32 @@ pub async fn serve(listener: TcpListener, state: AdminState) {
         .keep_alive_interval(header_read_timeout)
         .max_concurrent_streams(16);
     let builder = Arc::new(builder);
-    loop {
-        let Ok(permit) = Arc::clone(&limit).acquire_owned().await else {
-            return;
-        };
-        let (tcp, client) = match listener.accept().await {
-            Ok(pair) => pair,
-            Err(e) => {
-                tracing::warn!(error = %e, "admin accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let state = state.clone();
-        let builder = Arc::clone(&builder);
-        tokio::spawn(async move {
-            let _permit = permit;
-            // A client that says nothing is not waited for (the HTTP/1 head timer starts only
-            // once a protocol is known).
-            let mut first = [0u8; 1];
-            match tokio::time::timeout(header_read_timeout, tcp.peek(&mut first)).await {
-                Ok(Ok(n)) if n > 0 => {}
-                _ => return,
-            }
-            let service = service_fn(move |request| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(&state, request, client.ip()).await) }
+    crate::server::accept_bounded(
+        listener,
+        ADMIN_CONNECTIONS,
+        "admin",
+        |tcp, client, permit| {
+            let state = state.clone();
+            let builder = Arc::clone(&builder);
+            tokio::spawn(async move {
+                let _permit = permit;
+                // A client that says nothing is not waited for (the HTTP/1 head timer starts only
+                // once a protocol is known).
+                let mut first = [0u8; 1];
+                match tokio::time::timeout(header_read_timeout, tcp.peek(&mut first)).await {
+                    Ok(Ok(n)) if n > 0 => {}
+                    _ => return,
+                }
+                let service = service_fn(move |request| {
+                    let state = state.clone();
+                    async move { Ok::<_, Infallible>(handle(&state, request, client.ip()).await) }
+                });
+                let connection = builder.serve_connection(TokioIo::new(tcp), service);
+                let _ = tokio::time::timeout(ADMIN_CONNECTION_LIFETIME, connection).await;
             });
-            let connection = builder.serve_connection(TokioIo::new(tcp), service);
-            let _ = tokio::time::timeout(ADMIN_CONNECTION_LIFETIME, connection).await;
-        });
-    }
+        },
+    )
+    .await;
 }
 
 async fn handle(

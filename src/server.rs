@@ -45,6 +45,30 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
         .map_err(|e| format!("cannot listen on {addr}: {e}"))
 }
 
+/// The accept loop of a side listener (admin, verify): at most `limit` connections at once
+/// (more wait in the backlog), each handed to `serve` with the permit it must hold until it
+/// ends; an accept error is logged and retried after a pause.
+pub async fn accept_bounded(
+    listener: TcpListener,
+    limit: usize,
+    what: &'static str,
+    mut serve: impl FnMut(tokio::net::TcpStream, SocketAddr, tokio::sync::OwnedSemaphorePermit),
+) {
+    let limit = Arc::new(tokio::sync::Semaphore::new(limit));
+    loop {
+        let Ok(permit) = Arc::clone(&limit).acquire_owned().await else {
+            return;
+        };
+        match listener.accept().await {
+            Ok((tcp, client)) => serve(tcp, client, permit),
+            Err(e) => {
+                tracing::warn!(listener = what, error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 /// How many workers a config asks for: `[server] workers`, else one per core this process may
 /// use (`available_parallelism` respects affinity and cgroup quota).
 pub fn worker_count(server: &ServerConfig) -> usize {

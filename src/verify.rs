@@ -48,7 +48,6 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 /// Serves decisions on `listener` until the task is dropped: a connection limit, a TLS
 /// handshake and request head within `header_read_timeout`, HTTP/1.1 and HTTP/2.
 pub async fn serve(listener: TcpListener, gate: SharedGate, acceptor: Option<TlsAcceptor>) {
-    let limit = Arc::new(tokio::sync::Semaphore::new(VERIFY_CONNECTIONS));
     let server = gate.load().config.server.clone();
     let header_read_timeout = server.header_read_timeout;
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -63,18 +62,7 @@ pub async fn serve(listener: TcpListener, gate: SharedGate, acceptor: Option<Tls
         .keep_alive_interval(server.idle_timeout)
         .max_concurrent_streams(server.max_concurrent_streams);
     let builder = Arc::new(builder);
-    loop {
-        let Ok(permit) = Arc::clone(&limit).acquire_owned().await else {
-            return;
-        };
-        let (tcp, client) = match listener.accept().await {
-            Ok(pair) => pair,
-            Err(e) => {
-                tracing::warn!(error = %e, "verify accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    crate::server::accept_bounded(listener, VERIFY_CONNECTIONS, "verify", |tcp, client, permit| {
         let gate = Arc::clone(&gate);
         let builder = Arc::clone(&builder);
         let acceptor = acceptor.clone();
@@ -111,7 +99,8 @@ pub async fn serve(listener: TcpListener, gate: SharedGate, acceptor: Option<Tls
                 }
             }
         });
-    }
+    })
+    .await;
 }
 
 /// One decision, its metrics and its access-log line.

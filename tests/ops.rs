@@ -2019,21 +2019,12 @@ upstream = "http://127.0.0.1:{up}"
     let gate = Gate::start_in(dir, &toml, &[]);
     wait_port(admin).await;
     let config = gate.config_path.to_str().unwrap().to_string();
-    let made = cli(&["token", "create", "--config", &config, "--user", "dave"]);
-    assert!(made.status.success(), "{made:?}");
-    let token = String::from_utf8_lossy(&made.stdout).trim().to_string();
+    let (token, id) = cli_create_token(&gate.config_path, "dave");
     assert_eq!(
         status_of(&gate.url("/api/x"), Some(&token)).await,
         200,
         "the CLI's token works"
     );
-    let said = String::from_utf8_lossy(&made.stderr);
-    let id = said
-        .split("created token ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .expect("the CLI names the token id")
-        .to_string();
     assert_eq!(
         scrape(admin)
             .await
@@ -2102,16 +2093,7 @@ upstream = "http://127.0.0.1:{up}"
     // Both replicas are subscribed once they have seen their own heartbeat; give them a moment.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let config = a.config_path.to_str().unwrap().to_string();
-    let made = cli(&["token", "create", "--config", &config, "--user", "erin"]);
-    assert!(made.status.success(), "{made:?}");
-    let token = String::from_utf8_lossy(&made.stdout).trim().to_string();
-    let said = String::from_utf8_lossy(&made.stderr);
-    let id = said
-        .split("created token ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .expect("the CLI names the token id")
-        .to_string();
+    let (token, id) = cli_create_token(&a.config_path, "erin");
     assert_eq!(status_of(&b.url("/api/x"), Some(&token)).await, 200);
     let revoked = cli(&["token", "revoke", "--config", &config, &id]);
     assert!(revoked.status.success(), "{revoked:?}");

@@ -157,24 +157,7 @@ async fn the_log_has_host_protocol_user_agent_token_id_and_bytes_sent() {
         dir.path().join("tokens.db").display()
     );
     let gate = Gate::start_in(dir, &toml, &[]);
-    let made = cli(&[
-        "token",
-        "create",
-        "--config",
-        gate.config_path.to_str().unwrap(),
-        "--user",
-        "alice",
-    ]);
-    assert!(made.status.success(), "{made:?}");
-    let token = String::from_utf8_lossy(&made.stdout).trim().to_string();
-    assert!(token.starts_with("tg_"), "{made:?}");
-    let said = String::from_utf8_lossy(&made.stderr);
-    let id = said
-        .split("created token ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .expect("the CLI names the token id")
-        .to_string();
+    let (token, id) = cli_create_token(&gate.config_path, "alice");
 
     // A streamed, chunked body of 300 000 bytes: bytes_sent counts what was sent.
     let resp = get(

@@ -80,6 +80,17 @@ fn nginx(vport: u16, up: u16) -> Option<ChildServer> {
     })
 }
 
+/// The echo upstream, a gate deciding in `nginx` mode, and nginx asking it; `None` without
+/// nginx.
+async fn behind_nginx() -> Option<(Upstream, Gate, ChildServer)> {
+    let up = Upstream::start();
+    let vport = free_port();
+    let gate = Gate::start(&config(free_port(), vport, "nginx", "", up.port));
+    let nginx = nginx(vport, up.port)?;
+    ask(vport, "/", &[]).await;
+    Some((up, gate, nginx))
+}
+
 /// `curl -i --path-as-is` through nginx.
 fn curl(port: u16, path: &str, headers: &[(&str, &str)]) -> CurlReply {
     let mut cmd = std::process::Command::new("curl");
@@ -102,13 +113,9 @@ fn echoed(reply: &CurlReply, name: &str) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn nginx_auth_request_lets_valid_tokens_through_with_the_upstream_form() {
-    let up = Upstream::start();
-    let vport = free_port();
-    let _gate = Gate::start(&config(free_port(), vport, "nginx", "", up.port));
-    let Some(nginx) = nginx(vport, up.port) else {
+    let Some((up, _gate, nginx)) = behind_nginx().await else {
         return missing_tool("nginx", "nginx-light");
     };
-    ask(vport, "/", &[]).await;
 
     // A valid token: the upstream sees the identity and its own credential form, not the
     // client's header, and not the client's copy of the identity headers.
@@ -165,13 +172,9 @@ async fn nginx_auth_request_lets_valid_tokens_through_with_the_upstream_form() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn nginx_open_routes_pass_without_identity_and_path_tricks_still_need_a_credential() {
-    let up = Upstream::start();
-    let vport = free_port();
-    let _gate = Gate::start(&config(free_port(), vport, "nginx", "", up.port));
-    let Some(nginx) = nginx(vport, up.port) else {
+    let Some((up, _gate, nginx)) = behind_nginx().await else {
         return missing_tool("nginx", "nginx-light");
     };
-    ask(vport, "/", &[]).await;
     let open = curl(nginx.port, "/public/readme", &[("X-Auth-User", "mallory")]);
     assert_eq!(open.status, 200, "{open:?}");
     assert_eq!(

@@ -108,6 +108,30 @@ value = "{{token}}"
     )
 }
 
+/// `tokengate token create --config CONFIG --user USER`: the new token (standard output) and
+/// its id (named on standard error).
+pub fn cli_create_token(config: &Path, user: &str) -> (String, String) {
+    let made = cli(&[
+        "token",
+        "create",
+        "--config",
+        config.to_str().expect("UTF-8 path"),
+        "--user",
+        user,
+    ]);
+    assert!(made.status.success(), "{made:?}");
+    let token = String::from_utf8_lossy(&made.stdout).trim().to_string();
+    assert!(token.starts_with("tg_"), "{made:?}");
+    let said = String::from_utf8_lossy(&made.stderr);
+    let id = said
+        .split("created token ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the CLI names the token id")
+        .to_string();
+    (token, id)
+}
+
 /// Runs the CLI to completion (for `check`, `hash`, `--version`).
 pub fn cli(args: &[&str]) -> Output {
     Command::new(BIN)
