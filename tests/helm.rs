@@ -1039,19 +1039,21 @@ fn image_and_chart_agree() {
     );
 }
 
-/// The chart's config, made runnable on this machine: the listeners on loopback ports, the
-/// sqlite file in `dir`, the app's address the test upstream's. Each rewritten string must
-/// occur exactly once, so a chart change cannot slip past it.
-fn runnable_config(
-    config: &str,
-    dir: &Path,
-    gate_port: u16,
+/// The chart's config served on this machine: the listeners moved to free loopback ports, the
+/// sqlite file to a temporary directory, the app's address (`http://127.0.0.1:8080`, the
+/// chart's default app.port) to a test upstream. Each rewritten string must occur exactly once,
+/// so a chart change cannot slip past it.
+struct Served {
+    upstream: Upstream,
+    gate: Gate,
     admin_port: u16,
-    upstream_port: u16,
-    app_port: u16,
-) -> String {
+}
+
+fn serve_rendered(config: &str, env: &[(&str, &str)]) -> Served {
+    let upstream = Upstream::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (gate_port, admin_port) = (free_port(), free_port());
     let mut text = config.to_string();
-    let db = dir.join("tokengate.db");
     for (from, to) in [
         (
             "\"0.0.0.0:8443\"".to_string(),
@@ -1063,11 +1065,11 @@ fn runnable_config(
         ),
         (
             "\"/var/lib/tokengate/tokengate.db\"".to_string(),
-            format!("\"{}\"", db.display()),
+            format!("\"{}\"", dir.path().join("tokengate.db").display()),
         ),
         (
-            format!("\"http://127.0.0.1:{app_port}\""),
-            format!("\"http://127.0.0.1:{upstream_port}\""),
+            "\"http://127.0.0.1:8080\"".to_string(),
+            format!("\"http://127.0.0.1:{}\"", upstream.port),
         ),
     ] {
         assert_eq!(
@@ -1077,7 +1079,13 @@ fn runnable_config(
         );
         text = text.replace(&from, &to);
     }
-    text
+    let gate = Gate::start_in(dir, &text, env);
+    common::wait_port(admin_port);
+    Served {
+        upstream,
+        gate,
+        admin_port,
+    }
 }
 
 /// The first-token command NOTES.txt prints, as argv after `kubectl exec ... --`.
@@ -1129,18 +1137,7 @@ async fn default_install_authenticates_the_token_notes_txt_creates() {
     );
     assert!(notes.contains(r#"curl -H "Authorization: Bearer $TOKEN" http://127.0.0.1:8443/"#));
 
-    let upstream = Upstream::start();
-    let dir = tempfile::tempdir().unwrap();
-    let (gate_port, admin_port) = (free_port(), free_port());
-    let text = runnable_config(
-        &r.config_text(),
-        dir.path(),
-        gate_port,
-        admin_port,
-        upstream.port,
-        8080,
-    );
-    let gate = Gate::start_in(dir, &text, &[]);
+    let Served { upstream, gate, .. } = serve_rendered(&r.config_text(), &[]);
 
     get(&gate.url("/"), &[])
         .await
@@ -1217,20 +1214,13 @@ async fn admin_token_from_a_secret_creates_the_first_token() {
     );
     assert!(curl.contains("Content-Type: application/json"), "{curl}");
 
-    let upstream = Upstream::start();
-    let dir = tempfile::tempdir().unwrap();
-    let (gate_port, admin_port) = (free_port(), free_port());
-    let text = runnable_config(
-        &r.config_text(),
-        dir.path(),
-        gate_port,
-        admin_port,
-        upstream.port,
-        8080,
-    );
     let admin_secret = "admin-secret-from-the-secret";
-    let gate = Gate::start_in(dir, &text, &[("TOKENGATE_ADMIN_TOKEN", admin_secret)]);
-    common::wait_port(admin_port);
+    // `_upstream` is the app: it must live as long as the gate.
+    let Served {
+        gate,
+        admin_port,
+        upstream: _upstream,
+    } = serve_rendered(&r.config_text(), &[("TOKENGATE_ADMIN_TOKEN", admin_secret)]);
 
     let admin_url = format!("http://127.0.0.1:{admin_port}/tokens");
     let json = [("Content-Type", "application/json")];
@@ -1264,15 +1254,7 @@ async fn admin_token_from_a_secret_creates_the_first_token() {
 #[tokio::test]
 async fn rendered_config_serves_the_probe_and_metrics_paths() {
     let Some(helm) = Helm::get() else { return };
-    let (gate_port, admin_port) = (free_port(), free_port());
-    let r = helm.render(
-        "default-values.yaml",
-        &[
-            &format!("tokengate.port={gate_port}"),
-            &format!("admin.port={admin_port}"),
-            "store.backend=memory",
-        ],
-    );
+    let r = helm.render("default-values.yaml", &[]);
     let gate = r.container("tokengate");
     let mut paths: Vec<(String, u64)> = ["livenessProbe", "readinessProbe"]
         .iter()
@@ -1290,12 +1272,15 @@ async fn rendered_config_serves_the_probe_and_metrics_paths() {
         str_of(&annotations["prometheus.io/port"]).parse().unwrap(),
     ));
 
-    let _gate = Gate::start(&r.config_text());
-    common::wait_port(admin_port);
+    let served = serve_rendered(&r.config_text(), &[]);
     for (path, port) in paths {
-        assert_eq!(port, u64::from(admin_port), "{path} on the admin port");
-        let resp = get(&format!("http://127.0.0.1:{port}{path}"), &[]).await;
-        assert_eq!(resp.status, 200, "GET {path} on the admin port");
+        assert_eq!(port, ADMIN_PORT, "{path} on the admin port");
+        let url = format!("http://127.0.0.1:{}{path}", served.admin_port);
+        assert_eq!(
+            get(&url, &[]).await.status,
+            200,
+            "GET {path} on the admin port"
+        );
     }
 }
 
@@ -1549,24 +1534,13 @@ fn sidecar_mode_patches_an_existing_deployment_and_service() {
     assert!(argv.contains(&CONFIG_PATH.to_string()));
 }
 
-/// mode=sidecar with the sqlite store on a claim: the patch also switches the Deployment to
+/// `ci/sidecar-values.yaml`: mode=sidecar with the sqlite store on a claim: the patch also switches the Deployment to
 /// Recreate (dropping rollingUpdate) and adds fsGroup beside the pod's own securityContext;
 /// networkPolicy selects the existing pods by sidecar.podSelector.
 #[test]
 fn sidecar_patch_with_a_claim_and_a_network_policy() {
     let Some(helm) = Helm::get() else { return };
-    let r = helm
-        .try_render(
-            None,
-            &[
-                "mode=sidecar",
-                "sidecar.deployment=legacy-api",
-                "store.persistentVolumeClaim=tokengate-store",
-                "networkPolicy.enabled=true",
-                "sidecar.podSelector.app=legacy-api",
-            ],
-        )
-        .unwrap();
+    let r = helm.render("sidecar-values.yaml", &[]);
     let patches = r
         .all("ConfigMap")
         .into_iter()
