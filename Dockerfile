@@ -7,8 +7,14 @@
 #   docker run --rm -v "$PWD/config.example.toml:/etc/tokengate/tokengate.toml:ro" tokengate:0.1.0 check --config /etc/tokengate/tokengate.toml
 #
 # The Helm chart (helm/tokengate) runs this image as a sidecar with the config in a ConfigMap.
+# No image is published: build it, push it to your registry and set tokengate.image.repository.
+#
+# Both stages are pinned so a rebuild gets the same toolchain: the builder to the exact Rust
+# release this repository is built and tested with (`rustc --version`; bump it deliberately,
+# tests/helm.rs checks it is an exact X.Y.Z no older than Cargo.toml's rust-version), the
+# runtime to a distroless tag (add @sha256:<digest> to pin the bytes as well).
 
-FROM rust:1-bookworm AS build
+FROM rust:1.95.0-bookworm AS build
 WORKDIR /src
 # Only what `cargo build` of the lib and the binary needs; tests, benches and examples are
 # not built.
