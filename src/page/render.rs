@@ -194,8 +194,8 @@ fn tokens_table(out: &mut String, view: &View<'_>, prefix: &str, csrf: &str) {
         "<section class=\"card\" aria-labelledby=\"tokens-title\">\n\
          <h2 id=\"tokens-title\">Your tokens</h2>\n\
          <table id=\"tokens\">\n<thead><tr><th scope=\"col\">Name</th><th scope=\"col\">Id</th>\
-         <th scope=\"col\">Created</th><th scope=\"col\">Expires</th>\
-         <th scope=\"col\">Last used</th><th scope=\"col\"><span class=\"hidden\">Actions</span></th>\
+         <th scope=\"col\">Created (UTC)</th><th scope=\"col\">Expires (UTC)</th>\
+         <th scope=\"col\">Last used (UTC)</th><th scope=\"col\"><span class=\"hidden\">Actions</span></th>\
          </tr></thead>\n<tbody>\n",
     );
     if view.tokens.is_empty() {
@@ -227,14 +227,17 @@ fn tokens_table(out: &mut String, view: &View<'_>, prefix: &str, csrf: &str) {
     out.push_str("</tbody>\n</table>\n</section>\n");
 }
 
-/// A `<time>` element, or `none` for no time.
+/// A `<time>` element (UTC, as the column heading says), or `none` for no time.
 fn time_cell(ms: Option<i64>, none: &str) -> String {
     match ms {
-        Some(ms) => format!(
-            "<time datetime=\"{}\">{}</time>",
-            crate::endpoints::rfc3339(ms),
-            shown_time(ms)
-        ),
+        Some(ms) => {
+            let shown = shown_time(ms);
+            format!(
+                "<time datetime=\"{}\">{}</time>",
+                crate::endpoints::rfc3339(ms),
+                shown.trim_end_matches(" UTC")
+            )
+        }
         None => none.to_string(),
     }
 }
