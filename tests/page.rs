@@ -307,6 +307,57 @@ async fn page_lists_creates_and_revokes_with_the_security_headers() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_apps_session_cookie_through_introspect_signs_in_and_is_kept_for_the_app() {
+    let up = Upstream::start();
+    let port = free_port();
+    let gate = Gate::start(&format!(
+        r#"[server]
+listen = "127.0.0.1:{port}"
+[endpoints]
+page = true
+[credentials]
+sources = ["bearer", "cookie:session"]
+keep = ["cookie:session"]
+[store]
+backend = "memory"
+{validator}
+{route}"#,
+        validator = introspect_validator(up.port, "2s"),
+        route = catch_all_route(up.port, ""),
+    ));
+    // The app's own session (its /whoami answers uid "alice" for it) opens the page.
+    let page = get_page(&gate, ALICE).await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(page.body.contains("Signed in as <strong>alice</strong>"));
+    let created = post_form(&gate, "/_tokengate/", ALICE, &[("csrf", &page.csrf())]).await;
+    let secret = created.new_token().expect("a new token");
+    // The same browser still reaches the app with its cookie, which the app needs.
+    let resp = get(&gate.url("/app"), &[("cookie", &cookie(ALICE))]).await;
+    assert_eq!(resp.status.as_u16(), 200);
+    let seen = up.last().await;
+    assert_eq!(
+        seen.header("cookie").as_deref(),
+        Some(cookie(ALICE).as_str())
+    );
+    assert_eq!(seen.header("x-auth-user").as_deref(), Some("alice"));
+    // And the new token acts as alice on the app.
+    let resp = get(
+        &gate.url("/app"),
+        &[("authorization", &format!("Bearer {secret}"))],
+    )
+    .await;
+    assert_eq!(resp.status.as_u16(), 200);
+    assert_eq!(
+        up.last().await.header("x-auth-user").as_deref(),
+        Some("alice")
+    );
+}
+
+/// Request headers, or form fields: (name, value).
+type Headers<'a> = Vec<(&'a str, &'a str)>;
+type Fields<'a> = Vec<(&'a str, &'a str)>;
+
+#[tokio::test(flavor = "multi_thread")]
 async fn every_post_needs_the_csrf_token_and_a_same_origin() {
     let gate = start("");
     let csrf = get_page(&gate, ALICE_SESSION).await.csrf();
@@ -315,7 +366,7 @@ async fn every_post_needs_the_csrf_token_and_a_same_origin() {
     let origin = format!("http://127.0.0.1:{}", gate.port);
     let alice = cookie(ALICE_SESSION);
     let form = ("content-type", "application/x-www-form-urlencoded");
-    let cases: [(&str, Vec<(&str, &str)>, Vec<(&str, &str)>); 6] = [
+    let cases: [(&str, Headers, Fields); 6] = [
         (
             "no CSRF field",
             vec![("cookie", &alice), ("origin", &origin), form],
@@ -788,7 +839,15 @@ async fn browse(client: &Client, gate: &Gate) -> Result<(), fantoccini::error::C
     let copy = client.find(Locator::Css("#copy")).await?;
     assert!(copy.is_displayed().await?);
     copy.click().await?;
-    let copied = copy.text().await?;
+    // The clipboard answers asynchronously.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let copied = loop {
+        let text = copy.text().await?;
+        if text != "Copy" || std::time::Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert!(copied == "Copied" || copied == "Press Ctrl+C", "{copied:?}");
     // Keyboard: the name field, the lifetime and the button are reachable with Tab, in order.
     client.find(Locator::Css("#name")).await?.click().await?;

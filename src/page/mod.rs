@@ -184,19 +184,20 @@ pub fn error_page(config: &EndpointsConfig, error: ProxyError) -> Response<Body>
     )
 }
 
-/// Serves the page to a signed-in caller. `origin` says where a POST came from.
+/// Serves the page to a signed-in caller. `origin` says where a POST came from; `body` is
+/// `request`'s.
 pub async fn serve(
     service: &TokenService<'_>,
     config: &Config,
     endpoint: PageEndpoint,
-    method: &Method,
-    content_type: Option<&HeaderValue>,
+    request: &http::request::Parts,
     origin: Origin,
     body: hyper::body::Incoming,
     caller: &Caller,
 ) -> Response<Body> {
     let endpoints = &config.endpoints;
     let identity = &caller.identity;
+    let method = &request.method;
     match (endpoint, method) {
         (PageEndpoint::Page, &Method::GET | &Method::HEAD) => {}
         (PageEndpoint::Page | PageEndpoint::Revoke, &Method::POST) => {
@@ -224,6 +225,7 @@ pub async fn serve(
     let mut shown = Shown::default();
     let status = if method == Method::POST {
         let within = config.server.body_read_timeout;
+        let content_type = request.headers.get(header::CONTENT_TYPE);
         let form = match read_form(&endpoints.tokens_prefix, content_type, body, within).await {
             Ok(form) => form,
             Err(response) => return response,
@@ -418,9 +420,9 @@ fn duration_value(d: Duration) -> String {
     let secs = d.as_secs();
     if secs == 0 {
         "0".to_string()
-    } else if secs % (24 * 3600) == 0 {
+    } else if secs.is_multiple_of(24 * 3600) {
         format!("{}d", secs / (24 * 3600))
-    } else if secs % 3600 == 0 {
+    } else if secs.is_multiple_of(3600) {
         format!("{}h", secs / 3600)
     } else {
         format!("{secs}s")

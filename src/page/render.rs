@@ -218,11 +218,12 @@ fn tokens_table(out: &mut String, view: &View<'_>, prefix: &str, csrf: &str) {
              <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
              <input type=\"hidden\" name=\"id\" value=\"{id}\">\
              <button type=\"submit\" class=\"button revoke\" aria-label=\"Revoke {name} ({id})\">\
-             Revoke</button></form></td></tr>\n",
+             Revoke</button></form></td></tr>",
             time_cell(Some(t.created_ms), ""),
             time_cell(t.expires_ms, "Never"),
             time_cell(t.last_used_ms, "Never"),
         );
+        out.push('\n');
     }
     out.push_str("</tbody>\n</table>\n</section>\n");
 }
@@ -265,11 +266,11 @@ pub fn lifetime_label(ttl: Duration) -> String {
     };
     if secs == 0 {
         "Never".to_string()
-    } else if secs % (365 * DAY) == 0 {
+    } else if secs.is_multiple_of(365 * DAY) {
         plural(secs / (365 * DAY), "year")
-    } else if secs % DAY == 0 {
+    } else if secs.is_multiple_of(DAY) {
         plural(secs / DAY, "day")
-    } else if secs % 3600 == 0 {
+    } else if secs.is_multiple_of(3600) {
         plural(secs / 3600, "hour")
     } else {
         humantime::format_duration(ttl).to_string()
