@@ -73,7 +73,8 @@ fn cookie(session: &str) -> String {
 struct Page {
     status: u16,
     body: String,
-    resp: Resp,
+    /// The whole response (for its headers), when it came through the hyper client.
+    resp: Option<Resp>,
 }
 
 impl Page {
@@ -81,8 +82,20 @@ impl Page {
         Page {
             status: resp.status.as_u16(),
             body: String::from_utf8_lossy(&resp.body).into_owned(),
-            resp,
+            resp: Some(resp),
         }
+    }
+
+    fn of_curl(reply: &CurlReply) -> Page {
+        Page {
+            status: reply.status,
+            body: reply.body.clone(),
+            resp: None,
+        }
+    }
+
+    fn headers(&self) -> &Resp {
+        self.resp.as_ref().expect("a hyper response")
     }
 
     /// The value of the first `<input ... name="NAME" value="...">` or `id="NAME"`.
@@ -203,11 +216,11 @@ async fn page_lists_creates_and_revokes_with_the_security_headers() {
     let page = get_page(&gate, ALICE_SESSION).await;
     assert_eq!(page.status, 200, "{}", page.body);
     assert!(page
-        .resp
+        .headers()
         .header("content-type")
         .unwrap()
         .starts_with("text/html"));
-    assert_page_headers(&page.resp);
+    assert_page_headers(page.headers());
     assert!(page.body.contains("<form id=\"create\""));
     assert!(page.body.contains("<table id=\"tokens\""));
     assert!(page.rows().is_empty());
@@ -224,7 +237,7 @@ async fn page_lists_creates_and_revokes_with_the_security_headers() {
     )
     .await;
     assert_eq!(created.status, 200, "{}", created.body);
-    assert_page_headers(&created.resp);
+    assert_page_headers(created.headers());
     let secret = created.new_token().expect("#new-token on the page");
     assert!(secret.starts_with("tg_"), "{secret}");
     assert!(created.body.contains("readonly"));
@@ -407,7 +420,7 @@ async fn every_post_needs_the_csrf_token_and_a_same_origin() {
         for path in ["/_tokengate/", "/_tokengate/revoke"] {
             let page = post_form_with(&gate, path, headers, fields).await;
             assert_eq!(page.status, 403, "{what} on {path}: {}", page.body);
-            assert_page_headers(&page.resp);
+            assert_page_headers(page.headers());
             assert!(page.new_token().is_none());
         }
     }
@@ -942,4 +955,132 @@ async fn browse(client: &Client, gate: &Gate) -> Result<(), fantoccini::error::C
         "the cross-site form created nothing"
     );
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Signed in with a client certificate
+// ---------------------------------------------------------------------------------------------
+
+/// `curl -i https://localhost:PORT{path}` trusting `dir/ca.pem`, presenting `dir/alice.pem`
+/// when `cert`, with `form` as an urlencoded POST body when given.
+fn curl_tls(
+    dir: &Path,
+    port: u16,
+    path: &str,
+    cert: bool,
+    headers: &[(&str, &str)],
+    form: Option<&[(&str, &str)]>,
+) -> CurlReply {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "-i", "--http1.1", "--max-time", "10", "--cacert"])
+        .arg(dir.join("ca.pem"))
+        .args(["--resolve", &format!("localhost:{port}:127.0.0.1")]);
+    if cert {
+        cmd.arg("--cert")
+            .arg(dir.join("alice.pem"))
+            .arg("--key")
+            .arg(dir.join("alice-key.pem"));
+    }
+    for (k, v) in headers {
+        cmd.arg("-H").arg(format!("{k}: {v}"));
+    }
+    if let Some(fields) = form {
+        cmd.arg("--data-raw").arg(form_body(fields));
+    }
+    cmd.arg(format!("https://localhost:{port}{path}"));
+    let out = cmd.output().expect("run curl");
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    CurlReply::parse(&String::from_utf8_lossy(&out.stdout))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_certificate_signs_in_too() {
+    use common::pki::{ca, server, user, Dn};
+    if on_path("curl").is_none() {
+        missing_tool("curl", "curl");
+        return;
+    }
+    let root = ca("Example Root CA", None);
+    let alice = user(
+        Dn::of(&[("C", "CH"), ("O", "Example"), ("CN", "Alice Smith")]),
+        &root,
+    );
+    let tls = server(&root);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_file(d, "ca.pem", &root.pem());
+    write_file(d, "server.pem", &tls.pem());
+    write_file(d, "server-key.pem", &tls.key_pem());
+    write_file(d, "alice.pem", &alice.pem());
+    write_file(d, "alice-key.pem", &alice.key_pem());
+    let port = free_port();
+    let _gate = Gate::start(&format!(
+        r#"[server]
+listen = "127.0.0.1:{port}"
+[server.tls]
+cert = "{d}/server.pem"
+key = "{d}/server-key.pem"
+client_ca = "{d}/ca.pem"
+[endpoints]
+page = true
+[store]
+backend = "memory"
+[x509]
+enabled = true
+[[x509.identity]]
+dn = "/C=CH/O=Example/CN=Alice Smith"
+accounts = ["alice"]
+[[route]]
+path_prefix = "/api"
+upstream = "http://127.0.0.1:9"
+"#,
+        d = d.display()
+    ));
+    assert_eq!(
+        curl_tls(d, port, "/_tokengate/", false, &[], None).status,
+        401
+    );
+    let page = curl_tls(d, port, "/_tokengate/", true, &[], None);
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(page.body.contains("/C=CH/O=Example/CN=Alice Smith"));
+    let csrf = Page::of_curl(&page).csrf();
+    let origin = format!("https://localhost:{port}");
+    // The scheme is part of the origin.
+    let plain = format!("http://localhost:{port}");
+    let fields = [("csrf", csrf.as_str()), ("name", "from my certificate")];
+    let refused = curl_tls(
+        d,
+        port,
+        "/_tokengate/",
+        true,
+        &[("origin", &plain)],
+        Some(&fields),
+    );
+    assert_eq!(refused.status, 403);
+    let created = curl_tls(
+        d,
+        port,
+        "/_tokengate/",
+        true,
+        &[("origin", &origin)],
+        Some(&fields),
+    );
+    assert_eq!(created.status, 200, "{}", created.body);
+    let secret = Page::of_curl(&created).new_token().expect("#new-token");
+    // The token acts as the certificate's account, without the certificate.
+    let listed = curl_tls(
+        d,
+        port,
+        "/_tokengate/tokens",
+        false,
+        &[("authorization", &format!("Bearer {secret}"))],
+        None,
+    );
+    assert_eq!(listed.status, 200, "{}", listed.body);
+    assert_eq!(listed.json()[0]["account"], "alice");
+    assert_eq!(listed.json()[0]["name"], "from my certificate");
 }
