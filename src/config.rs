@@ -137,6 +137,8 @@ struct RawAdmin {
 struct RawEndpoints {
     tokens_prefix: Option<Spanned<String>>,
     self_service: Option<bool>,
+    page: Option<bool>,
+    login_url: Option<Spanned<String>>,
     insight: Option<bool>,
 }
 
@@ -403,6 +405,11 @@ pub struct EndpointsConfig {
     pub tokens_prefix: String,
     /// Whether callers may create tokens on the main listener (listing and revoking stay).
     pub self_service: bool,
+    /// Serve the token page for browsers at `{tokens_prefix}/`.
+    pub page: bool,
+    /// Where the page sends a browser without a credential (`?rd=<path>` added); `None`: a
+    /// 401 page. An absolute `http(s)://` URL or a path.
+    pub login_url: Option<String>,
     /// Serve the Insight.io endpoints.
     pub insight: bool,
 }
@@ -755,6 +762,17 @@ impl Checker<'_> {
                 Some(prefix) => return Err(self.at(prefix, "tokens_prefix must start with '/'")),
             },
             self_service: raw.endpoints.self_service.unwrap_or(true),
+            page: raw.endpoints.page.unwrap_or(false),
+            login_url: match &raw.endpoints.login_url {
+                None => None,
+                Some(url) if login_url_ok(url.get_ref()) => Some(url.get_ref().clone()),
+                Some(url) => {
+                    return Err(self.at(
+                        url,
+                        "login_url must be an http:// or https:// URL, or a path starting with '/'",
+                    ))
+                }
+            },
             insight: raw.endpoints.insight.unwrap_or(false),
         };
         let sources = self.sources(&raw.credentials, server.allow_underscores_in_headers)?;
@@ -1421,6 +1439,24 @@ impl TokensConfig {
                 humantime::format_duration(cap)
             )),
             Some(ttl) => Ok(ttl),
+        }
+    }
+}
+
+/// Whether `url` can be a `[endpoints] login_url`: an absolute http(s) URL with a host, or a
+/// path on this origin (not `//host`, which browsers read as another origin).
+fn login_url_ok(url: &str) -> bool {
+    let Ok(uri) = url.parse::<http::Uri>() else {
+        return false;
+    };
+    match uri.scheme_str() {
+        Some("http" | "https") => uri.host().is_some_and(|h| !h.is_empty()),
+        Some(_) => false,
+        None => {
+            url.starts_with('/')
+                && !url.starts_with("//")
+                && !url.contains('\\')
+                && uri.authority().is_none()
         }
     }
 }

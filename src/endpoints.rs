@@ -136,13 +136,23 @@ where
     B: hyper::body::Body<Data = Bytes>,
     B::Error: std::error::Error + Send + Sync + 'static,
 {
+    let bytes = read_body(body, within).await?;
+    Ok(parse_create_request(&bytes)?)
+}
+
+/// Reads a token request's body (JSON, or the token page's form), which must arrive whole
+/// within `within` and be at most 16 KiB.
+pub async fn read_body<B>(body: B, within: Duration) -> Result<Bytes, BadCreate>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
     let collected = tokio::time::timeout(within, Limited::new(body, MAX_REQUEST_BODY).collect())
         .await
         .map_err(|_| BadCreate::Timeout)?;
-    let bytes = collected
+    Ok(collected
         .map_err(|_| BadCreate::Invalid("request body is too large or unreadable".to_string()))?
-        .to_bytes();
-    Ok(parse_create_request(&bytes)?)
+        .to_bytes())
 }
 
 /// Parses a JSON create request.
@@ -193,18 +203,8 @@ impl TokenService<'_> {
         account: Option<&str>,
         request: &CreateRequest,
     ) -> Response<Body> {
-        let what = Issue {
-            subject,
-            account,
-            name: &request.name,
-            ttl: request.ttl,
-            kind: Kind::Api,
-            dn: None,
-            format: None,
-        };
-        match issue(self.store, self.config, what).await {
+        match self.create_token(subject, account, request).await {
             Ok((token, record)) => {
-                self.audit(Event::Created, &record);
                 let body = json!({
                     "id": record.id,
                     "token": token,
@@ -221,6 +221,28 @@ impl TokenService<'_> {
             }
             Err(e) => not_issued(&e),
         }
+    }
+
+    /// Creates an API token for `subject` and writes the audit line: the secret (shown once)
+    /// and its record.
+    pub async fn create_token(
+        &self,
+        subject: &str,
+        account: Option<&str>,
+        request: &CreateRequest,
+    ) -> Result<(String, TokenRecord), IssueError> {
+        let what = Issue {
+            subject,
+            account,
+            name: &request.name,
+            ttl: request.ttl,
+            kind: Kind::Api,
+            dn: None,
+            format: None,
+        };
+        let (token, record) = issue(self.store, self.config, what).await?;
+        self.audit(Event::Created, &record);
+        Ok((token, record))
     }
 
     fn audit(&self, event: Event, record: &TokenRecord) {
@@ -240,10 +262,8 @@ impl TokenService<'_> {
 
     /// Revokes a token by id (only `owner`'s, when given): 204, or 404.
     pub async fn revoke(&self, id: &str, owner: Option<&str>) -> Response<Body> {
-        match self.store.revoke(id, owner).await {
-            Ok(Some(record)) => {
-                self.cache.evict(&record.hash);
-                self.audit(Event::Revoked, &record);
+        match self.revoke_token(id, owner).await {
+            Ok(Some(_)) => {
                 let mut response = Response::new(full(Bytes::new()));
                 *response.status_mut() = StatusCode::NO_CONTENT;
                 response
@@ -254,6 +274,21 @@ impl TokenService<'_> {
             ),
             Err(e) => store_down(&e),
         }
+    }
+
+    /// Revokes a token by id (only `owner`'s, when given), evicts it from the cache and writes
+    /// the audit line; `None`: no such token.
+    pub async fn revoke_token(
+        &self,
+        id: &str,
+        owner: Option<&str>,
+    ) -> Result<Option<TokenRecord>, crate::store::StoreError> {
+        let revoked = self.store.revoke(id, owner).await?;
+        if let Some(record) = &revoked {
+            self.cache.evict(&record.hash);
+            self.audit(Event::Revoked, record);
+        }
+        Ok(revoked)
     }
 
     /// Insight.io `createApiToken`: the new token as the body.
@@ -394,7 +429,7 @@ fn not_issued(e: &IssueError) -> Response<Body> {
     }
 }
 
-fn store_down(e: &crate::store::StoreError) -> Response<Body> {
+pub(crate) fn store_down(e: &crate::store::StoreError) -> Response<Body> {
     tracing::warn!(error = %e, "token store unavailable");
     ProxyError::BackendUnavailable.into_response()
 }

@@ -22,6 +22,7 @@ pub mod endpoints;
 pub mod error;
 pub mod jwt;
 pub mod jwt_validator;
+pub mod page;
 pub mod path;
 pub mod proxy;
 pub mod reload;

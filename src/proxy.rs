@@ -25,6 +25,7 @@ use crate::config::{AuthMode, Config, RouteConfig};
 use crate::credential::{self, Source};
 use crate::endpoints::{self, Endpoint, TokenService};
 use crate::error::{Body, ProxyError};
+use crate::page::{self, PageEndpoint};
 use crate::rewrite::{self, Boundary, Forwarding, Values};
 use crate::rucio::{self, RucioEndpoint};
 use crate::store::{self, Store};
@@ -57,9 +58,10 @@ pub struct Gate {
 const NO_ROUTE: &str = "-";
 
 /// `route` labels of what tokengate answers itself (`Endpoint::label`, `RucioEndpoint::label`).
-const OWN_ROUTES: [&str; 6] = [
+const OWN_ROUTES: [&str; 7] = [
     NO_ROUTE,
     "tokengate:tokens",
+    "tokengate:page",
     "tokengate:insight",
     "tokengate:auth/x509",
     "tokengate:auth/x509_proxy",
@@ -424,6 +426,11 @@ async fn forward_request<'g>(
         let (parts, body) = request.into_parts();
         return serve_endpoint(gate, peer, endpoint, parts, body, outcome).await;
     }
+    if let Some(endpoint) = page::route(&gate.config.endpoints, request.uri().path()) {
+        outcome.endpoint = Some(endpoint.label());
+        let (parts, body) = request.into_parts();
+        return Ok(serve_page(gate, peer, endpoint, parts, body, outcome).await);
+    }
     let route = gate
         .route_for(request.uri().path())
         .ok_or(ProxyError::NoRoute)?;
@@ -519,6 +526,99 @@ async fn serve_endpoint<'g>(
     .await
 }
 
+/// The token page for browsers: its assets for anyone, the page for a caller signed in with a
+/// credential or a verified client certificate; anyone else is sent to sign in.
+async fn serve_page<'g>(
+    gate: &'g Gate,
+    peer: &Peer,
+    endpoint: PageEndpoint,
+    parts: http::request::Parts,
+    body: Incoming,
+    outcome: &mut Outcome<'g>,
+) -> Response<Body> {
+    let endpoints = &gate.config.endpoints;
+    if let Some(asset) = page::asset(endpoint, &parts.method) {
+        return asset;
+    }
+    let caller = match identify(gate, &parts, outcome).await {
+        Ok(Some(found)) => Some(page::Caller {
+            identity: found.identity,
+            credential: validate::hash(&found.token),
+        }),
+        // A verified client certificate signs in too.
+        Ok(None) => match client_caller(gate, peer).await {
+            Ok(Some(identity)) => {
+                outcome.source = Some("x509");
+                outcome.auth = Some((AuthResult::Allowed, "x509"));
+                let dn = identity.dn.as_deref().unwrap_or_default();
+                Some(page::Caller {
+                    credential: validate::hash(&format!("x509:{dn}")),
+                    identity,
+                })
+            }
+            Ok(None) => {
+                outcome.auth = Some((AuthResult::Missing, "none"));
+                None
+            }
+            Err(e) => return page::error_page(endpoints, e),
+        },
+        // An expired or revoked session: sign in again.
+        Err(ProxyError::InvalidCredentials) => None,
+        Err(e) => return page::error_page(endpoints, e),
+    };
+    let Some(caller) = caller else {
+        return page::sign_in(endpoints, &parts.method, parts.uri.path());
+    };
+    outcome.identity = Some(Arc::clone(&caller.identity));
+    let service = TokenService {
+        store: &gate.store,
+        cache: &gate.cache,
+        config: &gate.config.tokens,
+        actor: Actor::Subject(&caller.identity.subject),
+        client: Some(peer.addr.ip()),
+    };
+    page::serve(
+        &service,
+        &gate.config,
+        endpoint,
+        &parts,
+        origin(peer, &parts),
+        body,
+        &caller,
+    )
+    .await
+}
+
+/// Where a request says it comes from: its `Origin` against this listener's scheme and the
+/// request's host, and `Sec-Fetch-Site`.
+fn origin(peer: &Peer, parts: &http::request::Parts) -> page::Origin {
+    let headers = &parts.headers;
+    let cross_site = headers
+        .get("sec-fetch-site")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"cross-site"));
+    if cross_site {
+        return page::Origin::Other;
+    }
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return page::Origin::Absent;
+    };
+    let host = headers
+        .get(header::HOST)
+        .map(|h| h.as_bytes())
+        .or_else(|| parts.uri.authority().map(|a| a.as_str().as_bytes()))
+        .unwrap_or_default();
+    let scheme: &[u8] = if peer.tls { b"https://" } else { b"http://" };
+    let origin = origin.as_bytes();
+    let same = origin.len() == scheme.len() + host.len()
+        && origin[..scheme.len()].eq_ignore_ascii_case(scheme)
+        && origin[scheme.len()..].eq_ignore_ascii_case(host);
+    if same {
+        page::Origin::Same
+    } else {
+        page::Origin::Other
+    }
+}
+
 /// A browser sends its cookie with requests that other sites make: a cookie-authenticated call
 /// must come from this origin (SPEC §5), and a POST must be JSON, which a cross-site form
 /// cannot send.
@@ -527,30 +627,12 @@ fn same_origin_only(
     parts: &http::request::Parts,
     endpoint: &Endpoint,
 ) -> Result<(), ProxyError> {
-    let headers = &parts.headers;
-    let cross_site = headers
-        .get("sec-fetch-site")
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"cross-site"));
-    if cross_site {
+    if origin(peer, parts) == page::Origin::Other {
         return Err(ProxyError::CrossOrigin);
     }
-    if let Some(origin) = headers.get(header::ORIGIN) {
-        let host = headers
-            .get(header::HOST)
-            .map(|h| h.as_bytes())
-            .or_else(|| parts.uri.authority().map(|a| a.as_str().as_bytes()))
-            .unwrap_or_default();
-        let scheme: &[u8] = if peer.tls { b"https://" } else { b"http://" };
-        let origin = origin.as_bytes();
-        let same = origin.len() == scheme.len() + host.len()
-            && origin[..scheme.len()].eq_ignore_ascii_case(scheme)
-            && origin[scheme.len()..].eq_ignore_ascii_case(host);
-        if !same {
-            return Err(ProxyError::CrossOrigin);
-        }
-    }
     if *endpoint == Endpoint::Tokens && parts.method == Method::POST {
-        let json = headers
+        let json = parts
+            .headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.split(';').next())
@@ -890,6 +972,7 @@ mod tests {
     fn every_own_endpoint_has_its_metrics() {
         let endpoints = [
             Endpoint::Tokens.label(),
+            PageEndpoint::Page.label(),
             Endpoint::InsightCreate.label(),
             RucioEndpoint::X509.label(),
             RucioEndpoint::X509Proxy.label(),

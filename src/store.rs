@@ -16,6 +16,7 @@ use redis::AsyncCommands;
 use crate::config::{Secret, StoreConfig};
 
 mod identities;
+mod keys;
 
 /// What kind of token a record is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -305,6 +306,8 @@ pub struct MemoryStore {
     ids: DashMap<String, [u8; 32]>,
     /// x509 DN → accounts (see `identities`).
     identities: DashMap<String, Vec<String>>,
+    /// Named random keys (see `keys`).
+    keys: DashMap<String, [u8; 32]>,
 }
 
 // ---------------------------------------------------------------------------------------------

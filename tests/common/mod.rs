@@ -528,6 +528,48 @@ pub fn missing_tool(tool: &str, package: &str) {
     println!("skipped: {tool} not installed (apt-get install {package})");
 }
 
+/// A real server the test started (nginx, a WSGI app, chromedriver) listening on `port`. Killed on drop.
+pub struct ChildServer {
+    pub port: u16,
+    child: std::process::Child,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl ChildServer {
+    /// Waits (10 s at most) until `child` listens on `port`; panics with its log if it exits.
+    pub fn listening(
+        what: &str,
+        port: u16,
+        mut child: std::process::Child,
+        dir: Option<tempfile::TempDir>,
+        log: Option<PathBuf>,
+    ) -> ChildServer {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                let log = log
+                    .and_then(|l| std::fs::read_to_string(l).ok())
+                    .unwrap_or_default();
+                panic!("{what} exited ({status}): {log}");
+            }
+            assert!(Instant::now() < deadline, "{what} did not listen in 10 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        ChildServer {
+            port,
+            child,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// What `curl -i` printed: status, lower-case headers, body.
 #[derive(Debug)]
 pub struct CurlReply {
@@ -1415,48 +1457,6 @@ pub fn nginx_binary() -> Option<PathBuf> {
     on_path
         .chain([PathBuf::from("/usr/sbin/nginx")])
         .find(|p| p.is_file())
-}
-
-/// A real server the test started (nginx, a WSGI app) listening on `port`. Killed on drop.
-pub struct ChildServer {
-    pub port: u16,
-    child: std::process::Child,
-    _dir: Option<tempfile::TempDir>,
-}
-
-impl ChildServer {
-    /// Waits (10 s at most) until `child` listens on `port`; panics with its log if it exits.
-    pub fn listening(
-        what: &str,
-        port: u16,
-        mut child: std::process::Child,
-        dir: Option<tempfile::TempDir>,
-        log: Option<PathBuf>,
-    ) -> ChildServer {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Ok(Some(status)) = child.try_wait() {
-                let log = log
-                    .and_then(|l| std::fs::read_to_string(l).ok())
-                    .unwrap_or_default();
-                panic!("{what} exited ({status}): {log}");
-            }
-            assert!(Instant::now() < deadline, "{what} did not listen in 10 s");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        ChildServer {
-            port,
-            child,
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for ChildServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// nginx in the foreground, its files in a temporary directory, with the `server { }` blocks
