@@ -641,13 +641,13 @@ async fn replicas_and_restarts_agree_on_the_csrf_token() {
     assert_eq!(csrf_of(&restarted).await, first);
 
     // redis: two replicas sharing one.
-    let prefix = unique_prefix("page");
-    let _keys = RedisKeys {
-        url: SHARED_REDIS.into(),
-        prefix: prefix.clone(),
+    let Some(redis) = RedisServer::start() else {
+        return;
     };
-    let store =
-        format!("[store]\nbackend = \"redis\"\nurl = \"{SHARED_REDIS}\"\nprefix = \"{prefix}\"");
+    let store = format!(
+        "[store]\nbackend = \"redis\"\nurl = \"{}\"\nprefix = \"page:\"",
+        redis.url()
+    );
     let one = Gate::start(&config(free_port(), "", &store, ""));
     let two = Gate::start(&config(free_port(), "", &store, ""));
     let shared = csrf_of(&one).await;
