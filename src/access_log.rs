@@ -9,7 +9,6 @@
 
 use std::cell::RefCell;
 use std::io::Write as _;
-use std::net::IpAddr;
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
@@ -55,8 +54,8 @@ pub struct Line<'a> {
     pub auth: Option<&'a str>,
     /// Who decided (`cache`, a validator, `x509`, `none`).
     pub validator: Option<&'a str>,
-    /// The client's address.
-    pub client: IpAddr,
+    /// The client's address (as text: the connection makes it once).
+    pub client: &'a str,
     /// From request head to response head.
     pub duration: Duration,
     /// The upstream's share of it.
@@ -119,7 +118,9 @@ fn timestamp(out: &mut Vec<u8>, now: SystemTime) {
         }
         out.extend_from_slice(second.1.as_bytes());
     });
-    let _ = write!(out, ".{:06}Z", since.subsec_micros());
+    out.push(b'.');
+    padded(out, u64::from(since.subsec_micros()), 6);
+    out.push(b'Z');
 }
 
 /// Whether access lines are wanted (`RUST_LOG`).
@@ -151,10 +152,27 @@ pub fn pending(line: &Line<'_>) -> Pending {
 }
 
 fn finish_line(out: &mut Vec<u8>, bytes_sent: u64, format: Format) {
-    let _ = match format {
-        Format::Json => writeln!(out, "{bytes_sent}}}"),
-        Format::Text => writeln!(out, "{bytes_sent}"),
-    };
+    number(out, bytes_sent);
+    out.extend_from_slice(match format {
+        Format::Json => b"}\n",
+        Format::Text => b"\n",
+    });
+}
+
+/// A decimal number.
+fn number(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
+/// A decimal number of at least `width` digits, zero-padded (the fraction of a second).
+fn padded(out: &mut Vec<u8>, n: u64, width: usize) {
+    let mut digits = itoa::Buffer::new();
+    let digits = digits.format(n);
+    out.extend(std::iter::repeat_n(
+        b'0',
+        width.saturating_sub(digits.len()),
+    ));
+    out.extend_from_slice(digits.as_bytes());
 }
 
 /// Hands this thread's buffered lines to the writer (the workers' once-a-second tick, and
@@ -223,7 +241,9 @@ fn format_line(out: &mut Vec<u8>, line: &Line<'_>, format: Format) {
             json_string(out, Some(line.method));
             out.extend_from_slice(b",\"path\":");
             json_string(out, Some(line.path));
-            let _ = write!(out, ",\"status\":{},\"route\":", line.status);
+            out.extend_from_slice(b",\"status\":");
+            number(out, u64::from(line.status));
+            out.extend_from_slice(b",\"route\":");
             json_string(out, line.route);
             out.extend_from_slice(b",\"subject\":");
             json_string(out, line.subject);
@@ -233,7 +253,9 @@ fn format_line(out: &mut Vec<u8>, line: &Line<'_>, format: Format) {
             json_string(out, line.auth);
             out.extend_from_slice(b",\"validator\":");
             json_string(out, line.validator);
-            let _ = write!(out, ",\"client\":\"{}\",\"duration_ms\":", line.client);
+            out.extend_from_slice(b",\"client\":");
+            json_string(out, Some(line.client));
+            out.extend_from_slice(b",\"duration_ms\":");
             millis(out, Some(line.duration));
             out.extend_from_slice(b",\"upstream_ms\":");
             millis(out, line.upstream);
@@ -245,7 +267,9 @@ fn format_line(out: &mut Vec<u8>, line: &Line<'_>, format: Format) {
             json_string(out, line.user_agent);
             out.extend_from_slice(b",\"host\":");
             json_string(out, line.host);
-            let _ = write!(out, ",\"protocol\":\"{}\",\"token_id\":", line.protocol);
+            out.extend_from_slice(b",\"protocol\":\"");
+            out.extend_from_slice(line.protocol.as_bytes());
+            out.extend_from_slice(b"\",\"token_id\":");
             json_string(out, line.token_id);
             // `finish_line` writes the number and closes the object.
             out.extend_from_slice(b",\"bytes_sent\":");
@@ -287,8 +311,10 @@ fn format_line(out: &mut Vec<u8>, line: &Line<'_>, format: Format) {
 fn millis(out: &mut Vec<u8>, d: Option<Duration>) {
     match d {
         Some(d) => {
-            let micros = d.as_micros();
-            let _ = write!(out, "{}.{:03}", micros / 1000, micros % 1000);
+            let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+            number(out, micros / 1000);
+            out.push(b'.');
+            padded(out, micros % 1000, 3);
         }
         None => out.extend_from_slice(b"null"),
     }
@@ -301,17 +327,25 @@ fn json_string(out: &mut Vec<u8>, value: Option<&str>) {
         return;
     };
     out.push(b'"');
-    for &b in value.as_bytes() {
-        match b {
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            0..=0x1f | 0x7f => {
-                let _ = write!(out, "\\u{b:04x}");
-            }
-            // UTF-8 passes through unchanged.
-            b => out.push(b),
+    let bytes = value.as_bytes();
+    // Runs of bytes that need no escaping (UTF-8 included) are copied whole.
+    let mut run = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escaped: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            0..=0x1f | 0x7f => b"",
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[run..i]);
+        if escaped.is_empty() {
+            let _ = write!(out, "\\u{b:04x}");
+        } else {
+            out.extend_from_slice(escaped);
         }
+        run = i + 1;
     }
+    out.extend_from_slice(&bytes[run..]);
     out.push(b'"');
 }
 
@@ -329,7 +363,7 @@ mod tests {
             source: None,
             auth: Some("allowed"),
             validator: Some("cache"),
-            client: IpAddr::from([127, 0, 0, 1]),
+            client: "127.0.0.1",
             duration: Duration::from_micros(1249),
             upstream: None,
             request_id: "4bf92f3577b34da6a3ce929d0e0e4736",

@@ -339,7 +339,7 @@ pub async fn handle(gate: &Gate, peer: &Peer, mut request: Request<Incoming>) ->
             source: outcome.source,
             auth: outcome.auth.map(|(result, _)| result.label()),
             validator: outcome.auth.map(|(_, by)| by),
-            client: peer.addr.ip(),
+            client: peer.ip.to_str().unwrap_or_default(),
             duration,
             upstream: outcome.upstream,
             request_id: context.request_id.to_str().unwrap_or_default(),

@@ -11,7 +11,9 @@
 //!
 //! Ids come from a per-thread generator seeded from the operating system: unique, not secret.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+
+use bytes::BytesMut;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
@@ -36,18 +38,23 @@ pub struct Context {
 impl Context {
     /// Reads the client's ids from `headers` and puts the ones to forward in their place.
     pub fn take(headers: &mut HeaderMap) -> Context {
-        let request_id = match headers.get(&X_REQUEST_ID) {
-            Some(v) if plain_request_id(v.as_bytes()) => v.clone(),
+        let mut sent = headers.get_all(&X_REQUEST_ID).iter();
+        let (first, more) = (sent.next(), sent.next().is_some());
+        let request_id = match first {
+            Some(v) if plain_request_id(v.as_bytes()) => {
+                let id = v.clone();
+                if more {
+                    // One `X-Request-Id` only: a second could be read by the upstream instead.
+                    headers.insert(X_REQUEST_ID.clone(), id.clone());
+                }
+                id
+            }
             _ => {
                 let id = hex_id(random_u128());
                 headers.insert(X_REQUEST_ID.clone(), id.clone());
                 id
             }
         };
-        // One `X-Request-Id` only: a second could be read by the upstream instead.
-        if headers.get_all(&X_REQUEST_ID).iter().nth(1).is_some() {
-            headers.insert(X_REQUEST_ID.clone(), request_id.clone());
-        }
         let traceparent = match headers.get(&TRACEPARENT) {
             None => None,
             Some(v) => match child_of(v.as_bytes()) {
@@ -139,12 +146,23 @@ fn hex_nibble(b: u8) -> u8 {
     }
 }
 
-/// 32 lowercase hex digits.
+/// 32 lowercase hex digits, cut from a per-thread arena (no allocation per id).
 fn hex_id(n: u128) -> HeaderValue {
-    let mut out = [0u8; 32];
-    hex_into(&mut out, &n.to_be_bytes());
-    HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    ARENA.with(|arena| {
+        let mut arena = arena.borrow_mut();
+        if arena.capacity() - arena.len() < 32 {
+            *arena = BytesMut::with_capacity(ARENA_BYTES);
+        }
+        let start = arena.len();
+        arena.resize(start + 32, 0);
+        hex_into(&mut arena[start..], &n.to_be_bytes());
+        let id = arena.split_to(start + 32).split_off(start).freeze();
+        HeaderValue::from_maybe_shared(id).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    })
 }
+
+/// How many bytes of ids one arena allocation holds (128 ids).
+const ARENA_BYTES: usize = 4096;
 
 fn hex_into(out: &mut [u8], bytes: &[u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
@@ -157,6 +175,8 @@ fn hex_into(out: &mut [u8], bytes: &[u8]) {
 thread_local! {
     /// wyrand state, seeded from the operating system on first use.
     static STATE: Cell<u64> = Cell::new(seed());
+    /// Where generated ids are written.
+    static ARENA: RefCell<BytesMut> = RefCell::new(BytesMut::new());
 }
 
 fn seed() -> u64 {

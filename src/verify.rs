@@ -143,6 +143,7 @@ pub async fn handle(
     }
     if access_log::enabled() {
         let identity = outcome.identity.as_deref();
+        let client_ip = client.ip().to_string();
         let (method, uri, host) = match &original {
             Some(Original { method, uri, host }) => (method.as_str(), uri.path(), host.as_deref()),
             None => ("-", "-", None),
@@ -160,7 +161,7 @@ pub async fn handle(
                 source: outcome.source,
                 auth: outcome.auth.map(|(result, _)| result.label()),
                 validator: outcome.auth.map(|(_, by)| by),
-                client: client.ip(),
+                client: &client_ip,
                 duration,
                 upstream: None,
                 request_id: context.request_id.to_str().unwrap_or_default(),
