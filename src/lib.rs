@@ -157,6 +157,7 @@ async fn follow_revocations(store: Arc<store::Store>, gate: proxy::SharedGate) {
                         telemetry::token_revoked();
                     }
                 }
+                store::Revoked::IssuedByCli(kind) => telemetry::token_issued(kind),
                 store::Revoked::Unknown => {
                     gate.cache()
                         .evict_where(|identity| identity.token_id.is_some());

@@ -297,6 +297,9 @@ pub enum Revoked {
     },
     /// Revocations may have been missed: forget every store-validated entry.
     Unknown,
+    /// The CLI issued a token of this kind (counted by the server; for Redis, by the one
+    /// replica that claims it first).
+    IssuedByCli(Kind),
 }
 
 /// In-process store.
@@ -342,6 +345,11 @@ CREATE INDEX IF NOT EXISTS tokens_expires ON tokens(expires);
 CREATE TABLE IF NOT EXISTS revocations (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     hash BLOB NOT NULL,
+    at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cli_issued (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
     at INTEGER NOT NULL
 );
 ";
@@ -421,6 +429,18 @@ impl SqliteStore {
                 "DELETE FROM tokens WHERE expires IS NOT NULL AND expires <= ?1",
                 [now_ms()],
             )?;
+            if is_cli() {
+                // For the servers on this file to count (tokengate_tokens_issued_total).
+                let now = now_ms();
+                tx.execute(
+                    "INSERT INTO cli_issued (kind, at) VALUES (?1, ?2)",
+                    rusqlite::params![r.kind.as_str(), now],
+                )?;
+                tx.execute(
+                    "DELETE FROM cli_issued WHERE at < ?1",
+                    [now - SQLITE_REVOCATION_RETENTION_MS],
+                )?;
+            }
             tx.execute(
                 &format!("INSERT INTO tokens ({SQLITE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"),
                 rusqlite::params![
@@ -527,9 +547,35 @@ impl SqliteStore {
                 0
             }
         };
+        let mut last_issued: i64 = self
+            .with(|c| {
+                c.query_row("SELECT COALESCE(MAX(seq), 0) FROM cli_issued", [], |row| {
+                    row.get(0)
+                })
+            })
+            .await
+            .unwrap_or(0);
         let mut tick = tokio::time::interval(SQLITE_REVOCATION_POLL);
         loop {
             tick.tick().await;
+            let since = last_issued;
+            let issued = self
+                .with(move |c| {
+                    let mut statement = c.prepare_cached(
+                        "SELECT seq, kind FROM cli_issued WHERE seq > ?1 ORDER BY seq",
+                    )?;
+                    let rows = statement.query_map([since], |row| {
+                        Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?))
+                    })?;
+                    rows.collect::<Result<Vec<_>, _>>()
+                })
+                .await;
+            if let Ok(rows) = issued {
+                for (seq, kind) in rows {
+                    evict(Revoked::IssuedByCli(Kind::parse(&kind)));
+                    last_issued = seq;
+                }
+            }
             let since = last;
             let revoked = self
                 .with(move |c| {
@@ -707,11 +753,17 @@ impl RedisStore {
         format!("{}revocations:cli", self.prefix)
     }
 
-    /// Whether this replica is the first to count the CLI's revocation of `hash`.
-    async fn claim_count(&self, hash: &str) -> bool {
+    /// Where the CLI announces the tokens it issues, to be counted.
+    fn cli_issued_channel(&self) -> String {
+        format!("{}issued:cli", self.prefix)
+    }
+
+    /// Whether this replica is the first to count the CLI's event `what` (a revoked hash, an
+    /// issued token's id).
+    async fn claim_count(&self, what: &str) -> bool {
         let mut c = self.connection.clone();
         let claimed: Result<Option<String>, _> = redis::cmd("SET")
-            .arg(format!("{}counted:{hash}", self.prefix))
+            .arg(format!("{}counted:{what}", self.prefix))
             .arg(1)
             .arg("NX")
             .arg("EX")
@@ -749,6 +801,13 @@ impl RedisStore {
         if let Some(e) = r.expires_ms {
             pipe.cmd("PEXPIREAT").arg(&token_key).arg(e).ignore();
             pipe.cmd("PEXPIREAT").arg(&id_key).arg(e).ignore();
+        }
+        if is_cli() {
+            pipe.publish(
+                self.cli_issued_channel(),
+                format!("{} {}", r.id, r.kind.as_str()),
+            )
+            .ignore();
         }
         let mut c = self.connection.clone();
         pipe.query_async::<()>(&mut c).await?;
@@ -851,12 +910,14 @@ impl RedisStore {
     async fn follow_revocations(&self, evict: &(impl Fn(Revoked) + Send + Sync)) {
         let channel = self.channel();
         let cli_channel = self.cli_channel();
+        let cli_issued_channel = self.cli_issued_channel();
         let mut connected_before = false;
         loop {
             let subscribed = async {
                 let mut pubsub = self.client.get_async_pubsub().await?;
                 pubsub.subscribe(&channel).await?;
                 pubsub.subscribe(&cli_channel).await?;
+                pubsub.subscribe(&cli_issued_channel).await?;
                 Ok::<_, redis::RedisError>(pubsub)
             };
             let pubsub = match tokio::time::timeout(REDIS_CONNECT_TIMEOUT * 2, subscribed).await {
@@ -892,6 +953,14 @@ impl RedisStore {
                         let Ok(payload) = message.get_payload::<String>() else {
                             continue;
                         };
+                        if message.get_channel_name() == cli_issued_channel {
+                            if let Some((id, kind)) = payload.trim().split_once(' ') {
+                                if self.claim_count(&format!("issued:{id}")).await {
+                                    evict(Revoked::IssuedByCli(Kind::parse(kind)));
+                                }
+                            }
+                            continue;
+                        }
                         let Some(hash) = hex::decode(payload.trim())
                             .ok()
                             .and_then(|h| <[u8; 32]>::try_from(h.as_slice()).ok())

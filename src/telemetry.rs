@@ -243,6 +243,12 @@ pub fn cache_entries(entries: usize) {
     gauge!("tokengate_cache_entries").set(entries as f64);
 }
 
+/// Counts an issued token (on every surface: the servers' own, and the CLI's as the store's
+/// feed reports them).
+pub fn token_issued(kind: crate::store::Kind) {
+    counter!("tokengate_tokens_issued_total", "kind" => kind.as_str()).increment(1);
+}
+
 /// Counts a revoked token (on every surface: the servers' own revocations, and the CLI's as
 /// the store's revocation feed reports them).
 pub fn token_revoked() {

@@ -148,7 +148,7 @@ pub async fn issue(
         last_used_ms: None,
     };
     store.insert(&record).await?;
-    metrics::counter!("tokengate_tokens_issued_total", "kind" => what.kind.as_str()).increment(1);
+    crate::telemetry::token_issued(what.kind);
     Ok((token, record))
 }
 

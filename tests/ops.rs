@@ -1990,10 +1990,11 @@ upstream = "http://127.0.0.1:{up}"
     }
 }
 
-/// `tokengate_tokens_revoked_total` counts every surface: a revocation made with the CLI reaches
-/// the server through the store's revocation feed and is counted there, once.
+/// `tokengate_tokens_issued_total` and `tokengate_tokens_revoked_total` count every surface: a
+/// token issued or revoked with the CLI reaches the server through the store's feed and is
+/// counted there, once.
 #[tokio::test(flavor = "multi_thread")]
-async fn cli_revocations_are_counted_by_the_server() {
+async fn cli_issuance_and_revocation_are_counted_by_the_server() {
     let up = Upstream::start();
     let (port, admin) = (free_port(), free_port());
     let dir = tempfile::tempdir().expect("tempdir");
@@ -2020,6 +2021,19 @@ upstream = "http://127.0.0.1:{up}"
     wait_port(admin).await;
     let config = gate.config_path.to_str().unwrap().to_string();
     let (token, id) = cli_create_token(&gate.config_path, "dave");
+    // The CLI's issuance is counted by the server too.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while scrape(admin)
+        .await
+        .value("tokengate_tokens_issued_total", &[("kind", "api")])
+        != Some(1.0)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the CLI's token was not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(
         status_of(&gate.url("/api/x"), Some(&token)).await,
         200,
@@ -2058,9 +2072,9 @@ upstream = "http://127.0.0.1:{up}"
     );
 }
 
-/// With Redis, every replica hears the CLI's revocation; exactly one of them counts it.
+/// With Redis, every replica hears the CLI's issuance and revocation; exactly one counts each.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_cli_revocation_is_counted_by_one_redis_replica() {
+async fn cli_events_are_counted_by_one_redis_replica() {
     let Some(redis) = RedisServer::start() else {
         return;
     };
@@ -2094,6 +2108,21 @@ upstream = "http://127.0.0.1:{up}"
     tokio::time::sleep(Duration::from_millis(500)).await;
     let config = a.config_path.to_str().unwrap().to_string();
     let (token, id) = cli_create_token(&a.config_path, "erin");
+    let issued = || async {
+        let count = |m: Scrape| {
+            m.value("tokengate_tokens_issued_total", &[("kind", "api")])
+                .unwrap_or(0.0)
+        };
+        count(scrape(a_admin).await) + count(scrape(b_admin).await)
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while issued().await < 1.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "issuance not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(status_of(&b.url("/api/x"), Some(&token)).await, 200);
     let revoked = cli(&["token", "revoke", "--config", &config, &id]);
     assert!(revoked.status.success(), "{revoked:?}");
@@ -2112,5 +2141,10 @@ upstream = "http://127.0.0.1:{up}"
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(total().await, 1.0, "counted by exactly one replica");
+    assert_eq!(
+        issued().await,
+        1.0,
+        "issuance counted by exactly one replica"
+    );
     assert_eq!(status_of(&b.url("/api/x"), Some(&token)).await, 401);
 }
