@@ -1633,13 +1633,7 @@ fn curl(dir: &Path, port: u16, path: &str, cert: bool, extra: &[&str]) -> CurlRe
     }
     cmd.args(extra)
         .arg(format!("https://localhost:{port}{path}"));
-    let out = cmd.output().expect("run curl");
-    assert!(
-        out.status.success(),
-        "curl {path}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    CurlReply::parse(&String::from_utf8_lossy(&out.stdout))
+    CurlReply::run(&mut cmd)
 }
 
 /// Refused: minting with an x509-kind token (from `/auth/x509`), on either surface. The

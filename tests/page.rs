@@ -988,13 +988,7 @@ fn curl_tls(
         cmd.arg("--data-raw").arg(form_body(fields));
     }
     cmd.arg(format!("https://localhost:{port}{path}"));
-    let out = cmd.output().expect("run curl");
-    assert!(
-        out.status.success(),
-        "curl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    CurlReply::parse(&String::from_utf8_lossy(&out.stdout))
+    CurlReply::run(&mut cmd)
 }
 
 #[tokio::test(flavor = "multi_thread")]

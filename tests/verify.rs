@@ -98,11 +98,7 @@ fn curl(port: u16, path: &str, headers: &[(&str, &str)]) -> CurlReply {
     for (k, v) in headers {
         cmd.arg("-H").arg(format!("{k}: {v}"));
     }
-    let out = cmd
-        .arg(format!("http://127.0.0.1:{port}{path}"))
-        .output()
-        .expect("curl");
-    CurlReply::parse(&String::from_utf8_lossy(&out.stdout))
+    CurlReply::run(cmd.arg(format!("http://127.0.0.1:{port}{path}")))
 }
 
 fn echoed(reply: &CurlReply, name: &str) -> Option<String> {

@@ -579,6 +579,17 @@ pub struct CurlReply {
 }
 
 impl CurlReply {
+    /// Runs a prepared `curl -i` command (it must succeed) and parses what it printed.
+    pub fn run(cmd: &mut Command) -> CurlReply {
+        let out = cmd.output().expect("run curl");
+        assert!(
+            out.status.success(),
+            "curl failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        CurlReply::parse(&String::from_utf8_lossy(&out.stdout))
+    }
+
     /// Parses `curl -i` output (one response); panics without a status line.
     pub fn parse(text: &str) -> CurlReply {
         let (head, body) = text.split_once("\r\n\r\n").unwrap_or((text, ""));
