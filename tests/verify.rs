@@ -379,3 +379,89 @@ async fn off_loopback_the_ingress_must_present_the_verify_token() {
     assert_eq!(bearer.status, 200);
     assert_eq!(bearer.header("x-auth-user").as_deref(), Some("bob"));
 }
+
+/// Off loopback without a token: TLS with client certificates identifies the ingress, and a
+/// client without a certificate is not answered at all.
+#[tokio::test(flavor = "multi_thread")]
+async fn off_loopback_client_certificates_identify_the_ingress() {
+    use common::pki::{ca, server, user, Dn};
+    let root = ca("Ingress Root CA", None);
+    let ingress = user(Dn::of(&[("O", "Example"), ("CN", "ingress")]), &root);
+    let tls = server(&root);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    write_file(d, "ca.pem", &root.pem());
+    write_file(d, "server.pem", &tls.pem());
+    write_file(d, "server-key.pem", &tls.key_pem());
+    write_file(d, "ingress.pem", &ingress.pem());
+    write_file(d, "ingress-key.pem", &ingress.key_pem());
+    let up = Upstream::start();
+    let (port, vport) = (free_port(), free_port());
+    let tls_table = format!(
+        "[verify.tls]\ncert = \"{d}/server.pem\"\nkey = \"{d}/server-key.pem\"\n",
+        d = d.display()
+    );
+    let open = config(port, vport, "envoy", "", up.port)
+        .replace(&format!("127.0.0.1:{vport}"), &format!("0.0.0.0:{vport}"));
+    // TLS alone does not say who asks: refused.
+    let without_ca = write_file(
+        d,
+        "without-ca.toml",
+        &open.replace(
+            "ingress = \"envoy\"\n",
+            &format!("ingress = \"envoy\"\n{tls_table}"),
+        ),
+    );
+    assert!(std::fs::read_to_string(&without_ca)
+        .unwrap()
+        .contains("[verify.tls]"));
+    let out = cli(&["check", "--config", without_ca.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("client_ca"));
+
+    let with_ca = open.replace(
+        "ingress = \"envoy\"\n",
+        &format!(
+            "ingress = \"envoy\"\n{tls_table}client_ca = \"{}/ca.pem\"\n",
+            d.display()
+        ),
+    );
+    let _gate = Gate::start(&with_ca);
+    let curl = |with_certificate: bool| {
+        let mut cmd = std::process::Command::new("curl");
+        cmd.args(["-s", "-i", "--max-time", "10", "--cacert"])
+            .arg(d.join("ca.pem"))
+            .args(["--resolve", &format!("localhost:{vport}:127.0.0.1")])
+            .args(["-H", &format!("x-auth-token: {TOKEN}")]);
+        if with_certificate {
+            cmd.arg("--cert")
+                .arg(d.join("ingress.pem"))
+                .arg("--key")
+                .arg(d.join("ingress-key.pem"));
+        }
+        cmd.arg(format!("https://localhost:{vport}/api/x"));
+        cmd
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", vport)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "verify listener not up"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let ok = CurlReply::run(&mut curl(true));
+    assert_eq!(ok.status, 200, "{ok:?}");
+    assert!(
+        ok.headers
+            .iter()
+            .any(|(k, v)| k == "x-auth-user" && v == "alice"),
+        "{ok:?}"
+    );
+    let refused = curl(false).output().expect("curl");
+    assert!(
+        !String::from_utf8_lossy(&refused.stdout).contains("x-auth-user"),
+        "answered without a client certificate: {refused:?}"
+    );
+    assert!(!refused.status.success(), "{refused:?}");
+}
