@@ -448,7 +448,7 @@ pub struct ServerConfig {
 }
 
 /// `[server.tls]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsConfig {
     /// PEM certificate chain.
     pub cert: PathBuf,

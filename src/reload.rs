@@ -106,6 +106,10 @@ fn restart_only_changes(current: &Config, next: &Config) -> Vec<&'static str> {
             "verify.listen",
             current.verify.as_ref().map(|v| v.listen) != next.verify.as_ref().map(|v| v.listen),
         ),
+        (
+            "verify.tls",
+            current.verify.as_ref().map(|v| &v.tls) != next.verify.as_ref().map(|v| &v.tls),
+        ),
     ]
     .into_iter()
     .filter_map(|(key, changed)| changed.then_some(key))
