@@ -12,6 +12,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{
     header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri,
@@ -50,6 +51,7 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 pub async fn serve(listener: TcpListener, gate: SharedGate, acceptor: Option<TlsAcceptor>) {
     let server = gate.load().config.server.clone();
     let header_read_timeout = server.header_read_timeout;
+    let lifetime = server.idle_timeout * LIFETIME_IN_IDLE_TIMEOUTS;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -81,7 +83,8 @@ pub async fn serve(listener: TcpListener, gate: SharedGate, acceptor: Option<Tls
                         Ok(Ok(n)) if n > 0 => {}
                         _ => return,
                     }
-                    let _ = builder.serve_connection(TokioIo::new(tcp), service).await;
+                    let connection = builder.serve_connection(TokioIo::new(tcp), service);
+                    for_a_lifetime(connection, lifetime).await;
                 }
                 Some(acceptor) => {
                     let tls = match tokio::time::timeout(header_read_timeout, acceptor.accept(tcp))
@@ -95,12 +98,53 @@ pub async fn serve(listener: TcpListener, gate: SharedGate, acceptor: Option<Tls
                         }
                         Err(_) => return,
                     };
-                    let _ = builder.serve_connection(TokioIo::new(tls), service).await;
+                    let connection = builder.serve_connection(TokioIo::new(tls), service);
+                    for_a_lifetime(connection, lifetime).await;
                 }
             }
         });
     })
     .await;
+}
+
+/// The longest a decision connection is kept, in `[server] idle_timeout`s (5 min by default):
+/// then it is closed gracefully (the request in flight is answered) and the ingress reconnects.
+/// It bounds how long a connection that only answers HTTP/2 pings, and never asks, can hold one
+/// of the listener's slots.
+const LIFETIME_IN_IDLE_TIMEOUTS: u32 = 5;
+/// How long a connection closing gracefully may take to finish its requests.
+const CLOSE_GRACE: Duration = Duration::from_secs(10);
+
+/// Serves `connection` for at most `lifetime`, then closes it gracefully.
+async fn for_a_lifetime<C>(connection: C, lifetime: Duration)
+where
+    C: std::future::Future + GracefulShutdown,
+{
+    let mut connection = std::pin::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => return,
+        _ = tokio::time::sleep(lifetime) => connection.as_mut().shut_down(),
+    }
+    let _ = tokio::time::timeout(CLOSE_GRACE, connection).await;
+}
+
+/// A connection that can stop taking new requests and finish the ones it has.
+trait GracefulShutdown {
+    fn shut_down(self: std::pin::Pin<&mut Self>);
+}
+
+impl<I, S, E> GracefulShutdown for auto::Connection<'_, I, S, E>
+where
+    S: hyper::service::HttpService<Incoming>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::ResBody: hyper::body::Body + Send + 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, S::ResBody>,
+{
+    fn shut_down(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
 }
 
 /// One decision, its metrics and its access-log line.

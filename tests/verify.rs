@@ -465,3 +465,45 @@ async fn off_loopback_client_certificates_identify_the_ingress() {
     );
     assert!(!refused.status.success(), "{refused:?}");
 }
+
+/// A decision connection is recycled after 5 × `idle_timeout`, even an HTTP/2 one that keeps
+/// answering pings: it cannot hold one of the listener's slots for ever. Its last request is
+/// answered first.
+#[tokio::test(flavor = "multi_thread")]
+async fn decision_connections_are_recycled() {
+    use http_body_util::{BodyExt, Empty};
+    let up = Upstream::start();
+    let (port, vport) = (free_port(), free_port());
+    let toml = config(port, vport, "envoy", "", up.port).replace(
+        &format!("listen = \"127.0.0.1:{port}\"\n"),
+        &format!("listen = \"127.0.0.1:{port}\"\nidle_timeout = \"1s\"\n"),
+    );
+    let _gate = Gate::start(&toml);
+    ask(vport, "/", &[]).await;
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", vport))
+        .await
+        .expect("connect");
+    let (mut send, connection) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(std::time::Duration::from_millis(300))
+            .handshake::<_, Empty<bytes::Bytes>>(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .expect("h2 handshake");
+    let started = std::time::Instant::now();
+    let driven = tokio::spawn(connection);
+    let request = http::Request::get(format!("http://127.0.0.1:{vport}/public/x"))
+        .body(Empty::new())
+        .unwrap();
+    let answer = send.send_request(request).await.expect("a decision");
+    assert_eq!(answer.status(), 200);
+    let _ = answer.into_body().collect().await;
+    // Quiet from here on, except for pings (the client answers the server's and sends its own).
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(15), driven).await;
+    let lived = started.elapsed();
+    assert!(closed.is_ok(), "the connection was never closed");
+    assert!(
+        lived >= std::time::Duration::from_secs(4),
+        "closed after {lived:?}: too early (5 x 1 s)"
+    );
+}
