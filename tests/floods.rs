@@ -163,6 +163,25 @@ async fn closed_within(stream: &mut TcpStream, within: Duration) -> Option<Durat
     closed.then(|| started.elapsed())
 }
 
+/// Waits (`limit` at most) for the gate to close `stream`, and asserts that it did so `window`
+/// after `since` (where the deadline started: the accept, the last response, a stalled byte).
+async fn assert_closed(
+    stream: &mut TcpStream,
+    since: Instant,
+    limit: Duration,
+    window: std::ops::Range<Duration>,
+    what: &str,
+) {
+    let closed = closed_within(stream, limit).await;
+    let took = since.elapsed();
+    println!("{what}: closed after {} ms", ms(took));
+    assert!(closed.is_some(), "{what}: still open after {limit:?}");
+    assert!(
+        window.contains(&took),
+        "{what}: closed after {took:?}, not within {window:?}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // A raw upstream: counts connections, answers `ok`, optionally slow or closing
 // ---------------------------------------------------------------------------------------------
@@ -456,20 +475,14 @@ async fn silent_tls_and_stalled_handshakes_are_closed_from_accept() {
     // (a) TCP connect, then not a byte: no handshake ever starts.
     let started = Instant::now();
     let mut tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let closed = closed_within(&mut tcp, Duration::from_secs(5)).await;
-    let took = started.elapsed();
-    println!(
-        "silent TCP on the TLS listener closed after {} ms",
-        ms(took)
-    );
-    assert!(
-        closed.is_some(),
-        "a silent TCP connection was open after 5 s"
-    );
-    assert!(
-        (Duration::from_millis(700)..Duration::from_millis(2000)).contains(&took),
-        "silent TCP closed after {took:?} (header_read_timeout = 1s)"
-    );
+    assert_closed(
+        &mut tcp,
+        started,
+        Duration::from_secs(5),
+        Duration::from_millis(700)..Duration::from_millis(2000),
+        "silent TCP on the TLS listener (header_read_timeout = 1s)",
+    )
+    .await;
 
     // (b) A handshake begun 800 ms after connect and completed, then silence: closed ~1 s
     // after accept, not 1 s after the handshake.
@@ -514,11 +527,14 @@ async fn silent_tls_and_stalled_handshakes_are_closed_from_accept() {
     ])
     .await
     .unwrap();
-    let closed = closed_within(&mut tcp, Duration::from_secs(5)).await;
-    let took = started.elapsed();
-    println!("partial ClientHello closed after {} ms", ms(took));
-    assert!(closed.is_some(), "a stalled handshake was open after 5 s");
-    assert!(took < Duration::from_millis(2000), "{took:?}");
+    assert_closed(
+        &mut tcp,
+        started,
+        Duration::from_secs(5),
+        Duration::ZERO..Duration::from_millis(2000),
+        "a partial ClientHello",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -589,21 +605,14 @@ async fn idle_keep_alive_is_closed_after_idle_timeout_not_header_timeout() {
         "a keep-alive connection idle for 2 s (header_read_timeout 1s, idle_timeout 3s) \
          did not serve its next request"
     );
-    let answered = Instant::now();
-    let closed = closed_within(&mut tcp, Duration::from_secs(6)).await;
-    let took = answered.elapsed();
-    println!(
-        "HTTP/1 keep-alive: second request after 2 s idle ok; closed {} ms after the last response",
-        ms(took)
-    );
-    assert!(
-        closed.is_some(),
-        "an idle keep-alive connection was open after 6 s"
-    );
-    assert!(
-        (Duration::from_millis(2500)..Duration::from_millis(4500)).contains(&took),
-        "closed {took:?} after the last response (idle_timeout = 3s)"
-    );
+    assert_closed(
+        &mut tcp,
+        Instant::now(),
+        Duration::from_secs(6),
+        Duration::from_millis(2500)..Duration::from_millis(4500),
+        "HTTP/1 keep-alive after its last response (idle_timeout = 3s)",
+    )
+    .await;
 
     // A request head begun on a keep-alive connection and stalled: header_read_timeout.
     let mut tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
@@ -615,15 +624,14 @@ async fn idle_keep_alive_is_closed_after_idle_timeout_not_header_timeout() {
     tcp.write_all(b"GET /stalled HTTP/1.1\r\nHost: gate\r\nX-Half: ")
         .await
         .unwrap();
-    let started = Instant::now();
-    let closed = closed_within(&mut tcp, Duration::from_secs(6)).await;
-    let took = started.elapsed();
-    println!("half a second request head: closed after {} ms", ms(took));
-    assert!(closed.is_some(), "a stalled second head was open after 6 s");
-    assert!(
-        (Duration::from_millis(700)..Duration::from_millis(2200)).contains(&took),
-        "a stalled keep-alive head closed after {took:?} (header_read_timeout = 1s)"
-    );
+    assert_closed(
+        &mut tcp,
+        Instant::now(),
+        Duration::from_secs(6),
+        Duration::from_millis(700)..Duration::from_millis(2200),
+        "half a second request head (header_read_timeout = 1s)",
+    )
+    .await;
 }
 
 /// The watchdog of a keep-alive connection must notice a request head that begins while it
@@ -648,19 +656,15 @@ async fn a_request_head_begun_late_on_keep_alive_gets_header_read_timeout() {
     tcp.write_all(b"GET /late HTTP/1.1\r\nHost: gate\r\nX-Half: ")
         .await
         .unwrap();
-    let started = Instant::now();
-    let closed = closed_within(&mut tcp, Duration::from_secs(6)).await;
-    let took = started.elapsed();
-    println!(
-        "half a head 1.5 s into keep-alive idleness (header_read 1s, idle 6s): closed after {:?} ms",
-        closed.map(ms)
-    );
-    assert!(closed.is_some(), "a stalled head was open after 6 s");
-    assert!(
-        (Duration::from_millis(700)..Duration::from_millis(2200)).contains(&took),
-        "a head begun on an idle keep-alive connection was closed {took:?} after its first \
-         byte (header_read_timeout = 1s, idle_timeout = 6s)"
-    );
+    assert_closed(
+        &mut tcp,
+        Instant::now(),
+        Duration::from_secs(6),
+        Duration::from_millis(700)..Duration::from_millis(2200),
+        "a head begun 1.5 s into keep-alive idleness, from its first byte \
+         (header_read_timeout = 1s, idle_timeout = 6s)",
+    )
+    .await;
 }
 
 /// `idle_timeout` shorter than `header_read_timeout` (here the 10 s default): the first idle
@@ -680,21 +684,14 @@ async fn idle_timeout_shorter_than_header_read_timeout_closes_on_time() {
         .await
         .expect("response");
     assert_eq!(resp.status, 200);
-    let answered = Instant::now();
-    let closed = closed_within(&mut tcp, Duration::from_secs(4)).await;
-    let took = answered.elapsed();
-    println!(
-        "HTTP/1 keep-alive, idle_timeout 1s, header_read_timeout 10s: closed after {:?} ms",
-        closed.map(ms)
-    );
-    assert!(
-        closed.is_some(),
-        "an idle keep-alive connection was open 4 s after its response (idle_timeout = 1s)"
-    );
-    assert!(
-        (Duration::from_millis(700)..Duration::from_millis(2500)).contains(&took),
-        "closed {took:?} after the response (idle_timeout = 1s)"
-    );
+    assert_closed(
+        &mut tcp,
+        Instant::now(),
+        Duration::from_secs(4),
+        Duration::from_millis(700)..Duration::from_millis(2500),
+        "HTTP/1 keep-alive after its response (idle_timeout = 1s, header_read_timeout = 10s)",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
