@@ -163,6 +163,17 @@ async fn closed_within(stream: &mut TcpStream, within: Duration) -> Option<Durat
     closed.then(|| started.elapsed())
 }
 
+/// A keep-alive connection to the gate on `port` that has had one 200 (for `path`).
+async fn answered_once(port: u16, path: &str) -> TcpStream {
+    let mut tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    tcp.write_all(&get_request(path)).await.unwrap();
+    let first = read_response(&mut tcp, Duration::from_secs(5))
+        .await
+        .expect("first response");
+    assert_eq!(first.status, 200);
+    tcp
+}
+
 /// Waits (`limit` at most) for the gate to close `stream`, and asserts that it did so `window`
 /// after `since` (where the deadline started: the accept, the last response, a stalled byte).
 async fn assert_closed(
@@ -588,12 +599,7 @@ async fn idle_keep_alive_is_closed_after_idle_timeout_not_header_timeout() {
         &catch_all_route(up.port, ""),
     ));
 
-    let mut tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    tcp.write_all(&get_request("/first")).await.unwrap();
-    let first = read_response(&mut tcp, Duration::from_secs(5))
-        .await
-        .expect("first response");
-    assert_eq!(first.status, 200);
+    let mut tcp = answered_once(port, "/first").await;
 
     // Idle for 2 s (> header_read_timeout, < idle_timeout): still open and usable.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -615,12 +621,7 @@ async fn idle_keep_alive_is_closed_after_idle_timeout_not_header_timeout() {
     .await;
 
     // A request head begun on a keep-alive connection and stalled: header_read_timeout.
-    let mut tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    tcp.write_all(&get_request("/third")).await.unwrap();
-    let third = read_response(&mut tcp, Duration::from_secs(5))
-        .await
-        .expect("third response");
-    assert_eq!(third.status, 200);
+    let mut tcp = answered_once(port, "/third").await;
     tcp.write_all(b"GET /stalled HTTP/1.1\r\nHost: gate\r\nX-Half: ")
         .await
         .unwrap();
@@ -645,12 +646,7 @@ async fn a_request_head_begun_late_on_keep_alive_gets_header_read_timeout() {
         "header_read_timeout = \"1s\"\nidle_timeout = \"6s\"",
         &catch_all_route(up.port, ""),
     ));
-    let mut tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    tcp.write_all(&get_request("/first")).await.unwrap();
-    let first = read_response(&mut tcp, Duration::from_secs(5))
-        .await
-        .expect("first response");
-    assert_eq!(first.status, 200);
+    let mut tcp = answered_once(port, "/first").await;
     // Idle for 1.5 s (past the first header-read deadline), then half a head, then nothing.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     tcp.write_all(b"GET /late HTTP/1.1\r\nHost: gate\r\nX-Half: ")
@@ -678,12 +674,7 @@ async fn idle_timeout_shorter_than_header_read_timeout_closes_on_time() {
         "idle_timeout = \"1s\"",
         &catch_all_route(up.port, ""),
     ));
-    let mut tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    tcp.write_all(&get_request("/once")).await.unwrap();
-    let resp = read_response(&mut tcp, Duration::from_secs(5))
-        .await
-        .expect("response");
-    assert_eq!(resp.status, 200);
+    let mut tcp = answered_once(port, "/once").await;
     assert_closed(
         &mut tcp,
         Instant::now(),
