@@ -151,14 +151,14 @@ async fn follow_revocations(store: Arc<store::Store>, gate: proxy::SharedGate) {
         .follow_revocations(move |revoked| {
             let gate = gate.load();
             match revoked {
-                store::Revoked::One { hash, by_cli } => {
+                store::StoreEvent::One { hash, by_cli } => {
                     gate.cache().evict(&hash);
                     if by_cli {
                         telemetry::token_revoked();
                     }
                 }
-                store::Revoked::IssuedByCli(kind) => telemetry::token_issued(kind),
-                store::Revoked::Unknown => {
+                store::StoreEvent::IssuedByCli(kind) => telemetry::token_issued(kind),
+                store::StoreEvent::Unknown => {
                     gate.cache()
                         .evict_where(|identity| identity.token_id.is_some());
                 }

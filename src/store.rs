@@ -261,7 +261,7 @@ impl Store {
 
     /// Follows revocations made elsewhere (another process, the CLI) and tells `evict`, until
     /// the task is dropped. Memory stores have no elsewhere.
-    pub async fn follow_revocations(self: Arc<Self>, evict: impl Fn(Revoked) + Send + Sync) {
+    pub async fn follow_revocations(self: Arc<Self>, evict: impl Fn(StoreEvent) + Send + Sync) {
         match &*self {
             Store::Memory(_) => std::future::pending().await,
             Store::Sqlite(s) => s.follow_revocations(&evict).await,
@@ -275,7 +275,7 @@ impl Store {
 /// its own revocations when it makes them).
 static CLI: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Marks this process as the CLI (see `Revoked::One`'s `by_cli`).
+/// Marks this process as the CLI (see `StoreEvent::One`'s `by_cli`).
 pub fn mark_cli() {
     CLI.store(true, std::sync::atomic::Ordering::Relaxed);
 }
@@ -284,9 +284,9 @@ fn is_cli() -> bool {
     CLI.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-/// What a revocation feed reports.
+/// What the store's feed reports: revocations made elsewhere, and the CLI's tokens.
 #[derive(Debug, Clone, Copy)]
-pub enum Revoked {
+pub enum StoreEvent {
     /// This token hash was revoked.
     One {
         /// The token's hash.
@@ -532,7 +532,7 @@ impl SqliteStore {
         self.with(|c| c.query_row("SELECT 1", [], |_| Ok(()))).await
     }
 
-    async fn follow_revocations(&self, evict: &(impl Fn(Revoked) + Send + Sync)) {
+    async fn follow_revocations(&self, evict: &(impl Fn(StoreEvent) + Send + Sync)) {
         let mut last: i64 = match self
             .with(|c| {
                 c.query_row("SELECT COALESCE(MAX(seq), 0) FROM revocations", [], |row| {
@@ -572,7 +572,7 @@ impl SqliteStore {
                 .await;
             if let Ok(rows) = issued {
                 for (seq, kind) in rows {
-                    evict(Revoked::IssuedByCli(Kind::parse(&kind)));
+                    evict(StoreEvent::IssuedByCli(Kind::parse(&kind)));
                     last_issued = seq;
                 }
             }
@@ -596,7 +596,7 @@ impl SqliteStore {
                 Ok(rows) => {
                     for (seq, hash, by_cli) in rows {
                         if let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) {
-                            evict(Revoked::One { hash, by_cli });
+                            evict(StoreEvent::One { hash, by_cli });
                         }
                         last = seq;
                     }
@@ -907,7 +907,7 @@ impl RedisStore {
 
     /// Subscribes to revocations and evicts each from the cache. After a lost subscription the
     /// messages sent meanwhile are unknown: every store-validated cache entry is dropped.
-    async fn follow_revocations(&self, evict: &(impl Fn(Revoked) + Send + Sync)) {
+    async fn follow_revocations(&self, evict: &(impl Fn(StoreEvent) + Send + Sync)) {
         let channel = self.channel();
         let cli_channel = self.cli_channel();
         let cli_issued_channel = self.cli_issued_channel();
@@ -933,7 +933,7 @@ impl RedisStore {
                 }
             };
             if connected_before {
-                evict(Revoked::Unknown);
+                evict(StoreEvent::Unknown);
                 tracing::info!(
                     "revocation subscription restored; store-validated cache entries dropped"
                 );
@@ -956,7 +956,7 @@ impl RedisStore {
                         if message.get_channel_name() == cli_issued_channel {
                             if let Some((id, kind)) = payload.trim().split_once(' ') {
                                 if self.claim_count(&format!("issued:{id}")).await {
-                                    evict(Revoked::IssuedByCli(Kind::parse(kind)));
+                                    evict(StoreEvent::IssuedByCli(Kind::parse(kind)));
                                 }
                             }
                             continue;
@@ -970,10 +970,10 @@ impl RedisStore {
                         if message.get_channel_name() == cli_channel {
                             // Evicted by the first message; here only counted, once.
                             if self.claim_count(payload.trim()).await {
-                                evict(Revoked::One { hash, by_cli: true });
+                                evict(StoreEvent::One { hash, by_cli: true });
                             }
                         } else {
-                            evict(Revoked::One { hash, by_cli: false });
+                            evict(StoreEvent::One { hash, by_cli: false });
                         }
                     }
                     _ = heartbeat.tick() => {
