@@ -7,7 +7,7 @@
 //! writer sleeps on its channel instead of spinning. Audit and other log lines do not go
 //! through this buffer: they are written at once. `RUST_LOG` still decides (`access=off`).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io::Write as _;
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::OnceLock;
@@ -15,6 +15,13 @@ use std::time::{Duration, SystemTime};
 
 /// How much a worker buffers before handing lines to the writer.
 const BUFFER_BYTES: usize = 64 * 1024;
+/// Lines are handed over once the buffer is this full, so that the next line rarely makes it
+/// grow (a reallocation would copy the whole buffer).
+const HAND_OVER_AT: usize = BUFFER_BYTES - 4 * 1024;
+/// The room a pending line's head starts with; heads this size or smaller are reused.
+const PENDING_BYTES: usize = 512;
+/// Heads a thread keeps for reuse (more are freed): one per concurrent streamed response.
+const MAX_SPARE: usize = 256;
 /// How often workers hand over what they have.
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 /// Batches waiting for the writer; beyond it a worker waits (as nginx waits on a slow disk).
@@ -88,15 +95,28 @@ impl Pending {
             let mut buffer = buffer.borrow_mut();
             buffer.extend_from_slice(&self.head);
             finish_line(&mut buffer, bytes_sent, self.format);
-            if !buffered || buffer.len() >= BUFFER_BYTES {
+            if !buffered || buffer.len() >= HAND_OVER_AT {
                 hand_over(&mut buffer);
             }
         });
+        let mut head = self.head;
+        if head.capacity() <= PENDING_BYTES {
+            head.clear();
+            SPARE.with(|spare| {
+                let mut spare = spare.borrow_mut();
+                if spare.len() < MAX_SPARE {
+                    spare.push(head);
+                }
+            });
+        }
     }
 }
 
 thread_local! {
     static BUFFER: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(BUFFER_BYTES));
+    static ENABLED: Cell<Option<bool>> = const { Cell::new(None) };
+    /// Heads of finished pending lines, kept for the next ones (no allocation per request).
+    static SPARE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
     /// The current second, formatted (`2026-11-27T08:54:47`): formatted once a second.
     static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
 }
@@ -123,9 +143,21 @@ fn timestamp(out: &mut Vec<u8>, now: SystemTime) {
     out.push(b'Z');
 }
 
-/// Whether access lines are wanted (`RUST_LOG`).
+/// Whether access lines are wanted (`RUST_LOG`, read once at start-up: the filter is not
+/// reloaded, so the answer is asked of `tracing` once per thread and then remembered).
 pub fn enabled() -> bool {
-    tracing::enabled!(target: "access", tracing::Level::INFO)
+    ENABLED.with(|enabled| match enabled.get() {
+        Some(yes) => yes,
+        None => {
+            let yes = tracing::enabled!(target: "access", tracing::Level::INFO);
+            // Only a worker remembers: it starts after logging is set up, while other threads
+            // (tests, the CLI) may ask before.
+            if crate::server::worker_slot() != usize::MAX {
+                enabled.set(Some(yes));
+            }
+            yes
+        }
+    })
 }
 
 /// Appends one line whose response body is `bytes_sent` long. Worker threads buffer it; any
@@ -137,7 +169,7 @@ pub fn write(line: &Line<'_>, bytes_sent: u64) {
         let mut buffer = buffer.borrow_mut();
         format_line(&mut buffer, line, format);
         finish_line(&mut buffer, bytes_sent, format);
-        if !buffered || buffer.len() >= BUFFER_BYTES {
+        if !buffered || buffer.len() >= HAND_OVER_AT {
             hand_over(&mut buffer);
         }
     });
@@ -146,7 +178,9 @@ pub fn write(line: &Line<'_>, bytes_sent: u64) {
 /// Formats a line whose response body is still streaming; `Pending::finish` completes it.
 pub fn pending(line: &Line<'_>) -> Pending {
     let format = *FORMAT.get().unwrap_or(&Format::Json);
-    let mut head = Vec::with_capacity(512);
+    let mut head = SPARE
+        .with(|spare| spare.borrow_mut().pop())
+        .unwrap_or_else(|| Vec::with_capacity(PENDING_BYTES));
     format_line(&mut head, line, format);
     Pending { head, format }
 }
@@ -238,10 +272,14 @@ fn format_line(out: &mut Vec<u8>, line: &Line<'_>, format: Format) {
             out.extend_from_slice(b"{\"timestamp\":\"");
             timestamp(out, now);
             out.extend_from_slice(b"\",\"level\":\"INFO\",\"target\":\"access\",\"method\":");
-            json_string(out, Some(line.method));
+            json_plain(out, Some(line.method));
             let text = |out: &mut Vec<u8>, name: &[u8], value: Option<&str>| {
                 out.extend_from_slice(name);
                 json_string(out, value);
+            };
+            let plain = |out: &mut Vec<u8>, name: &[u8], value: Option<&str>| {
+                out.extend_from_slice(name);
+                json_plain(out, value);
             };
             text(out, b",\"path\":", Some(line.path));
             out.extend_from_slice(b",\"status\":");
@@ -249,18 +287,18 @@ fn format_line(out: &mut Vec<u8>, line: &Line<'_>, format: Format) {
             text(out, b",\"route\":", line.route);
             text(out, b",\"subject\":", line.subject);
             text(out, b",\"source\":", line.source);
-            text(out, b",\"auth\":", line.auth);
-            text(out, b",\"validator\":", line.validator);
-            text(out, b",\"client\":", Some(line.client));
+            plain(out, b",\"auth\":", line.auth);
+            plain(out, b",\"validator\":", line.validator);
+            plain(out, b",\"client\":", Some(line.client));
             out.extend_from_slice(b",\"duration_ms\":");
             millis(out, Some(line.duration));
             out.extend_from_slice(b",\"upstream_ms\":");
             millis(out, line.upstream);
-            text(out, b",\"request_id\":", Some(line.request_id));
-            text(out, b",\"trace_id\":", line.trace_id);
+            plain(out, b",\"request_id\":", Some(line.request_id));
+            plain(out, b",\"trace_id\":", line.trace_id);
             text(out, b",\"user_agent\":", line.user_agent);
             text(out, b",\"host\":", line.host);
-            text(out, b",\"protocol\":", Some(line.protocol));
+            plain(out, b",\"protocol\":", Some(line.protocol));
             text(out, b",\"token_id\":", line.token_id);
             // `finish_line` writes the number and closes the object.
             out.extend_from_slice(b",\"bytes_sent\":");
@@ -317,9 +355,35 @@ fn json_string(out: &mut Vec<u8>, value: Option<&str>) {
         out.extend_from_slice(b"null");
         return;
     };
-    out.push(b'"');
     let bytes = value.as_bytes();
-    // Runs of bytes that need no escaping (UTF-8 included) are copied whole.
+    out.reserve(bytes.len() + 2);
+    out.push(b'"');
+    if any_escape(bytes) {
+        escape_into(out, bytes);
+    } else {
+        // The common value (a path, an id, a host) needs no escape: one copy.
+        out.extend_from_slice(bytes);
+    }
+    out.push(b'"');
+}
+
+/// A JSON string that tokengate made or checked itself (a label, a generated or checked id, an
+/// address, a method token), which holds nothing to escape; `null` for `None`.
+fn json_plain(out: &mut Vec<u8>, value: Option<&str>) {
+    match value {
+        Some(value) => {
+            debug_assert!(!any_escape(value.as_bytes()), "{value:?}");
+            out.reserve(value.len() + 2);
+            out.push(b'"');
+            out.extend_from_slice(value.as_bytes());
+            out.push(b'"');
+        }
+        None => out.extend_from_slice(b"null"),
+    }
+}
+
+/// Copies `bytes`, escaping what JSON needs escaped: `"`, `\`, controls and DEL.
+fn escape_into(out: &mut Vec<u8>, bytes: &[u8]) {
     let mut run = 0;
     for (i, &b) in bytes.iter().enumerate() {
         let escaped: &[u8] = match b {
@@ -337,7 +401,37 @@ fn json_string(out: &mut Vec<u8>, value: Option<&str>) {
         run = i + 1;
     }
     out.extend_from_slice(&bytes[run..]);
-    out.push(b'"');
+}
+
+/// Whether `bytes` hold anything JSON needs escaped, looked at eight bytes at a time.
+fn any_escape(bytes: &[u8]) -> bool {
+    let mut words = bytes.chunks_exact(8);
+    for word in &mut words {
+        if needs_escape(u64::from_le_bytes(word.try_into().expect("8 bytes"))) {
+            return true;
+        }
+    }
+    // The last few bytes, padded with spaces (which need no escape).
+    let rest = words.remainder();
+    let mut last = [b' '; 8];
+    last[..rest.len()].copy_from_slice(rest);
+    needs_escape(u64::from_le_bytes(last))
+}
+
+/// Whether any of the eight bytes in `word` is a control character, DEL, `"` or `\` (bytes of
+/// 0x80 and above are UTF-8 and need no escape). Exact: no byte is reported that is not one.
+fn needs_escape(word: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // A byte's high bit in `zero(x)` is set exactly when that byte of `x` is zero (the exact
+    // form, without the borrow that the shorter `(x - ONES) & !x & HIGH` lets through).
+    let zero = |x: u64| !(((x & !HIGH) + !HIGH) | x | !HIGH);
+    // Bytes below 0x20: their top three bits are zero.
+    let control = zero(word & (0xe0 * ONES));
+    let quote = zero(word ^ (u64::from(b'"') * ONES));
+    let backslash = zero(word ^ (u64::from(b'\\') * ONES));
+    let delete = zero(word ^ (0x7f * ONES));
+    (control | quote | backslash | delete) & HIGH != 0
 }
 
 #[cfg(test)]
@@ -392,6 +486,38 @@ mod tests {
         let parsed = humantime::parse_rfc3339(stamp).unwrap();
         let skew = SystemTime::now().duration_since(parsed).unwrap_or_default();
         assert!(skew < Duration::from_secs(5), "{stamp}");
+    }
+
+    #[test]
+    fn json_strings_escape_exactly_what_json_needs() {
+        // Every byte value, alone and at every position of a longer run, against serde_json.
+        let mut samples: Vec<String> = (0u8..0x80)
+            .map(|b| char::from(b).to_string())
+            .chain(["é", "日本", "a\u{7f}b", ""].map(String::from))
+            .collect();
+        for b in [0u8, 0x1f, b'"', b'\\', 0x7f, b' ', b'~'] {
+            for at in 0..20 {
+                let mut s = "abcdefghijklmnopqrs".to_string();
+                s.insert(at, char::from(b));
+                samples.push(s);
+            }
+        }
+        for sample in samples {
+            let mut out = Vec::new();
+            json_string(&mut out, Some(&sample));
+            let back: String = serde_json::from_slice(&out).unwrap_or_else(|e| {
+                panic!("{sample:?} -> {:?}: {e}", String::from_utf8_lossy(&out))
+            });
+            assert_eq!(back, sample);
+            let raw = &out[1..out.len() - 1];
+            assert!(
+                !raw.iter().any(|&b| b < 0x20 || b == 0x7f),
+                "{sample:?} -> {out:?}"
+            );
+        }
+        let mut out = Vec::new();
+        json_string(&mut out, None);
+        assert_eq!(out, b"null");
     }
 
     #[test]

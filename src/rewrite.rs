@@ -145,16 +145,21 @@ impl Template {
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1 plus the de-facto ones), never forwarded.
-static HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-];
+/// Whether a header is hop-by-hop (RFC 9110 §7.6.1, and the old `Keep-Alive` and
+/// `Proxy-Connection`); `Upgrade` is handled by the callers.
+fn hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+    )
+}
 
 /// Removes every header whose name `doomed` says, scanning the names once per removal.
 fn remove_where(headers: &mut HeaderMap, doomed: impl Fn(&HeaderName) -> bool) {
@@ -179,9 +184,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: Option<&HeaderValue>)
             headers.remove(name);
         }
     }
-    remove_where(headers, |name| {
-        name == header::UPGRADE || HOP_BY_HOP.contains(name)
-    });
+    remove_where(headers, |name| name == header::UPGRADE || hop_by_hop(name));
     if let Some(protocol) = upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, protocol.clone());
@@ -210,6 +213,9 @@ pub struct Boundary {
     /// `upstream_auth` and identity headers, `Forwarded`, `X-Real-IP`, and the headers with
     /// which frameworks let a request name another path (kept sources excepted).
     headers: Vec<HeaderName>,
+    /// Bit `n` is set when a name in `headers` is `n` bytes long (63: longer), so that most of
+    /// a request's headers are let through without comparing names.
+    lengths: u64,
     /// Query and cookie credential sources removed from every request (kept ones excepted).
     parameters: Vec<Source>,
     /// Forward header names with `_`.
@@ -240,8 +246,10 @@ impl Boundary {
                 add(name);
             }
         }
+        let lengths = headers.iter().fold(0, |mask, name| mask | length_bit(name));
         Boundary {
             headers,
+            lengths,
             parameters: config
                 .sources
                 .iter()
@@ -269,7 +277,8 @@ impl Boundary {
         // One pass over what the client sent (a handful of headers) rather than a hash lookup
         // for every name the boundary knows.
         remove_where(&mut parts.headers, |name| {
-            !self.forwardable(name) || self.headers.contains(name)
+            !self.forwardable(name)
+                || (self.lengths & length_bit(name) != 0 && self.headers.contains(name))
         });
         for source in &self.parameters {
             match source {
@@ -279,6 +288,11 @@ impl Boundary {
             }
         }
     }
+}
+
+/// A header name's bit in [`Boundary::lengths`].
+fn length_bit(name: &HeaderName) -> u64 {
+    1 << name.as_str().len().min(63)
 }
 
 /// Removes every `name` parameter (compared after percent-decoding) from the query.
