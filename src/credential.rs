@@ -197,14 +197,17 @@ fn extract_from<'p, 's>(
 /// The token of an `Authorization: Bearer <token>` value; `None` for other schemes or an
 /// empty token. The scheme is case-insensitive (RFC 7235).
 pub fn bearer_token(value: &str) -> Option<&str> {
-    let value = value.trim();
-    let (scheme, rest) = value.split_once(' ')?;
-    if !scheme.eq_ignore_ascii_case("bearer") {
+    // A header value is visible ASCII, spaces and tabs: ASCII trimming is enough.
+    let value = value.trim_ascii();
+    let (scheme, rest) = value.split_at_checked(BEARER.len())?;
+    if !scheme.eq_ignore_ascii_case(BEARER) || !rest.starts_with(' ') {
         return None;
     }
-    let token = rest.trim();
+    let token = rest.trim_ascii();
     (!token.is_empty()).then_some(token)
 }
+
+const BEARER: &str = "bearer";
 
 /// Whether a raw (percent-encoded) query or cookie name is `name`: compared after decoding, as
 /// the upstream's framework will decode it (`access%5Ftoken` is `access_token`).
@@ -258,6 +261,25 @@ mod tests {
         let sources = all_sources();
         extract(p, &sources)
             .map(|c| c.map(|c| (c.token.into_owned(), c.source.label().to_string())))
+    }
+
+    #[test]
+    fn bearer_scheme_exactly() {
+        for (value, token) in [
+            ("Bearer t1", Some("t1")),
+            ("bEaReR   t1 ", Some("t1")),
+            ("  Bearer t1", Some("t1")),
+            ("Bearer", None),
+            ("Bearer ", None),
+            ("Bearer\tt1", None),
+            ("Bearert1", None),
+            ("Bearerx t1", None),
+            ("Basic dTpw", None),
+            ("Bear t1", None),
+            ("", None),
+        ] {
+            assert_eq!(bearer_token(value), token, "{value:?}");
+        }
     }
 
     #[test]

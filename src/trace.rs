@@ -15,6 +15,7 @@ use std::cell::{Cell, RefCell};
 
 use bytes::BytesMut;
 
+use http::header::Entry;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 /// `X-Request-Id`.
@@ -38,20 +39,31 @@ pub struct Context {
 impl Context {
     /// Reads the client's ids from `headers` and puts the ones to forward in their place.
     pub fn take(headers: &mut HeaderMap) -> Context {
-        let mut sent = headers.get_all(&X_REQUEST_ID).iter();
-        let (first, more) = (sent.next(), sent.next().is_some());
-        let request_id = match first {
-            Some(v) if plain_request_id(v.as_bytes()) => {
-                let id = v.clone();
-                if more {
-                    // One `X-Request-Id` only: a second could be read by the upstream instead.
-                    headers.insert(X_REQUEST_ID.clone(), id.clone());
+        // One look-up for reading and replacing.
+        let request_id = match headers.entry(&X_REQUEST_ID) {
+            Entry::Occupied(mut sent) => {
+                let mut values = sent.iter();
+                let (first, more) = (values.next(), values.next().is_some());
+                match first {
+                    Some(v) if plain_request_id(v.as_bytes()) => {
+                        let id = v.clone();
+                        if more {
+                            // One `X-Request-Id` only: a second could be read by the upstream
+                            // instead.
+                            sent.insert(id.clone());
+                        }
+                        id
+                    }
+                    _ => {
+                        let id = hex_id(random_u128());
+                        sent.insert(id.clone());
+                        id
+                    }
                 }
-                id
             }
-            _ => {
+            Entry::Vacant(none) => {
                 let id = hex_id(random_u128());
-                headers.insert(X_REQUEST_ID.clone(), id.clone());
+                none.insert(id.clone());
                 id
             }
         };
