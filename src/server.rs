@@ -156,6 +156,10 @@ pub async fn serve(
     builder
         .http1()
         .header_read_timeout(None)
+        // One buffer per write, not a vectored write of head and body: less work for the
+        // small responses of an API (about 2 % of a cached request's instructions); a large
+        // body is copied once more, which costs far less than writing it to the socket.
+        .writev(false)
         .max_buf_size(server.max_header_bytes)
         .keep_alive(true);
     builder

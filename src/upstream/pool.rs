@@ -254,6 +254,8 @@ where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (send, connection) = http1::Builder::new()
+        // One buffer per write (see the server's builder).
+        .writev(false)
         .handshake(TokioIo::new(io))
         .await
         .map_err(std::io::Error::other)?;
