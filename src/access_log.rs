@@ -200,13 +200,18 @@ fn number(out: &mut Vec<u8>, n: u64) {
 
 /// A decimal number of at least `width` digits, zero-padded (the fraction of a second).
 fn padded(out: &mut Vec<u8>, n: u64, width: usize) {
-    let mut digits = itoa::Buffer::new();
-    let digits = digits.format(n);
-    out.extend(std::iter::repeat_n(
-        b'0',
-        width.saturating_sub(digits.len()),
-    ));
-    out.extend_from_slice(digits.as_bytes());
+    // u64::MAX has 20 digits.
+    let mut digits = [b'0'; 20];
+    let mut rest = n;
+    let mut first = digits.len();
+    while rest > 0 {
+        first -= 1;
+        digits[first] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+    }
+    // At least one digit, and `width` of them (up to 20).
+    let width = width.clamp(1, digits.len());
+    out.extend_from_slice(&digits[first.min(digits.len() - width)..]);
 }
 
 /// Hands this thread's buffered lines to the writer (the workers' once-a-second tick, and
@@ -411,12 +416,19 @@ fn any_escape(bytes: &[u8]) -> bool {
             return true;
         }
     }
-    // The last few bytes, padded with spaces (which need no escape).
-    let rest = words.remainder();
-    let mut last = [b' '; 8];
-    last[..rest.len()].copy_from_slice(rest);
-    needs_escape(u64::from_le_bytes(last))
+    words.remainder().iter().any(|&b| ESCAPED[usize::from(b)])
 }
+
+/// The bytes JSON needs escaped, for the last few bytes of a string.
+const ESCAPED: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = b < 0x20 || b == 0x7f || b == b'"' as usize || b == b'\\' as usize;
+        b += 1;
+    }
+    table
+};
 
 /// Whether any of the eight bytes in `word` is a control character, DEL, `"` or `\` (bytes of
 /// 0x80 and above are UTF-8 and need no escape). Exact: no byte is reported that is not one.
@@ -518,6 +530,25 @@ mod tests {
         let mut out = Vec::new();
         json_string(&mut out, None);
         assert_eq!(out, b"null");
+    }
+
+    #[test]
+    fn padded_numbers() {
+        for (n, width, text) in [
+            (0, 3, "000"),
+            (7, 3, "007"),
+            (249, 3, "249"),
+            (1234, 3, "1234"),
+            (42, 6, "000042"),
+            (0, 0, "0"),
+            (10, 1, "10"),
+            (u64::MAX, 3, "18446744073709551615"),
+            (5, 25, "00000000000000000005"),
+        ] {
+            let mut out = Vec::new();
+            padded(&mut out, n, width);
+            assert_eq!(String::from_utf8(out).unwrap(), text, "{n} {width}");
+        }
     }
 
     #[test]

@@ -90,6 +90,10 @@ fn plainly_normal(path: &[u8]) -> bool {
 /// Whether `path` (normalised) lies under `prefix`, matching whole segments, each path segment
 /// by its text before `;`: `/api` covers `/api`, `/api/x` and `/api;v=1/x`, not `/apix`.
 pub fn under(path: &str, prefix: &str) -> bool {
+    // `/` (a catch-all route) has no segment to match.
+    if prefix.bytes().all(|b| b == b'/') {
+        return true;
+    }
     let mut path_segments = path.split('/').skip(1);
     prefix
         .split('/')

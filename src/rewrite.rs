@@ -266,9 +266,9 @@ impl Boundary {
     /// `.` and other punctuation into `-` or `_` (`X_Auth_User` is read as `X-Auth-User`), so
     /// such a name could impersonate a header the gate removed.
     fn forwardable(&self, name: &HeaderName) -> bool {
-        name.as_str().bytes().all(|b| {
-            b.is_ascii_alphanumeric() || b == b'-' || (b == b'_' && self.allow_underscores)
-        })
+        name.as_str()
+            .bytes()
+            .all(|b| NAME_BYTE[usize::from(b)] || (b == b'_' && self.allow_underscores))
     }
 
     /// Removes everything a client may not send upstream: the boundary's headers, underscore
@@ -289,6 +289,17 @@ impl Boundary {
         }
     }
 }
+
+/// Letters, digits and `-`: what a forwarded header name may hold (see `forwardable`).
+const NAME_BYTE: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = (b as u8).is_ascii_alphanumeric() || b == b'-' as usize;
+        b += 1;
+    }
+    table
+};
 
 /// A header name's bit in [`Boundary::lengths`].
 fn length_bit(name: &HeaderName) -> u64 {
