@@ -41,13 +41,43 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_tokengate");
 pub const ALICE: &str = "legacy-secret-alice";
 pub const BOB: &str = "legacy-secret-bob";
 
-/// A port that was free a moment ago (bound to 127.0.0.1:0 and released).
+/// A port that was free a moment ago, for a server that a test starts with it in its config.
+///
+/// Taken from below the kernel's ephemeral range (where `bind(0)` and outgoing connections get
+/// theirs), each at most once per test binary, from a starting point that differs per process.
+/// So neither a listener another test binds to port 0 nor a second test handed the same port
+/// can take it between now and the server's own bind (a port from `bind(0)` could, and did:
+/// the server then failed to start while the test talked to someone else's listener).
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .expect("bind 127.0.0.1:0")
-        .local_addr()
-        .expect("local_addr")
-        .port()
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let (low, high) = quiet_ports();
+    if high <= low {
+        // No room below the ephemeral range: the kernel's choice.
+        return StdListener::bind("127.0.0.1:0")
+            .expect("bind 127.0.0.1:0")
+            .local_addr()
+            .expect("local_addr")
+            .port();
+    }
+    let span = usize::from(high - low);
+    let start = (std::process::id() as usize).wrapping_mul(7919) % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = low + ((start + n) % span) as u16;
+        if StdListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {low}..{high}");
+}
+
+/// Ports that nothing picks by itself: from 10000 up to the start of the ephemeral range.
+fn quiet_ports() -> (u16, u16) {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    (10_000, ephemeral_low)
 }
 
 /// The four token dialects: (header, what goes before the token in its value).
