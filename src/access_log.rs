@@ -391,17 +391,16 @@ fn json_plain(out: &mut Vec<u8>, value: Option<&str>) {
 fn escape_into(out: &mut Vec<u8>, bytes: &[u8]) {
     let mut run = 0;
     for (i, &b) in bytes.iter().enumerate() {
-        let escaped: &[u8] = match b {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            0..=0x1f | 0x7f => b"",
-            _ => continue,
-        };
+        if !ESCAPED[usize::from(b)] {
+            continue;
+        }
         out.extend_from_slice(&bytes[run..i]);
-        if escaped.is_empty() {
-            let _ = write!(out, "\\u{b:04x}");
-        } else {
-            out.extend_from_slice(escaped);
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            _ => {
+                let _ = write!(out, "\\u{b:04x}");
+            }
         }
         run = i + 1;
     }
@@ -419,7 +418,7 @@ fn any_escape(bytes: &[u8]) -> bool {
     words.remainder().iter().any(|&b| ESCAPED[usize::from(b)])
 }
 
-/// The bytes JSON needs escaped, for the last few bytes of a string.
+/// The bytes JSON needs escaped: controls, DEL, `"` and `\`.
 const ESCAPED: [bool; 256] = {
     let mut table = [false; 256];
     let mut b = 0;

@@ -43,29 +43,20 @@ impl Context {
         let request_id = match headers.entry(&X_REQUEST_ID) {
             Entry::Occupied(mut sent) => {
                 let mut values = sent.iter();
-                let (first, more) = (values.next(), values.next().is_some());
-                match first {
-                    Some(v) if plain_request_id(v.as_bytes()) => {
-                        let id = v.clone();
-                        if more {
-                            // One `X-Request-Id` only: a second could be read by the upstream
-                            // instead.
-                            sent.insert(id.clone());
-                        }
-                        id
-                    }
-                    _ => {
-                        let id = hex_id(random_u128());
-                        sent.insert(id.clone());
-                        id
-                    }
+                let kept = values
+                    .next()
+                    .filter(|v| plain_request_id(v.as_bytes()))
+                    .cloned();
+                // One `X-Request-Id` only: a second could be read by the upstream instead.
+                let more = values.next().is_some();
+                let replace = kept.is_none() || more;
+                let id = kept.unwrap_or_else(|| hex_id(random_u128()));
+                if replace {
+                    sent.insert(id.clone());
                 }
-            }
-            Entry::Vacant(none) => {
-                let id = hex_id(random_u128());
-                none.insert(id.clone());
                 id
             }
+            Entry::Vacant(none) => none.insert(hex_id(random_u128())).clone(),
         };
         let traceparent = match headers.get(&TRACEPARENT) {
             None => None,
