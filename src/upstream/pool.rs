@@ -118,16 +118,19 @@ impl Pool {
     pub async fn send(
         &self,
         slot: Slot,
-        request: Request<Body>,
+        mut request: Request<Body>,
         deadline: Instant,
     ) -> Result<Response<PooledBody>, ProxyError> {
-        let exchange = async {
-            let mut request = request;
+        // `move`: the request lives in this block only (a second copy of it would make the
+        // future larger).
+        let exchange = async move {
             let mut fresh = false;
             loop {
                 let (mut send, reused) = match (!fresh).then(|| self.checkout()).flatten() {
                     Some(send) => (send, true),
-                    None => (self.connect().await?, false),
+                    // Boxed: the connect future (TLS included) is large and rarely
+                    // needed; inline, every request's future would carry (and move) it.
+                    None => (Box::pin(self.connect()).await?, false),
                 };
                 if send.ready().await.is_err() {
                     if reused {
