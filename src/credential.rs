@@ -125,19 +125,53 @@ pub fn extract<'p, 's>(
     parts: &'p Parts,
     sources: &'s [Source],
 ) -> Result<Option<Credential<'p, 's>>, ProxyError> {
-    let explicit = sources.iter().filter(|s| !matches!(s, Source::Cookie(_)));
-    if let Some(found) = extract_from(parts, explicit)? {
+    let present = headers_present(&parts.headers, sources);
+    let sources = sources.iter().enumerate();
+    let explicit = sources
+        .clone()
+        .filter(|(_, s)| !matches!(s, Source::Cookie(_)));
+    if let Some(found) = extract_from(parts, explicit, present)? {
         return Ok(Some(found));
     }
     extract_from(
         parts,
-        sources.iter().filter(|s| matches!(s, Source::Cookie(_))),
+        sources.filter(|(_, s)| matches!(s, Source::Cookie(_))),
+        present,
     )
+}
+
+/// At most this many header names are compared with every header source; a request with more
+/// is looked up by name, once per source.
+const SCAN_HEADERS: usize = 16;
+
+/// Which header sources the request may carry: bit `i` for `sources[i]` (and every bit from
+/// 64 on). A request has few headers, so comparing their names with the sources costs less
+/// than a hashed look-up per configured dialect, and most sources are then not looked up at
+/// all.
+fn headers_present(headers: &HeaderMap, sources: &[Source]) -> u64 {
+    if headers.keys_len() > SCAN_HEADERS {
+        return u64::MAX;
+    }
+    let mut present = 0u64;
+    for name in headers.keys() {
+        for (i, source) in sources.iter().enumerate().take(64) {
+            if source.header() == Some(name) {
+                present |= 1 << i;
+            }
+        }
+    }
+    present
+}
+
+/// Whether bit `i` of `present` (see [`headers_present`]) is set.
+fn may_carry(present: u64, i: usize) -> bool {
+    i >= 64 || present & (1 << i) != 0
 }
 
 fn extract_from<'p, 's>(
     parts: &'p Parts,
-    sources: impl Iterator<Item = &'s Source>,
+    sources: impl Iterator<Item = (usize, &'s Source)>,
+    present: u64,
 ) -> Result<Option<Credential<'p, 's>>, ProxyError> {
     let mut found: Option<Credential<'p, 's>> = None;
     let mut offer = |token: Cow<'p, str>, source: &'s Source| -> Result<(), ProxyError> {
@@ -148,9 +182,12 @@ fn extract_from<'p, 's>(
         }
         Ok(())
     };
-    for source in sources {
+    for (i, source) in sources {
         match source {
             Source::Bearer => {
+                if !may_carry(present, i) {
+                    continue;
+                }
                 for value in parts.headers.get_all(header::AUTHORIZATION) {
                     let text = value.to_str().map_err(|_| ProxyError::InvalidCredentials)?;
                     if let Some(token) = bearer_token(text) {
@@ -178,6 +215,9 @@ fn extract_from<'p, 's>(
                 }
             }
             _ => {
+                if !may_carry(present, i) {
+                    continue;
+                }
                 let name = source.header().expect("header source");
                 for value in parts.headers.get_all(name) {
                     let token = value
@@ -340,6 +380,38 @@ mod tests {
         ] {
             assert_eq!(token_of(&p), Err(ProxyError::ConflictingCredentials));
         }
+    }
+
+    #[test]
+    fn many_headers_are_looked_up_by_name() {
+        // Beyond SCAN_HEADERS names the sources are looked up one by one: same answers.
+        let padded = |build: fn(http::request::Builder) -> http::request::Builder| {
+            parts(|b| {
+                let mut b = build(b);
+                for i in 0..SCAN_HEADERS + 4 {
+                    b = b.header(format!("x-filler-{i}"), "x");
+                }
+                b
+            })
+        };
+        let p = padded(|b| b.header("X-Rucio-Auth-Token", "t1"));
+        assert!(p.headers.keys_len() > SCAN_HEADERS);
+        assert_eq!(
+            token_of(&p).unwrap(),
+            Some(("t1".to_string(), "rucio".to_string()))
+        );
+        let p = padded(|b| {
+            b.header("Authorization", "Bearer t1")
+                .header("x-api-key", "t2")
+        });
+        assert_eq!(token_of(&p), Err(ProxyError::ConflictingCredentials));
+        assert_eq!(token_of(&padded(|b| b)).unwrap(), None);
+        // And below it, a source the scan saw is read, one it did not see is not invented.
+        let p = parts(|b| b.header("x-api-key", "t2").header("Host", "h"));
+        assert_eq!(
+            token_of(&p).unwrap(),
+            Some(("t2".to_string(), "x-api-key".to_string()))
+        );
     }
 
     #[test]
