@@ -144,10 +144,10 @@ pub fn extract<'p, 's>(
 /// is looked up by name, once per source.
 const SCAN_HEADERS: usize = 16;
 
-/// Which header sources the request may carry: bit `i` for `sources[i]` (and every bit from
-/// 64 on). A request has few headers, so comparing their names with the sources costs less
-/// than a hashed look-up per configured dialect, and most sources are then not looked up at
-/// all.
+/// Which header sources the request may carry: bit `i` for `sources[i]` (a source past the
+/// 64th is always looked up, see [`may_carry`]). A request has few headers, so comparing their
+/// names with the sources costs less than a hashed look-up per configured dialect, and most
+/// sources are then not looked up at all.
 fn headers_present(headers: &HeaderMap, sources: &[Source]) -> u64 {
     if headers.keys_len() > SCAN_HEADERS {
         return u64::MAX;

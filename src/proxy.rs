@@ -417,7 +417,7 @@ async fn forward_request<'g>(
     }
     normalize_path(request.uri_mut())?;
     // The gate's own endpoints are boxed: their futures are large, and inline they would make
-    // every proxied request's future as large (it is moved, whole, at each await).
+    // every proxied request's future as large (hyper keeps room for one per connection).
     if let Some(endpoint) = rucio::route(&gate.config.x509, request.uri().path()) {
         outcome.endpoint = Some(endpoint.label());
         let (parts, _) = request.into_parts();

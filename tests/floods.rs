@@ -585,18 +585,6 @@ async fn http2_preface_then_silence_is_closed() {
     );
 }
 
-/// Resident memory of a process (Linux), in KiB.
-fn rss_kib(pid: u32) -> i64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .expect("VmRSS")
-}
-
 /// What an idle keep-alive connection costs the gate: its task, hyper's buffers and the slot
 /// hyper keeps for a request's future. Many idle clients (or a flood of them, up to
 /// `max_connections`) must not cost more than this.
@@ -621,6 +609,7 @@ async fn an_idle_keep_alive_connection_costs_little_memory() {
         drop(answered_once(port, "/warm").await);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss_kib = |pid| rss(pid).expect("VmRSS") as f64 / 1024.0;
     let before = rss_kib(gate.pid());
     let mut open = Vec::with_capacity(CONNECTIONS);
     for _ in 0..CONNECTIONS {
@@ -629,9 +618,9 @@ async fn an_idle_keep_alive_connection_costs_little_memory() {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let after = rss_kib(gate.pid());
-    let per_connection = (after - before) as f64 / CONNECTIONS as f64;
+    let per_connection = (after - before) / CONNECTIONS as f64;
     println!(
-        "{CONNECTIONS} idle keep-alive connections: RSS {before} -> {after} KiB, \
+        "{CONNECTIONS} idle keep-alive connections: RSS {before:.0} -> {after:.0} KiB, \
          {per_connection:.1} KiB each"
     );
     // They are still open and served.
