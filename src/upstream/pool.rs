@@ -257,8 +257,9 @@ where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (send, connection) = http1::Builder::new()
-        // One buffer per write (see the server's builder).
-        .writev(false)
+        // Vectored writes: a flattened buffer would keep what a large upload grew it to on
+        // every idle pooled connection (see the server's builder).
+        .writev(true)
         .handshake(TokioIo::new(io))
         .await
         .map_err(std::io::Error::other)?;
