@@ -585,6 +585,38 @@ async fn http2_preface_then_silence_is_closed() {
     );
 }
 
+/// The gate's resident memory before and after `n` connections that `open` makes (each left
+/// idle after its exchange), and what each added, in KiB.
+struct Held {
+    open: Vec<TcpStream>,
+    before: f64,
+    after: f64,
+    per_connection: f64,
+}
+
+async fn held_open<F, Fut>(gate: &Gate, n: usize, mut open: F) -> Held
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = TcpStream>,
+{
+    let rss_kib = || rss(gate.pid()).expect("VmRSS") as f64 / 1024.0;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss_kib();
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        // One at a time: one upstream connection serves them all.
+        held.push(open().await);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = rss_kib();
+    Held {
+        open: held,
+        before,
+        after,
+        per_connection: (after - before) / n as f64,
+    }
+}
+
 /// What an idle keep-alive connection costs the gate: its task, hyper's buffers and the slot
 /// hyper keeps for a request's future. Many idle clients (or a flood of them, up to
 /// `max_connections`) must not cost more than this.
@@ -608,17 +640,12 @@ async fn an_idle_keep_alive_connection_costs_little_memory() {
     for _ in 0..20 {
         drop(answered_once(port, "/warm").await);
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let rss_kib = |pid| rss(pid).expect("VmRSS") as f64 / 1024.0;
-    let before = rss_kib(gate.pid());
-    let mut open = Vec::with_capacity(CONNECTIONS);
-    for _ in 0..CONNECTIONS {
-        // One request each, one at a time: one upstream connection serves them all.
-        open.push(answered_once(port, "/idle").await);
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let after = rss_kib(gate.pid());
-    let per_connection = (after - before) / CONNECTIONS as f64;
+    let Held {
+        mut open,
+        before,
+        after,
+        per_connection,
+    } = held_open(&gate, CONNECTIONS, || answered_once(port, "/idle")).await;
     println!(
         "{CONNECTIONS} idle keep-alive connections: RSS {before:.0} -> {after:.0} KiB, \
          {per_connection:.1} KiB each"
@@ -666,19 +693,19 @@ async fn a_connection_that_carried_a_large_body_keeps_none_of_it() {
         }
     };
     // Warm up, so that the upstream pool and the allocator's arenas exist.
+    let connected = || async { TcpStream::connect(("127.0.0.1", port)).await.unwrap() };
     for _ in 0..3 {
-        drop(download(TcpStream::connect(("127.0.0.1", port)).await.unwrap()).await);
+        drop(download(connected().await).await);
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let rss_kib = |pid| rss(pid).expect("VmRSS") as f64 / 1024.0;
-    let before = rss_kib(gate.pid());
-    let mut open = Vec::with_capacity(CONNECTIONS);
-    for _ in 0..CONNECTIONS {
-        open.push(download(TcpStream::connect(("127.0.0.1", port)).await.unwrap()).await);
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let after = rss_kib(gate.pid());
-    let per_connection = (after - before) / CONNECTIONS as f64;
+    let Held {
+        before,
+        after,
+        per_connection,
+        ..
+    } = held_open(&gate, CONNECTIONS, || async {
+        download(connected().await).await
+    })
+    .await;
     println!(
         "{CONNECTIONS} idle connections after a {BODY}-byte download each: RSS {before:.0} -> \
          {after:.0} KiB, {per_connection:.1} KiB each"
