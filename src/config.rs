@@ -102,6 +102,7 @@ struct RawServer {
     max_concurrent_streams: Option<Spanned<i64>>,
     workers: Option<Spanned<i64>>,
     allow_underscores_in_headers: Option<bool>,
+    strip_headers: Option<Vec<Spanned<String>>>,
     drain_timeout: Option<Spanned<String>>,
     tls: Option<Spanned<RawTls>>,
 }
@@ -441,6 +442,8 @@ pub struct ServerConfig {
     /// Forward request headers whose name has `_` (many frameworks read `X_Auth_User` as
     /// `X-Auth-User`, so by default they are dropped).
     pub allow_underscores_in_headers: bool,
+    /// More request headers removed on every route, beside SPEC §9's list (lower case).
+    pub strip_headers: Vec<http::HeaderName>,
     /// How long SIGTERM waits for in-flight requests.
     pub drain_timeout: Duration,
     /// TLS; `None` serves plain HTTP.
@@ -753,28 +756,36 @@ impl Checker<'_> {
             None => None,
             Some(verify) => Some(self.verify(verify)?),
         };
-        let endpoints = EndpointsConfig {
-            tokens_prefix: match &raw.endpoints.tokens_prefix {
-                None => "/_tokengate".to_string(),
-                Some(prefix) if prefix.get_ref().starts_with('/') => {
-                    prefix.get_ref().trim_end_matches('/').to_string()
-                }
-                Some(prefix) => return Err(self.at(prefix, "tokens_prefix must start with '/'")),
-            },
-            self_service: raw.endpoints.self_service.unwrap_or(true),
-            page: raw.endpoints.page.unwrap_or(false),
-            login_url: match &raw.endpoints.login_url {
-                None => None,
-                Some(url) if login_url_ok(url.get_ref()) => Some(url.get_ref().clone()),
-                Some(url) => {
-                    return Err(self.at(
+        let endpoints =
+            EndpointsConfig {
+                tokens_prefix: match &raw.endpoints.tokens_prefix {
+                    None => "/_tokengate".to_string(),
+                    Some(prefix)
+                        if prefix.get_ref().starts_with('/')
+                            && crate::path::reads_alike(prefix.get_ref()) =>
+                    {
+                        prefix.get_ref().trim_end_matches('/').to_string()
+                    }
+                    Some(prefix) => {
+                        return Err(self.at(
+                            prefix,
+                            "tokens_prefix must start with '/' and hold no '%', ';', space or \
+                         segment ending in '.'",
+                        ))
+                    }
+                },
+                self_service: raw.endpoints.self_service.unwrap_or(true),
+                page: raw.endpoints.page.unwrap_or(false),
+                login_url: match &raw.endpoints.login_url {
+                    None => None,
+                    Some(url) if login_url_ok(url.get_ref()) => Some(url.get_ref().clone()),
+                    Some(url) => return Err(self.at(
                         url,
                         "login_url must be an http:// or https:// URL, or a path starting with '/'",
-                    ))
-                }
-            },
-            insight: raw.endpoints.insight.unwrap_or(false),
-        };
+                    )),
+                },
+                insight: raw.endpoints.insight.unwrap_or(false),
+            };
         let sources = self.sources(&raw.credentials, server.allow_underscores_in_headers)?;
         let keep = self.keep(&raw.credentials, &sources)?;
         let cache = CacheConfig {
@@ -934,6 +945,12 @@ impl Checker<'_> {
             }
         }
         let tls = raw.tls.as_ref().map(|tls| self.tls(tls)).transpose()?;
+        let mut strip_headers = Vec::new();
+        for name in raw.strip_headers.iter().flatten() {
+            let parsed = http::HeaderName::from_bytes(name.get_ref().as_bytes())
+                .map_err(|_| self.at(name, "strip_headers: not a header name"))?;
+            strip_headers.push(parsed);
+        }
         Ok(ServerConfig {
             listen,
             max_header_bytes,
@@ -950,6 +967,7 @@ impl Checker<'_> {
                 .map(|w| self.positive(&Some(w.clone()), 1))
                 .transpose()?,
             allow_underscores_in_headers: raw.allow_underscores_in_headers.unwrap_or(false),
+            strip_headers,
             drain_timeout: self.duration(&raw.drain_timeout, Duration::from_secs(30))?,
             tls,
         })
@@ -1318,6 +1336,15 @@ impl Checker<'_> {
                 &r.path_prefix,
                 "path_prefix must be a normalised path (no '//', dot segments or %-escaped \
                  letters)",
+            ));
+        }
+        // Routes are picked under several readings of a path (SPEC §9); a prefix that the
+        // readings would themselves change could not be matched alike under all of them.
+        if !crate::path::reads_alike(prefix) {
+            return Err(self.at(
+                &r.path_prefix,
+                "path_prefix must not hold '%', ';', a space or a segment ending in '.' \
+                 (upstreams read those differently)",
             ));
         }
         let upstream: Uri = r

@@ -55,6 +55,13 @@ impl Endpoint {
     }
 }
 
+/// The Insight.io endpoints' paths: create, revoke, list.
+pub const INSIGHT_PATHS: [&str; 3] = [
+    "/api/createApiToken",
+    "/api/revokeApiToken",
+    "/api/getApiTokens",
+];
+
 /// Which endpoint, if any, a path is.
 pub fn route(config: &EndpointsConfig, path: &str) -> Option<Endpoint> {
     if let Some(rest) = path.strip_prefix(config.tokens_prefix.as_str()) {
@@ -68,10 +75,10 @@ pub fn route(config: &EndpointsConfig, path: &str) -> Option<Endpoint> {
         }
     }
     if config.insight {
-        return match path {
-            "/api/createApiToken" => Some(Endpoint::InsightCreate),
-            "/api/revokeApiToken" => Some(Endpoint::InsightRevoke),
-            "/api/getApiTokens" => Some(Endpoint::InsightList),
+        return match INSIGHT_PATHS.iter().position(|p| *p == path) {
+            Some(0) => Some(Endpoint::InsightCreate),
+            Some(1) => Some(Endpoint::InsightRevoke),
+            Some(2) => Some(Endpoint::InsightList),
             _ => None,
         };
     }

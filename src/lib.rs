@@ -46,6 +46,31 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use config::Config;
 
+/// Makes a panic (always a bug) cost only the task it happened in, logged by location: the
+/// build unwinds (no `panic = "abort"`), so tokio ends that connection's task and the process
+/// keeps serving everyone else (SPEC §9). The panic's message is never logged, since it may
+/// hold the value that caused it (a credential).
+pub fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let location = info.location().map_or_else(
+            || "unknown".to_string(),
+            |l| format!("{}:{}:{}", l.file(), l.line(), l.column()),
+        );
+        let thread = std::thread::current();
+        let thread = thread.name().unwrap_or("unnamed");
+        if tracing::dispatcher::has_been_set() {
+            tracing::error!(
+                %location,
+                thread,
+                "panic (a bug): the task it happened in has ended; the process goes on (the \
+                 panic's message is not logged: it may hold a credential)"
+            );
+        } else {
+            eprintln!("tokengate: panic (a bug) at {location} on thread {thread}");
+        }
+    }));
+}
+
 /// Runs the proxy with a checked config until `shutdown` resolves, then drains. With
 /// `config_path`, SIGHUP and changes to the config or its certificate files reload it.
 pub async fn run(

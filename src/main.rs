@@ -159,6 +159,7 @@ enum TokenAction {
 }
 
 fn main() -> ExitCode {
+    tokengate::install_panic_hook();
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => match load(&config) {

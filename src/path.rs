@@ -90,20 +90,7 @@ fn plainly_normal(path: &[u8]) -> bool {
 /// Whether `path` (normalised) lies under `prefix`, matching whole segments, each path segment
 /// by its text before `;`: `/api` covers `/api`, `/api/x` and `/api;v=1/x`, not `/apix`.
 pub fn under(path: &str, prefix: &str) -> bool {
-    // `/` (a catch-all route) has no segment to match.
-    if prefix.bytes().all(|b| b == b'/') {
-        return true;
-    }
-    let mut path_segments = path.split('/').skip(1);
-    prefix
-        .split('/')
-        .skip(1)
-        .filter(|s| !s.is_empty())
-        .all(|want| {
-            path_segments
-                .next()
-                .is_some_and(|got| params_off(got) == want)
-        })
+    under_read(path, prefix, false)
 }
 
 /// A segment without its `;` parameters.
@@ -211,6 +198,195 @@ fn decode_unreserved(path: &str) -> Result<Cow<'_, str>, BadPath> {
     } else {
         Cow::Borrowed(path)
     })
+}
+
+/// One of the ways an upstream may read a normalised path (SPEC §9, "One route under every
+/// reading"). The gate picks a route under each, so that no reading reaches a route the gate
+/// did not check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reading {
+    /// `%2f` and `%5c` read as `/` (nginx `$uri`, WSGI).
+    SlashDecoded,
+    /// Every segment compared case-insensitively (IIS, many frameworks).
+    Folded,
+    /// `;…` removed from every segment, empty segments merged (Tomcat, Spring).
+    ParamsDropped,
+    /// Trailing `.`, space and `%20` removed from every segment (IIS).
+    TrailingDropped,
+    /// Percent-decoded twice (`%252e` → `.`), `\` read as `/` (the double-decode class).
+    TwiceDecoded,
+    /// All of the above at once.
+    All,
+}
+
+impl Reading {
+    /// Every reading but the path as it is.
+    pub const ALL: [Reading; 6] = [
+        Reading::SlashDecoded,
+        Reading::Folded,
+        Reading::ParamsDropped,
+        Reading::TrailingDropped,
+        Reading::TwiceDecoded,
+        Reading::All,
+    ];
+
+    /// Whether this reading compares paths case-insensitively.
+    pub fn folds(self) -> bool {
+        matches!(self, Reading::Folded | Reading::All)
+    }
+
+    /// Whether this reading can read `normal` differently from the path as it is (apart from
+    /// case, which [`Reading::folds`] says).
+    fn rewrites(self, normal: &[u8]) -> bool {
+        let has = |b: u8| normal.contains(&b);
+        match self {
+            Reading::SlashDecoded => {
+                find_encoded_separator(std::str::from_utf8(normal).unwrap_or_default()).is_some()
+            }
+            Reading::Folded => false,
+            Reading::ParamsDropped => has(b';'),
+            Reading::TrailingDropped => has(b'.') || has(b' ') || has(b'%'),
+            Reading::TwiceDecoded => has(b'%'),
+            Reading::All => has(b'%') || has(b';') || has(b'.') || has(b' '),
+        }
+    }
+
+    /// `normal` (a normalised path) as this reading sees it: dot segments it reveals resolved,
+    /// empty segments merged. Refused: a reading that climbs above `/` or holds NUL.
+    pub fn read(self, normal: &str) -> Result<Cow<'_, str>, BadPath> {
+        if !self.rewrites(normal.as_bytes()) {
+            return Ok(Cow::Borrowed(normal));
+        }
+        let text: Cow<'_, str> = match self {
+            Reading::SlashDecoded => Cow::Owned(encoded_separators_as_slashes(normal)),
+            Reading::TwiceDecoded | Reading::All => {
+                let once = percent_encoding::percent_decode_str(normal).decode_utf8_lossy();
+                let twice = percent_encoding::percent_decode_str(&once)
+                    .decode_utf8_lossy()
+                    .into_owned();
+                Cow::Owned(twice)
+            }
+            _ => Cow::Borrowed(normal),
+        };
+        if text.contains('\0') {
+            return Err(BadPath);
+        }
+        let decoded = matches!(self, Reading::TwiceDecoded | Reading::All);
+        let drop_params = matches!(self, Reading::ParamsDropped | Reading::All);
+        let drop_trailing = matches!(self, Reading::TrailingDropped | Reading::All);
+        let body = text.strip_prefix('/').unwrap_or(&text);
+        let mut kept: Vec<&str> = Vec::new();
+        let mut trailing_slash = false;
+        let separators: &[char] = if decoded { &['/', '\\'] } else { &['/'] };
+        for segment in body.split(separators) {
+            let mut segment = segment;
+            if drop_params {
+                segment = params_off(segment);
+            }
+            if drop_trailing {
+                segment = trailing_dropped(segment);
+            }
+            trailing_slash = true;
+            match dot_kind(segment) {
+                Some(Dot::Current) => {}
+                Some(Dot::Parent) => {
+                    kept.pop().ok_or(BadPath)?;
+                }
+                None if segment.is_empty() => {}
+                None => {
+                    trailing_slash = false;
+                    kept.push(segment);
+                }
+            }
+        }
+        let mut out = String::with_capacity(text.len());
+        for segment in &kept {
+            out.push('/');
+            out.push_str(segment);
+        }
+        if trailing_slash || kept.is_empty() {
+            out.push('/');
+        }
+        Ok(Cow::Owned(out))
+    }
+}
+
+/// Whether `normal` (a normalised path) may read differently under some [`Reading`]; `false`
+/// for the common path (no `%`, `;`, `.`, space or upper-case letter), which needs no other
+/// reading unless a route's prefix has upper-case letters.
+pub fn has_other_readings(normal: &str) -> bool {
+    normal
+        .bytes()
+        .any(|b| matches!(b, b'%' | b';' | b'.' | b' ' | b'A'..=b'Z'))
+}
+
+/// `%2f` and `%5c` (either case) replaced by `/`.
+fn encoded_separators_as_slashes(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = find_encoded_separator(rest) {
+        out.push_str(&rest[..at]);
+        out.push('/');
+        rest = &rest[at + 3..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// A segment without trailing dots, spaces and `%20`, as IIS reads it; `..` followed by
+/// spaces is still `..`.
+fn trailing_dropped(segment: &str) -> &str {
+    match trailing_off(segment, false) {
+        dots @ ("." | "..") => dots,
+        _ => trailing_off(segment, true),
+    }
+}
+
+/// `segment` without trailing spaces and `%20` (and dots, when `dots`).
+fn trailing_off(segment: &str, dots: bool) -> &str {
+    let mut rest = segment;
+    loop {
+        if let Some(shorter) = rest.strip_suffix(' ') {
+            rest = shorter;
+        } else if let Some(shorter) = rest.strip_suffix("%20") {
+            rest = shorter;
+        } else if let Some(shorter) = rest.strip_suffix('.').filter(|_| dots) {
+            rest = shorter;
+        } else {
+            return rest;
+        }
+    }
+}
+
+/// [`under`], each segment compared case-insensitively when `fold`.
+pub fn under_read(path: &str, prefix: &str, fold: bool) -> bool {
+    // `/` (a catch-all route) has no segment to match.
+    if prefix.bytes().all(|b| b == b'/') {
+        return true;
+    }
+    let mut path_segments = path.split('/').skip(1);
+    prefix
+        .split('/')
+        .skip(1)
+        .filter(|s| !s.is_empty())
+        .all(|want| {
+            path_segments.next().is_some_and(|got| {
+                let got = params_off(got);
+                if fold {
+                    got.eq_ignore_ascii_case(want)
+                } else {
+                    got == want
+                }
+            })
+        })
+}
+
+/// Whether a `path_prefix` (or the gate's own prefix) can be matched under every reading alike:
+/// normalised, with no `%`, `;`, and no segment that ends in `.` (each reading would change the
+/// prefix itself).
+pub fn reads_alike(prefix: &str) -> bool {
+    !prefix.contains(['%', ';', ' ', '\\'])
+        && prefix.split('/').all(|segment| !segment.ends_with('.'))
 }
 
 #[cfg(test)]
@@ -325,6 +501,56 @@ mod tests {
         assert!(!under("/api", "/api/v2"));
         assert!(!under("/ap", "/api"));
         assert!(!under("/api/v20", "/api/v2"));
+    }
+
+    #[test]
+    fn readings_examples() {
+        let read = |r: Reading, p: &str| r.read(p).map(Cow::into_owned);
+        let ok = [
+            (Reading::SlashDecoded, "/api%2fsecret", "/api/secret"),
+            (Reading::SlashDecoded, "/%2Fapi/secret", "/api/secret"),
+            (Reading::SlashDecoded, "/a%5cb", "/a/b"),
+            (Reading::ParamsDropped, "/;/api/secret", "/api/secret"),
+            (Reading::ParamsDropped, "/api;jsessionid=1/x", "/api/x"),
+            (Reading::TrailingDropped, "/api./secret", "/api/secret"),
+            (Reading::TrailingDropped, "/api%20/secret", "/api/secret"),
+            (Reading::TrailingDropped, "/api.%20./secret", "/api/secret"),
+            (Reading::TrailingDropped, "/a/..%20/b", "/b"),
+            (Reading::TwiceDecoded, "/a/%252e%252e/b", "/b"),
+            (Reading::TwiceDecoded, "/a/%252fb", "/a/b"),
+            (Reading::TwiceDecoded, "/a%5cb", "/a/b"),
+            (Reading::All, "/API%252f;x/SECRET.", "/API/SECRET"),
+            (Reading::All, "/x/..%253b/api", "/api"),
+            (Reading::Folded, "/API/x", "/API/x"),
+            (Reading::SlashDecoded, "/plain/path", "/plain/path"),
+        ];
+        for (reading, input, want) in ok {
+            assert_eq!(
+                read(reading, input).as_deref(),
+                Ok(want),
+                "{reading:?} {input}"
+            );
+        }
+        let bad = [
+            (Reading::TwiceDecoded, "/%252e%252e/x"),
+            (Reading::TwiceDecoded, "/a/%2500"),
+            (Reading::TrailingDropped, "/..%20/x"),
+            (Reading::All, "/a/%252e%252e/%252e%252e"),
+        ];
+        for (reading, input) in bad {
+            assert_eq!(read(reading, input), Err(BadPath), "{reading:?} {input}");
+        }
+        assert!(!has_other_readings("/api/v1/files"));
+        for path in ["/API", "/a.b", "/a;b", "/a%2fb"] {
+            assert!(has_other_readings(path), "{path}");
+        }
+        assert!(under_read("/API/x", "/api", true));
+        assert!(!under_read("/API/x", "/api", false));
+        assert!(under_read("/api/x", "/Api", true));
+        assert!(reads_alike("/api/v1.2/x"));
+        for prefix in ["/a%2fb", "/a;b", "/api.", "/a b"] {
+            assert!(!reads_alike(prefix), "{prefix}");
+        }
     }
 
     /// Paths made of segments an attacker would use.

@@ -52,6 +52,22 @@ pub struct Gate {
     /// Where issued tokens live (shared by every gate generation).
     pub store: Arc<Store>,
     usage: UsageSender,
+    /// `[endpoints]` with `tokens_prefix` lower-cased, for the case-insensitive reading.
+    folded_endpoints: crate::config::EndpointsConfig,
+    /// Whether a prefix the gate matches has upper-case letters, so that even a lower-case path
+    /// can pick another route when read case-insensitively.
+    fold_always: bool,
+}
+
+/// What a path picks under one reading.
+#[derive(Clone, Copy)]
+pub(crate) enum Target<'g> {
+    /// One of tokengate's own endpoints.
+    Own,
+    /// A route.
+    Route(&'g Route),
+    /// Nothing (404).
+    Nothing,
 }
 
 /// The `route` label of requests no route matched.
@@ -197,7 +213,15 @@ impl Gate {
         };
         crate::telemetry::register(&config);
         let auth_metrics = AuthMetrics::new(&auth_sources(&config));
+        let mut folded_endpoints = config.endpoints.clone();
+        folded_endpoints.tokens_prefix.make_ascii_lowercase();
+        let has_upper = |p: &str| p.bytes().any(|b| b.is_ascii_uppercase());
+        let fold_always = config.routes.iter().any(|r| has_upper(&r.path_prefix))
+            || has_upper(&config.endpoints.tokens_prefix)
+            || config.endpoints.insight;
         Ok(Gate {
+            folded_endpoints,
+            fold_always,
             boundary: Boundary::new(&config),
             config,
             acceptor,
@@ -214,6 +238,11 @@ impl Gate {
     /// Where last-use marks go (kept across reloads).
     pub fn usage(&self) -> UsageSender {
         self.usage.clone()
+    }
+
+    /// The header boundary every route shares.
+    pub(crate) fn boundary(&self) -> &Boundary {
+        &self.boundary
     }
 
     /// The validation cache.
@@ -239,13 +268,108 @@ impl Gate {
         metrics.get_or_init(|| RouteMetrics::new(label))
     }
 
-    /// The route with the longest `path_prefix` that the (normalised) `path` lies under,
-    /// matching whole segments.
-    pub(crate) fn route_for(&self, path: &str) -> Option<&Route> {
+    /// The route with the longest `path_prefix` that `path` lies under, matching whole
+    /// segments (case-insensitively when `fold`).
+    fn route_under(&self, path: &str, fold: bool) -> Option<&Route> {
         self.routes
             .iter()
-            .find(|r| crate::path::under(path, &r.config.path_prefix))
+            .find(|r| crate::path::under_read(path, &r.config.path_prefix, fold))
     }
+
+    /// Whether `path` is one of tokengate's own endpoints (case-insensitively when `fold`).
+    fn is_own(&self, path: &str, fold: bool) -> bool {
+        let config = &self.config;
+        if !fold {
+            return rucio::route(&config.x509, path).is_some()
+                || endpoints::route(&config.endpoints, path).is_some()
+                || page::route(&config.endpoints, path).is_some();
+        }
+        let lower = path.to_ascii_lowercase();
+        rucio::route(&config.x509, &lower).is_some()
+            || endpoints::route(&self.folded_endpoints, &lower).is_some()
+            || page::route(&self.folded_endpoints, &lower).is_some()
+            || (config.endpoints.insight
+                && endpoints::INSIGHT_PATHS
+                    .iter()
+                    .any(|p| p.eq_ignore_ascii_case(path)))
+    }
+
+    fn target(&self, path: &str, fold: bool, own: bool) -> Target<'_> {
+        if own && self.is_own(path, fold) {
+            return Target::Own;
+        }
+        match self.route_under(path, fold) {
+            Some(route) => Target::Route(route),
+            None => Target::Nothing,
+        }
+    }
+
+    /// What a normalised path is served by, under every reading an upstream may give it (SPEC
+    /// §9, "One route under every reading"): the route the path picks as it is, unless another
+    /// reading picks another route; then the strictest of them if they share how the request
+    /// is forwarded, else 400. A reading that picks an own endpoint beside a route → 400. With
+    /// `own` false (`[verify]`), own endpoints are not considered.
+    pub(crate) fn choose(&self, normal: &str, own: bool) -> Result<Target<'_>, ProxyError> {
+        let mut chosen = self.target(normal, false, own);
+        if !self.fold_always && !crate::path::has_other_readings(normal) {
+            return Ok(chosen);
+        }
+        if let Target::Nothing = chosen {
+            // Nothing is forwarded, whatever another reading would pick.
+            return Ok(chosen);
+        }
+        for reading in crate::path::Reading::ALL {
+            let read = reading.read(normal).map_err(|_| ProxyError::BadRequest)?;
+            let other = self.target(&read, reading.folds(), own);
+            chosen = match (chosen, other) {
+                (_, Target::Nothing) => chosen,
+                (Target::Own, Target::Own) => chosen,
+                (Target::Own, Target::Route(_)) | (Target::Route(_), Target::Own) => {
+                    return Err(ProxyError::BadRequest)
+                }
+                (Target::Route(a), Target::Route(b)) => Target::Route(stricter(a, b)?),
+                (Target::Nothing, _) => unreachable!("returned above"),
+            };
+        }
+        Ok(chosen)
+    }
+}
+
+/// A valid credential whose identity (or the credential itself) cannot be carried in the
+/// route's headers: refused as invalid (SPEC §9), never forwarded without its identity.
+pub(crate) fn unrenderable(outcome: &mut Outcome<'_>) -> ProxyError {
+    tracing::warn!(
+        reason = "identity_not_a_header_value",
+        "credential refused: its identity cannot be carried in a header (control characters)"
+    );
+    outcome.auth = Some((
+        AuthResult::Denied,
+        outcome.auth.map_or("none", |(_, by)| by),
+    ));
+    ProxyError::InvalidCredentials
+}
+
+/// Of two routes a path may be read into, the one that handles it: the stricter `auth` (the
+/// first on a tie), if both forward alike; else 400, since the upstream could serve either.
+fn stricter<'g>(a: &'g Route, b: &'g Route) -> Result<&'g Route, ProxyError> {
+    if std::ptr::eq(a, b) {
+        return Ok(a);
+    }
+    let (x, y) = (&a.config, &b.config);
+    let alike = x.upstream == y.upstream
+        && x.upstream_auth == y.upstream_auth
+        && x.identity_headers == y.identity_headers
+        && x.preserve_host == y.preserve_host
+        && x.upgrades == y.upgrades;
+    if !alike {
+        return Err(ProxyError::BadRequest);
+    }
+    let rank = |mode: AuthMode| match mode {
+        AuthMode::Required => 2,
+        AuthMode::Optional => 1,
+        AuthMode::None => 0,
+    };
+    Ok(if rank(y.auth) > rank(x.auth) { b } else { a })
 }
 
 /// The `source` labels of `tokengate_auth_total` this config can produce.
@@ -294,6 +418,8 @@ pub(crate) struct Outcome<'g> {
 /// Handles one request: the inner chain, then one access-log line, whatever happened.
 pub async fn handle(gate: &Gate, peer: &Peer, mut request: Request<Incoming>) -> Response<Body> {
     let start = Instant::now();
+    #[cfg(debug_assertions)]
+    panic_on_request_for_tests(request.uri().path());
     let context = trace::Context::take(request.headers_mut());
     // What the log line needs of the request once it has been handed on (header and path
     // bytes are shared with the request, not copied).
@@ -372,6 +498,18 @@ pub async fn handle(gate: &Gate, peer: &Peer, mut request: Request<Incoming>) ->
     response
 }
 
+/// Debug builds only: a request for `TOKENGATE_TEST_PANIC_PATH` panics with the request's
+/// path in the message, so that the tests can check that a panic ends one connection, never
+/// the process, and that its message is not logged.
+#[cfg(debug_assertions)]
+fn panic_on_request_for_tests(path: &str) {
+    static TRIGGER: OnceLock<Option<String>> = OnceLock::new();
+    let trigger = TRIGGER.get_or_init(|| std::env::var("TOKENGATE_TEST_PANIC_PATH").ok());
+    if trigger.as_deref().is_some_and(|t| path.starts_with(t)) {
+        panic!("test panic for {path}");
+    }
+}
+
 /// What the access log needs of a request after it was handed on.
 struct LoggedRequest {
     method: Method,
@@ -415,7 +553,38 @@ async fn forward_request<'g>(
     {
         return Err(ProxyError::BadRequest);
     }
+    // HTTP/2: a `host` header that names another authority than `:authority` (RFC 9113
+    // §8.3.1); the route, the upstream and the log could each believe a different one.
+    if request.version() == http::Version::HTTP_2 {
+        if let (Some(host), Some(authority)) = (
+            request.headers().get(header::HOST),
+            request.uri().authority(),
+        ) {
+            if !host
+                .as_bytes()
+                .eq_ignore_ascii_case(authority.as_str().as_bytes())
+            {
+                return Err(ProxyError::BadRequest);
+            }
+        }
+    }
     normalize_path(request.uri_mut())?;
+    let route = match gate.choose(request.uri().path(), true)? {
+        Target::Route(route) => route,
+        Target::Nothing => return Err(ProxyError::NoRoute),
+        Target::Own => return serve_own(gate, peer, request, outcome).await,
+    };
+    outcome.route = Some(route);
+    forward(gate, peer, route, request, outcome).await
+}
+
+/// One of tokengate's own endpoints.
+async fn serve_own<'g>(
+    gate: &'g Gate,
+    peer: &Peer,
+    request: Request<Incoming>,
+    outcome: &mut Outcome<'g>,
+) -> Result<Response<Body>, ProxyError> {
     // The gate's own endpoints are boxed: their futures are large, and inline they would make
     // every proxied request's future as large (hyper keeps room for one per connection).
     if let Some(endpoint) = rucio::route(&gate.config.x509, request.uri().path()) {
@@ -433,11 +602,7 @@ async fn forward_request<'g>(
         let (parts, body) = request.into_parts();
         return Ok(Box::pin(serve_page(gate, peer, endpoint, parts, body, outcome)).await);
     }
-    let route = gate
-        .route_for(request.uri().path())
-        .ok_or(ProxyError::NoRoute)?;
-    outcome.route = Some(route);
-    forward(gate, peer, route, request, outcome).await
+    Err(ProxyError::NoRoute)
 }
 
 /// Replaces the request's path with its normalised form (SPEC §9), so that the route is chosen
@@ -697,12 +862,14 @@ async fn forward<'g>(
                 identity, token, ..
             }) => {
                 if let Some((_, template)) = &route.config.upstream_auth {
-                    upstream_credential = template.render(&Values {
-                        token: Some(&token),
-                        identity: Some(&identity),
-                        source: outcome.source,
-                        client_dn,
-                    });
+                    upstream_credential = template
+                        .render_checked(&Values {
+                            token: Some(&token),
+                            identity: Some(&identity),
+                            source: outcome.source,
+                            client_dn,
+                        })
+                        .map_err(|_| unrenderable(outcome))?;
                 }
                 // Rare: an identity header made from the credential itself.
                 if route
@@ -737,7 +904,8 @@ async fn forward<'g>(
         &gate.boundary,
         forwarding,
         upgrade.as_ref(),
-    );
+    )
+    .map_err(|_| unrenderable(outcome))?;
     outcome.identity = identity;
 
     // Forward, if the upstream has room (503 at once otherwise). A broken or stalled request

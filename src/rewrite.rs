@@ -111,9 +111,16 @@ impl Template {
         self.pieces.contains(&Piece::Token)
     }
 
-    /// The rendered header value; `None` when a placeholder has no value here or the result is
-    /// empty (the header is then not set).
+    /// The rendered header value; `None` when a placeholder has no value here, the result is
+    /// empty, or it cannot be a header value (the header is then not set).
     pub fn render(&self, values: &Values<'_>) -> Option<HeaderValue> {
+        self.render_checked(values).ok().flatten()
+    }
+
+    /// The rendered header value: `Ok(None)` when a placeholder has no value here or the result
+    /// is empty (the header is then not set); `Err` when the values are there but cannot be a
+    /// header value (a subject with CR/LF): the request must not go on without the header.
+    pub fn render_checked(&self, values: &Values<'_>) -> Result<Option<HeaderValue>, Unrenderable> {
         fn value_of<'v>(piece: &'v Piece, values: &Values<'v>) -> Option<&'v str> {
             let identity = values.identity;
             match piece {
@@ -129,20 +136,36 @@ impl Template {
         let value = if let [piece] = self.pieces.as_slice() {
             match (piece, values.identity) {
                 // Made once per principal: no allocation per request.
-                (Piece::Subject, Some(identity)) => identity.subject_value()?.clone(),
-                (Piece::Account, Some(identity)) => identity.account_value()?.clone(),
-                _ => HeaderValue::from_str(value_of(piece, values)?).ok()?,
+                (Piece::Subject, Some(identity)) => {
+                    identity.subject_value().ok_or(Unrenderable)?.clone()
+                }
+                (Piece::Account, Some(identity)) => {
+                    identity.account_value().ok_or(Unrenderable)?.clone()
+                }
+                _ => match value_of(piece, values) {
+                    None => return Ok(None),
+                    Some(text) => {
+                        HeaderValue::from_bytes(text.as_bytes()).map_err(|_| Unrenderable)?
+                    }
+                },
             }
         } else {
             let mut text = String::with_capacity(64);
             for piece in &self.pieces {
-                text.push_str(value_of(piece, values)?);
+                match value_of(piece, values) {
+                    None => return Ok(None),
+                    Some(value) => text.push_str(value),
+                }
             }
-            HeaderValue::try_from(text).ok()?
+            HeaderValue::from_bytes(text.as_bytes()).map_err(|_| Unrenderable)?
         };
-        (!value.is_empty()).then_some(value)
+        Ok((!value.is_empty()).then_some(value))
     }
 }
+
+/// A template whose values cannot form a header value (control characters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unrenderable;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1 plus the de-facto ones), never forwarded.
 /// Whether a header is hop-by-hop (RFC 9110 §7.6.1, and the old `Keep-Alive` and
@@ -178,7 +201,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: Option<&HeaderValue>)
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-            .filter(|n| n != header::UPGRADE)
+            .filter(|n| n != header::UPGRADE && !set_by_the_gate(n))
             .collect();
         for name in named {
             headers.remove(name);
@@ -238,6 +261,9 @@ impl Boundary {
                 }
             }
         }
+        for name in &config.server.strip_headers {
+            add(name);
+        }
         for route in &config.routes {
             for (name, _) in &route.identity_headers {
                 add(name);
@@ -271,6 +297,19 @@ impl Boundary {
             .all(|b| NAME_BYTE[usize::from(b)] || (b == b'_' && self.allow_underscores))
     }
 
+    /// The path and query the upstream gets for `uri` (normalised): credential parameters
+    /// removed (kept sources excepted).
+    pub fn forwarded_path_and_query(&self, uri: &Uri) -> HeaderValue {
+        let mut uri = uri.clone();
+        for source in &self.parameters {
+            if let Source::Query(name) = source {
+                strip_query_parameter(&mut uri, name);
+            }
+        }
+        let text = uri.path_and_query().map_or("/", |p| p.as_str());
+        HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("/"))
+    }
+
     /// Removes everything a client may not send upstream: the boundary's headers, underscore
     /// names, and credential query parameters and cookies (other parameters and cookies kept).
     pub fn strip(&self, parts: &mut Parts) {
@@ -279,10 +318,11 @@ impl Boundary {
         remove_where(&mut parts.headers, |name| {
             !self.forwardable(name)
                 || (self.lengths & length_bit(name) != 0 && self.headers.contains(name))
+                || name.as_str().starts_with(AUTH_REQUEST_PREFIX)
         });
         for source in &self.parameters {
             match source {
-                Source::Query(name) => strip_query_parameter(parts, name),
+                Source::Query(name) => strip_query_parameter(&mut parts.uri, name),
                 Source::Cookie(name) => strip_cookie(&mut parts.headers, name),
                 _ => {}
             }
@@ -307,8 +347,8 @@ fn length_bit(name: &HeaderName) -> u64 {
 }
 
 /// Removes every `name` parameter (compared after percent-decoding) from the query.
-fn strip_query_parameter(parts: &mut Parts, name: &str) {
-    let Some(query) = parts.uri.query() else {
+fn strip_query_parameter(uri: &mut Uri, name: &str) {
+    let Some(query) = uri.query() else {
         return;
     };
     if !query_pairs(query).any(|(k, _)| names_match(k, name)) {
@@ -320,13 +360,13 @@ fn strip_query_parameter(parts: &mut Parts, name: &str) {
             !pair.is_empty() && !names_match(pair.split_once('=').map_or(*pair, |(k, _)| k), name)
         })
         .collect();
-    let path = parts.uri.path();
+    let path = uri.path();
     let path_and_query = if kept.is_empty() {
         path.to_string()
     } else {
         format!("{path}?{}", kept.join("&"))
     };
-    set_path_and_query(&mut parts.uri, &path_and_query);
+    set_path_and_query(uri, &path_and_query);
 }
 
 /// Replaces the URI's path and query (a value that came from a valid URI).
@@ -401,16 +441,69 @@ pub fn upgrade_completes(
     }
 }
 
-/// Removed from every request whatever the config: forwarding headers only the gate may set,
-/// and the headers with which IIS, Symfony, Laravel and others let a request name a different
-/// path than the one the gate routed (`X-Original-URL: /api/secret` on an open route).
-static ALWAYS_REMOVED: [HeaderName; 5] = [
+/// Removed from every request whatever the config (SPEC §9): forwarding headers only the gate
+/// may set; the headers legacy apps and frameworks trust as the user's identity or address
+/// (Apache `REMOTE_USER` setups, oauth2-proxy's, Grafana's, Jenkins'); the headers with which
+/// IIS, Symfony, Laravel and others let a request name a different path or method than the one
+/// the gate routed (`X-Original-URL: /api/secret` on an open route); and the ones that claim a
+/// scheme. Every `X-Auth-Request-*` goes too ([`AUTH_REQUEST_PREFIX`]).
+static ALWAYS_REMOVED: [HeaderName; 33] = [
     HeaderName::from_static("forwarded"),
     HeaderName::from_static("x-real-ip"),
+    HeaderName::from_static("remote-user"),
+    HeaderName::from_static("x-remote-user"),
+    HeaderName::from_static("x-forwarded-user"),
+    HeaderName::from_static("x-forwarded-email"),
+    HeaderName::from_static("x-forwarded-groups"),
+    HeaderName::from_static("x-forwarded-preferred-username"),
+    HeaderName::from_static("x-forwarded-access-token"),
+    HeaderName::from_static("x-forwarded-prefix"),
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-forwarded-server"),
+    HeaderName::from_static("true-client-ip"),
+    HeaderName::from_static("x-client-ip"),
+    HeaderName::from_static("x-cluster-client-ip"),
+    HeaderName::from_static("client-ip"),
     HeaderName::from_static("x-original-url"),
     HeaderName::from_static("x-rewrite-url"),
     HeaderName::from_static("x-original-uri"),
+    HeaderName::from_static("x-forwarded-uri"),
+    HeaderName::from_static("x-forwarded-path"),
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
+    HeaderName::from_static("x-forwarded-scheme"),
+    HeaderName::from_static("x-forwarded-ssl"),
+    HeaderName::from_static("front-end-https"),
+    HeaderName::from_static("x-url-scheme"),
+    // Set by the gate itself; a client's copy is never passed on.
+    HeaderName::from_static("x-forwarded-proto"),
+    HeaderName::from_static("x-forwarded-host"),
+    // The forward-auth headers (`[verify]`): only an ingress may send them, to the decision
+    // listener, never to an upstream.
+    HeaderName::from_static("x-original-method"),
+    HeaderName::from_static("x-tokengate-uri"),
+    HeaderName::from_static("x-tokengate-verify"),
 ];
+
+/// oauth2-proxy's `X-Auth-Request-User`, `-Email`, `-Groups`, `-Access-Token`, …: every header
+/// with this prefix is removed.
+const AUTH_REQUEST_PREFIX: &str = "x-auth-request-";
+
+/// Headers the gate sets itself, which a client's `Connection` header may not name for removal
+/// (they are set after hop-by-hop removal, or must survive it).
+fn set_by_the_gate(name: &HeaderName) -> bool {
+    name == header::HOST
+        || matches!(
+            name.as_str(),
+            "x-request-id"
+                | "traceparent"
+                | "tracestate"
+                | "x-forwarded-for"
+                | "x-forwarded-proto"
+                | "x-forwarded-host"
+        )
+}
 
 /// Everything the upstream request needs besides the original request.
 pub struct Forwarding<'a> {
@@ -438,7 +531,7 @@ pub fn request(
     boundary: &Boundary,
     fwd: Forwarding<'_>,
     upgrade: Option<&HeaderValue>,
-) {
+) -> Result<(), Unrenderable> {
     remove_hop_by_hop(&mut parts.headers, upgrade);
     boundary.strip(parts);
 
@@ -452,7 +545,7 @@ pub fn request(
     let headers = &mut parts.headers;
     if fwd.values.identity.is_some() {
         for (name, template) in &route.identity_headers {
-            if let Some(value) = template.render(&fwd.values) {
+            if let Some(value) = template.render_checked(&fwd.values)? {
                 headers.insert(name.clone(), value);
             }
         }
@@ -460,7 +553,7 @@ pub fn request(
     if let Some((name, template)) = &route.upstream_auth {
         let value = match fwd.upstream_credential {
             Some(rendered) => Some(rendered),
-            None => template.render(&fwd.values),
+            None => template.render_checked(&fwd.values)?,
         };
         if let Some(value) = value {
             headers.insert(name.clone(), value);
@@ -522,6 +615,7 @@ pub fn request(
     }
     // The pool speaks HTTP/1.1 to the upstream whatever the client spoke to us.
     parts.version = http::Version::HTTP_11;
+    Ok(())
 }
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -638,8 +732,91 @@ sources = ["bearer", "x-auth-token", "auth-token", "rucio", "header:X-Api-Key", 
             upstream_credential: None,
             upstream_host: &upstream_host,
         };
-        request(&mut parts, route, &Boundary::new(config), fwd, None);
+        request(&mut parts, route, &Boundary::new(config), fwd, None).expect("renderable");
         parts
+    }
+
+    #[test]
+    fn connection_cannot_name_the_gates_own_headers() {
+        let parts = forwarded(
+            &config(""),
+            http::Request::builder()
+                .uri("/public/x")
+                .header(
+                    header::CONNECTION,
+                    "X-Request-Id, Host, traceparent, X-Forwarded-For, X-Forwarded-Host, x-hop",
+                )
+                .header(header::HOST, "good.example")
+                .header("x-request-id", "req-1")
+                .header(
+                    "traceparent",
+                    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                )
+                .header("x-hop", "dropped"),
+        );
+        let h = &parts.headers;
+        assert_eq!(h.get("x-request-id").unwrap(), "req-1");
+        assert!(h.contains_key("traceparent"));
+        assert_eq!(h.get("x-forwarded-host").unwrap(), "good.example");
+        assert_eq!(h.get("x-forwarded-for").unwrap(), "127.0.0.1");
+        assert!(h.contains_key(header::HOST));
+        assert!(!h.contains_key("x-hop"));
+        assert!(!h.contains_key(header::CONNECTION));
+    }
+
+    #[test]
+    fn identity_and_origin_headers_legacy_apps_trust_are_removed() {
+        let mut build = http::Request::builder().uri("/public/x");
+        for name in ALWAYS_REMOVED.iter() {
+            build = build.header(name, "mallory");
+        }
+        for name in [
+            "X-Auth-Request-User",
+            "X-Auth-Request-Groups",
+            "X-Site-User",
+        ] {
+            build = build.header(name, "mallory");
+        }
+        let parts = forwarded(
+            &config("[server]\nstrip_headers = [\"X-Site-User\"]\n"),
+            build.header("x-benign", "kept"),
+        );
+        for (name, value) in &parts.headers {
+            assert_ne!(value, "mallory", "{name} reached the upstream");
+        }
+        assert_eq!(parts.headers.get("x-benign").unwrap(), "kept");
+        assert_eq!(parts.headers.get("x-forwarded-proto").unwrap(), "http");
+    }
+
+    #[test]
+    fn an_identity_that_cannot_be_a_header_value_is_an_error_not_a_missing_header() {
+        let crlf = Identity::of(
+            crate::validate::principal("alice\r\nX-Admin: 1", "ops", None),
+            crate::validate::ValidatedBy::Static,
+        );
+        let utf8 = Identity::of(
+            crate::validate::principal("José", "ops", None),
+            crate::validate::ValidatedBy::Static,
+        );
+        let values = |identity| Values {
+            identity: Some(identity),
+            ..Values::default()
+        };
+        for text in ["{subject}", "user {subject}"] {
+            let template = Template::parse(text).unwrap();
+            assert_eq!(
+                template.render_checked(&values(&crlf)),
+                Err(Unrenderable),
+                "{text}"
+            );
+            let rendered = template.render_checked(&values(&utf8)).unwrap().unwrap();
+            assert!(rendered.as_bytes().ends_with("José".as_bytes()), "{text}");
+            assert_eq!(
+                template.render_checked(&Values::default()),
+                Ok(None),
+                "{text}"
+            );
+        }
     }
 
     #[test]
@@ -788,8 +965,13 @@ sources = ["bearer", "x-auth-token", "auth-token", "rucio", "header:X-Api-Key", 
                 }
                 let parts = forwarded(&config, build);
                 let boundary = Boundary::new(&config);
-                for name in parts.headers.keys() {
-                    prop_assert!(!boundary.headers.contains(name), "{name} forwarded");
+                for (name, value) in &parts.headers {
+                    // The gate sets these itself after the boundary removed the client's.
+                    let own = matches!(name.as_str(), "x-forwarded-proto" | "x-forwarded-host");
+                    prop_assert!(!boundary.headers.contains(name) || own, "{name} forwarded");
+                    if name.as_str() == "x-forwarded-proto" {
+                        prop_assert_eq!(value, "http");
+                    }
                     prop_assert!(
                         name.as_str().bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'),
                         "{name} forwarded"

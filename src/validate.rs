@@ -66,8 +66,10 @@ pub fn principal(subject: &str, account: &str, dn: Option<&str>) -> Arc<Principa
         return Arc::clone(&found);
     }
     let made = Arc::new(Principal {
-        subject_value: HeaderValue::from_str(subject).ok(),
-        account_value: HeaderValue::from_str(account).ok(),
+        // Bytes, not text: a UTF-8 name is carried as sent (obs-text); CR, LF and other
+        // control characters cannot be, and `Template::render_checked` refuses them.
+        subject_value: HeaderValue::from_bytes(subject.as_bytes()).ok(),
+        account_value: HeaderValue::from_bytes(account.as_bytes()).ok(),
         subject: key.0.clone(),
         account: key.1.clone(),
         dn: key.2.clone(),

@@ -40,6 +40,8 @@ const VERIFY_CONNECTIONS: usize = 1024;
 /// The header an ingress may use for `[verify] token` when `Authorization` carries the
 /// client's own credential.
 pub static X_TOKENGATE_VERIFY: HeaderName = HeaderName::from_static("x-tokengate-verify");
+/// On a 200: the path and query the ingress should forward (normalised, no query credential).
+pub static X_TOKENGATE_URI: HeaderName = HeaderName::from_static("x-tokengate-uri");
 static X_ORIGINAL_URI: HeaderName = HeaderName::from_static("x-original-uri");
 static X_ORIGINAL_METHOD: HeaderName = HeaderName::from_static("x-original-method");
 static X_FORWARDED_URI: HeaderName = HeaderName::from_static("x-forwarded-uri");
@@ -250,14 +252,23 @@ async fn decide<'g>(
         uri: uri.clone(),
         host,
     });
-    let route = gate.route_for(uri.path()).ok_or(ProxyError::NoRoute)?;
+    let route = match gate.choose(uri.path(), false)? {
+        crate::proxy::Target::Route(route) => route,
+        _ => return Err(ProxyError::NoRoute),
+    };
     outcome.route = Some(route);
     // The question's headers with the original request line: the credential sources (query
     // and cookie ones too) read the original request.
     parts.method = method;
+    let mut headers = HeaderMap::new();
+    // What the ingress should forward: exactly what was decided, without query credentials.
+    headers.insert(
+        X_TOKENGATE_URI.clone(),
+        gate.boundary().forwarded_path_and_query(&uri),
+    );
     parts.uri = uri;
     if route.config.auth == AuthMode::None {
-        return Ok(allowed(HeaderMap::new()));
+        return Ok(allowed(headers));
     }
     let caller = match crate::proxy::identify(gate, &parts, outcome).await? {
         Some(caller) => caller,
@@ -265,7 +276,7 @@ async fn decide<'g>(
             outcome.auth = Some((AuthResult::Missing, "none"));
             return Err(ProxyError::MissingCredentials);
         }
-        None => return Ok(allowed(HeaderMap::new())),
+        None => return Ok(allowed(headers)),
     };
     let values = Values {
         token: Some(&caller.token),
@@ -273,15 +284,22 @@ async fn decide<'g>(
         source: outcome.source,
         client_dn: None,
     };
-    let mut headers = HeaderMap::new();
     for (name, template) in &route.config.identity_headers {
-        if let Some(value) = template.render(&values) {
-            headers.insert(name.clone(), value);
+        match template.render_checked(&values) {
+            Ok(Some(value)) => {
+                headers.insert(name.clone(), value);
+            }
+            Ok(None) => {}
+            Err(_) => return Err(crate::proxy::unrenderable(outcome)),
         }
     }
     if let Some((name, template)) = &route.config.upstream_auth {
-        if let Some(value) = template.render(&values) {
-            headers.insert(name.clone(), value);
+        match template.render_checked(&values) {
+            Ok(Some(value)) => {
+                headers.insert(name.clone(), value);
+            }
+            Ok(None) => {}
+            Err(_) => return Err(crate::proxy::unrenderable(outcome)),
         }
     }
     outcome.identity = Some(caller.identity);

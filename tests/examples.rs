@@ -404,11 +404,14 @@ async fn rucio_example_exchanges_a_certificate_and_serves_x_rucio_auth_token() {
         &[
             ("X-Rucio-Auth-Token", &token),
             ("X-Client-DN", "/CN=forged"),
+            ("X-Rucio-Account", "root"),
         ],
     );
     assert_eq!(reply.status, 200, "{reply:?}");
     let seen = &reply.json()["headers"];
     assert_eq!(seen["x-auth-account"], "ops");
+    // The client's `X-Rucio-Account: root` is replaced by the verified account.
+    assert_eq!(seen["x-rucio-account"], "ops", "{seen}");
     assert_eq!(seen["x-auth-user"], "ops");
     assert_eq!(seen["x-client-dn"], dn);
     assert!(seen.get("x-rucio-auth-token").is_none(), "{seen}");
