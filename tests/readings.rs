@@ -169,7 +169,10 @@ async fn nginx_never_serves_api_to_an_encoded_slash_without_a_credential() {
     }
     // Rucio-style `%2F` inside one route's segment still passes as sent.
     let (status, body) = fetch(port, "/api/dids/scope/a%2Fb", &[("X-Auth-Token", TOKEN)]).await;
-    assert_eq!((status, body.as_str()), (200, "protected:/api/dids/scope/a/b"));
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "protected:/api/dids/scope/a/b")
+    );
     let (status, body) = fetch(port, "/public/a%2Fb", &[]).await;
     assert_eq!((status, body.as_str()), (200, "public:/public/a/b"));
 }
@@ -183,7 +186,10 @@ async fn a_lenient_upstream_never_serves_api_by_case_params_or_trailing_dots() {
     let _gate = Gate::start(&open_and_protected(port, app.port, ""));
     for path in WALK_AROUNDS {
         let (_, direct) = fetch(app.port, path, &[]).await;
-        assert!(direct.starts_with("protected:"), "{path}: the app reads {direct}");
+        assert!(
+            direct.starts_with("protected:"),
+            "{path}: the app reads {direct}"
+        );
         let (status, body) = fetch(port, path, &[]).await;
         assert!(
             matches!(status, 400 | 401) && !body.starts_with("protected:"),
@@ -191,7 +197,10 @@ async fn a_lenient_upstream_never_serves_api_by_case_params_or_trailing_dots() {
         );
         let (status, body) = fetch(port, path, &[("X-Auth-Token", TOKEN)]).await;
         assert_eq!(status, 200, "{path}: {body}");
-        assert!(body.starts_with("protected:") && body.ends_with(":alice"), "{path}: {body}");
+        assert!(
+            body.starts_with("protected:") && body.ends_with(":alice"),
+            "{path}: {body}"
+        );
     }
     // Public paths stay public: nothing to refuse.
     for path in ["/", "/public/x", "/apix", "/Public/Report.PDF", "/a;b/c"] {
@@ -278,8 +287,14 @@ async fn random_paths_never_reach_a_protected_handler_without_a_credential() {
         "direct to the gate: {tally:?}; false refusals {:.1} % of public paths",
         100.0 * tally.public_refused as f64 / tally.public.max(1) as f64
     );
-    assert!(tally.protected >= 250, "too few protected paths tried: {tally:?}");
-    assert!(tally.public >= 1000, "too few public paths tried: {tally:?}");
+    assert!(
+        tally.protected >= 250,
+        "too few protected paths tried: {tally:?}"
+    );
+    assert!(
+        tally.public >= 1000,
+        "too few public paths tried: {tally:?}"
+    );
 }
 
 /// nginx in front of the app, asking the gate's decision listener, and forwarding the URI the
@@ -318,10 +333,10 @@ async fn random_paths_through_nginx_auth_request_never_reach_a_protected_handler
     let vport = free_port();
     let port = free_port();
     let verify = format!("[verify]\nlisten = \"127.0.0.1:{vport}\"\ningress = \"nginx\"\n");
-    let _gate = Gate::start(&open_and_protected(port, app.port, "").replace(
-        "[credentials]",
-        &format!("{verify}\n[credentials]"),
-    ));
+    let _gate = Gate::start(
+        &open_and_protected(port, app.port, "")
+            .replace("[credentials]", &format!("{verify}\n[credentials]")),
+    );
     let Some(nginx) = ingress(vport, app.port) else {
         return missing_tool("nginx", "nginx-light");
     };
@@ -336,7 +351,10 @@ async fn random_paths_through_nginx_auth_request_never_reach_a_protected_handler
         );
     }
     let (status, body) = fetch(nginx.port, "/api%2fsecret", &[("X-Auth-Token", TOKEN)]).await;
-    assert_eq!((status, body.as_str()), (200, "protected:/api/secret:alice"));
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "protected:/api/secret:alice")
+    );
 
     // A query credential is decided on, and never reaches the app: nginx forwards the URI the
     // gate answered, without it.
@@ -352,7 +370,10 @@ async fn random_paths_through_nginx_auth_request_never_reach_a_protected_handler
         "through nginx auth_request: {tally:?}; false refusals {:.1} % of public paths",
         100.0 * tally.public_refused as f64 / tally.public.max(1) as f64
     );
-    assert!(tally.protected >= 250, "too few protected paths tried: {tally:?}");
+    assert!(
+        tally.protected >= 250,
+        "too few protected paths tried: {tally:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -361,10 +382,10 @@ async fn verify_answers_carry_the_uri_to_forward_without_query_credentials() {
     let vport = free_port();
     let port = free_port();
     let verify = format!("[verify]\nlisten = \"127.0.0.1:{vport}\"\ningress = \"nginx\"\n");
-    let _gate = Gate::start(&open_and_protected(port, up.port, "").replace(
-        "[credentials]",
-        &format!("{verify}\n[credentials]"),
-    ));
+    let _gate = Gate::start(
+        &open_and_protected(port, up.port, "")
+            .replace("[credentials]", &format!("{verify}\n[credentials]")),
+    );
     wait_port(vport);
     let ask = |uri: &'static str| async move {
         get(
@@ -382,7 +403,10 @@ async fn verify_answers_carry_the_uri_to_forward_without_query_credentials() {
     assert_eq!(ok.header("x-auth-user").as_deref(), Some("alice"));
     let open = ask("/public/%7Ex").await;
     assert_eq!(open.status, 200);
-    assert_eq!(open.header("x-tokengate-uri").as_deref(), Some("/public/~x"));
+    assert_eq!(
+        open.header("x-tokengate-uri").as_deref(),
+        Some("/public/~x")
+    );
     assert_eq!(ask("/api%2fsecret").await.status, 401);
 }
 
@@ -391,7 +415,11 @@ async fn connection_cannot_remove_the_gates_own_headers() {
     let up = Upstream::start();
     let port = free_port();
     let _gate = Gate::start(&open_and_protected(port, up.port, ""));
-    for named in ["X-Request-Id", "Host", "X-Forwarded-Host, X-Forwarded-For, traceparent"] {
+    for named in [
+        "X-Request-Id",
+        "Host",
+        "X-Forwarded-Host, X-Forwarded-For, traceparent",
+    ] {
         let resp = get(
             &format!("http://127.0.0.1:{port}/public/x"),
             &[("Connection", named), ("X-Request-Id", "req-from-client-1")],
@@ -495,7 +523,10 @@ async fn http2_host_must_name_the_authority() {
         assert_eq!(status, want, "host {host} beside :authority good.example");
     }
     let seen = up.last().await;
-    assert_ne!(seen.header("x-forwarded-host").as_deref(), Some("evil.example"));
+    assert_ne!(
+        seen.header("x-forwarded-host").as_deref(),
+        Some("evil.example")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -503,10 +534,8 @@ async fn an_identity_with_cr_lf_is_refused_never_forwarded_without_identity() {
     let up = Upstream::start();
     let port = free_port();
     // The static validator's subject holds CR/LF (TOML escapes), as an IdP's `sub` could.
-    let toml = open_and_protected(port, up.port, "").replace(
-        "subject = \"alice\"",
-        "subject = \"alice\\r\\nX-Admin: 1\"",
-    );
+    let toml = open_and_protected(port, up.port, "")
+        .replace("subject = \"alice\"", "subject = \"alice\\r\\nX-Admin: 1\"");
     let gate = Gate::start(&toml);
     for path in ["/api/x", "/public/x"] {
         let resp = get(
@@ -542,7 +571,10 @@ async fn a_query_credential_with_non_ascii_bytes_is_refused_and_the_process_live
     assert!(gate.is_running());
     let (status, _) = fetch(port, "/api/x", &[("X-Auth-Token", TOKEN)]).await;
     assert_eq!(status, 200);
-    assert!(!gate.log().contains("AAAAAAAAAA"), "a credential was logged");
+    assert!(
+        !gate.log().contains("AAAAAAAAAA"),
+        "a credential was logged"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -557,24 +589,43 @@ async fn a_panic_costs_one_connection_never_the_process() {
     let client = client();
     let before = send_with(
         &client,
-        build("GET", &format!("http://127.0.0.1:{port}/public/a"), &[], full("")),
+        build(
+            "GET",
+            &format!("http://127.0.0.1:{port}/public/a"),
+            &[],
+            full(""),
+        ),
     )
     .await;
     assert_eq!(before.status, 200);
     for _ in 0..3 {
         let (status, _) = fetch(port, "/public/boom-secret-value-9f1", &[]).await;
-        assert_eq!(status, 0, "the panicking connection is closed without an answer");
+        assert_eq!(
+            status, 0,
+            "the panicking connection is closed without an answer"
+        );
     }
     assert!(gate.is_running(), "the process survived");
     let after = send_with(
         &client,
-        build("GET", &format!("http://127.0.0.1:{port}/public/b"), &[], full("")),
+        build(
+            "GET",
+            &format!("http://127.0.0.1:{port}/public/b"),
+            &[],
+            full(""),
+        ),
     )
     .await;
     assert_eq!(after.status, 200);
     let (status, _) = fetch(port, "/api/x", &[("X-Auth-Token", TOKEN)]).await;
     assert_eq!(status, 200);
     let log = gate.log();
-    assert!(log.contains("src/proxy.rs"), "the location is logged: {log}");
-    assert!(!log.contains("boom-secret-value"), "the payload was logged: {log}");
+    assert!(
+        log.contains("src/proxy.rs"),
+        "the location is logged: {log}"
+    );
+    assert!(
+        !log.contains("boom-secret-value"),
+        "the payload was logged: {log}"
+    );
 }
