@@ -94,7 +94,8 @@ def app(environ, start_response):
     read = reading(environ.get('PATH_INFO', ''))
     kind = 'protected' if read == '/api' or read.startswith('/api/') else 'public'
     user = environ.get('HTTP_X_AUTH_USER') or '-'
-    body = ('%s:%s:%s' % (kind, read, user)).encode('latin-1', 'replace')
+    query = environ.get('QUERY_STRING', '')
+    body = ('%s:%s:%s%s' % (kind, read, user, '?' + query if query else '')).encode('latin-1', 'replace')
     start_response('200 OK', [('Content-Type', 'text/plain'), ('Content-Length', str(len(body)))])
     return [body]
 make_server('127.0.0.1', int(sys.argv[1]), app, handler_class=Quiet).serve_forever()
@@ -364,7 +365,11 @@ async fn random_paths_through_nginx_auth_request_never_reach_a_protected_handler
         &[],
     )
     .await;
-    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "protected:/api/echo:alice?x=1"),
+        "the app must get the decided URI, without the query credential"
+    );
     let tally = random_paths(nginx.port, app.port, 5000, 0x1a9_5eed).await;
     eprintln!(
         "through nginx auth_request: {tally:?}; false refusals {:.1} % of public paths",

@@ -67,13 +67,14 @@ fn nginx(vport: u16, up: u16) -> Option<ChildServer> {
             auth_request_set $tg_user $upstream_http_x_auth_user;
             auth_request_set $tg_account $upstream_http_x_auth_account;
             auth_request_set $tg_credential $upstream_http_auth_token;
+            auth_request_set $tg_uri $upstream_http_x_tokengate_uri;
             proxy_set_header X-Auth-User $tg_user;
             proxy_set_header X-Auth-Account $tg_account;
             proxy_set_header auth-token $tg_credential;
             proxy_set_header Authorization "";
             proxy_set_header X-Auth-Token "";
             proxy_set_header X-Rucio-Auth-Token "";
-            proxy_pass http://127.0.0.1:{up};
+            proxy_pass http://127.0.0.1:{up}$tg_uri;
         }}
     }}"#
         )
