@@ -152,12 +152,40 @@ impl JwtKey {
                 .is_ok_and(|h| h.kid.as_deref() == Some(self.kid.as_str()))
     }
 
-    /// The claims of `token` when its signature, algorithm, issuer and expiry are good.
+    /// The claims of `token` when its signature, algorithm, issuer and expiry are good, and its
+    /// header names no critical extension (see [`names_critical_extensions`]).
     pub fn verify(&self, token: &str) -> Option<Claims> {
+        if names_critical_extensions(token) {
+            return None;
+        }
         jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .ok()
             .map(|data| data.claims)
     }
+}
+
+/// Whether a compact JWS's protected header has a `crit` member (RFC 7515 §4.1.11), or cannot
+/// be read as a JSON object at all: such a token must be refused.
+///
+/// `crit` lists header extensions the recipient must understand, and tokengate implements
+/// none; an empty list is forbidden by the RFC, and a value that is not a list is malformed,
+/// so any `crit` at all means "invalid". `jsonwebtoken` parses `crit` but does not enforce it,
+/// and its `Option<Vec<String>>` reads `"crit":null` as absent, so the header is read here as
+/// a plain JSON object (a duplicate member, which JSON allows, counts as present). The header
+/// is found as `jsonwebtoken` finds it: the part before the second-to-last `.`.
+pub fn names_critical_extensions(token: &str) -> bool {
+    use base64::Engine;
+    let Some((header, _)) = token
+        .rsplit_once('.')
+        .and_then(|(message, _)| message.rsplit_once('.'))
+    else {
+        return true;
+    };
+    let Ok(json) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(header) else {
+        return true;
+    };
+    serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&json)
+        .map_or(true, |header| header.contains_key("crit"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -435,6 +463,84 @@ mod tests {
         assert!(key.verify(&format!("{none}.{payload}.")).is_none());
         let hs = b64.encode(format!(r#"{{"alg":"HS256","kid":"{}"}}"#, key.kid));
         assert!(key.verify(&format!("{hs}.{payload}.AAAA")).is_none());
+    }
+
+    /// A compact JWS with `header_json` as its protected header, signed by `key` as
+    /// jsonwebtoken signs (so only the header differs from [`JwtKey::sign`]'s).
+    fn signed_with_header(key: &JwtKey, header_json: &str, claims: &Claims) -> String {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let message = format!(
+            "{}.{}",
+            b64.encode(header_json),
+            b64.encode(serde_json::to_vec(claims).unwrap())
+        );
+        let signature =
+            jsonwebtoken::crypto::sign(message.as_bytes(), &key.encoding, key.algorithm).unwrap();
+        format!("{message}.{signature}")
+    }
+
+    #[test]
+    fn a_critical_header_extension_is_refused() {
+        let far = 4_000_000_000;
+        for key in keys() {
+            let alg = format!("{:?}", key.algorithm);
+            let kid = key.kid.clone();
+            // The same header without crit is a good token: only crit makes the difference.
+            let plain = signed_with_header(
+                &key,
+                &format!(r#"{{"alg":"{alg}","kid":"{kid}"}}"#),
+                &claims(Some(far)),
+            );
+            assert!(key.recognises(&plain));
+            assert!(key.verify(&plain).is_some(), "{alg}: plain header");
+            for crit in [
+                r#""crit":["x-unknown"],"x-unknown":true"#,
+                r#""crit":["exp"]"#,
+                r#""crit":["b64"],"b64":true"#,
+                r#""crit":[]"#,
+                r#""crit":null"#,
+                r#""crit":"x-unknown""#,
+                r#""cr\u0069t":["x-unknown"]"#,
+                r#""crit":["x"],"crit":null"#,
+            ] {
+                let header = format!(r#"{{"alg":"{alg}","kid":"{kid}",{crit}}}"#);
+                let token = signed_with_header(&key, &header, &claims(Some(far)));
+                assert!(names_critical_extensions(&token), "{alg}: {crit}");
+                assert!(key.verify(&token).is_none(), "{alg}: {crit}");
+            }
+            // And through jsonwebtoken's own encoder, with its Header type.
+            let mut header = Header::new(key.algorithm);
+            header.kid = Some(kid.clone());
+            header.crit = Some(vec!["x-unknown".to_string()]);
+            let token = jsonwebtoken::encode(&header, &claims(Some(far)), &key.encoding).unwrap();
+            assert!(
+                key.recognises(&token),
+                "still names our key: denied, not passed on"
+            );
+            assert!(key.verify(&token).is_none(), "{alg}: encoded with crit");
+            header.crit = None;
+            let token = jsonwebtoken::encode(&header, &claims(Some(far)), &key.encoding).unwrap();
+            assert!(key.verify(&token).is_some(), "{alg}: encoded without crit");
+        }
+    }
+
+    #[test]
+    fn unreadable_headers_count_as_critical() {
+        for token in [
+            "",
+            "abc",
+            "a.b",
+            "!!!.e30.x",
+            "W10.e30.x",
+            "bnVsbA.e30.x",
+            "e30",
+        ] {
+            assert!(names_critical_extensions(token), "{token:?}");
+        }
+        // `{}` and `{"alg":"HS256"}`: readable, no crit.
+        assert!(!names_critical_extensions("e30.e30.x"));
+        assert!(!names_critical_extensions("eyJhbGciOiJIUzI1NiJ9.e30.x"));
     }
 
     #[test]

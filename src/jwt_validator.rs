@@ -13,6 +13,8 @@
 //! non-empty subject claim (`subject_claim`, default `sub`). The verdict is cached like any
 //! other, never past the token's `exp`.
 //!
+//! A header with `crit` (RFC 7515 §4.1.11) is refused: no critical extension is implemented.
+//!
 //! A string that is not a JWT, or a JWT none of the keys verifies, is "not recognised": the
 //! next validator is asked. When the JWKS cannot be fetched and no key for the token is known,
 //! the validator is unavailable (fail closed: 503 unless a later validator vouches).
@@ -264,6 +266,12 @@ impl JwtValidator {
         if !looks_like_jwt(token) {
             return Ok(None);
         }
+        // RFC 7515 §4.1.11: no `crit` extension is implemented, so a token naming one is
+        // refused, before any key is fetched for it.
+        if crate::jwt::names_critical_extensions(token) {
+            tracing::debug!("jwt validator: token refused (crit header or unreadable header)");
+            return Ok(None);
+        }
         let Ok(header) = jsonwebtoken::decode_header(token) else {
             return Ok(None);
         };
@@ -495,6 +503,85 @@ mod tests {
         assert!(l("http://[::1]:80/jwks"));
         assert!(!l("http://idp.example/jwks"));
         assert!(!l("http://10.0.0.1/jwks"));
+    }
+
+    fn hmac_validator(secret: &[u8]) -> JwtValidator {
+        crate::jwt::install_provider();
+        JwtValidator {
+            issuer: Some("https://idp.example".into()),
+            audience: None,
+            subject_claim: "sub".into(),
+            keys: Keys::Fixed(vec![VerifyKey {
+                kid: None,
+                key: DecodingKey::from_secret(secret),
+                algorithms: HMAC.to_vec(),
+            }]),
+        }
+    }
+
+    fn signed(header: &jsonwebtoken::Header, secret: &[u8]) -> String {
+        let claims = serde_json::json!({
+            "iss": "https://idp.example",
+            "sub": "alice",
+            "exp": 4_000_000_000u64,
+        });
+        jsonwebtoken::encode(
+            header,
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(secret),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_critical_header_extension_is_refused() {
+        let secret = b"an-hmac-secret-of-at-least-32-bytes!!";
+        let validator = hmac_validator(secret);
+        let mut header = jsonwebtoken::Header::new(Algorithm::HS256);
+        let plain = signed(&header, secret);
+        let identity = validator.validate(&plain).await.unwrap();
+        assert_eq!(
+            identity.expect("no crit: accepted").principal.subject,
+            "alice"
+        );
+        for crit in [
+            vec!["x-unknown".to_string()],
+            vec!["exp".to_string()],
+            vec![],
+        ] {
+            header.crit = Some(crit.clone());
+            let token = signed(&header, secret);
+            assert!(
+                validator.validate(&token).await.unwrap().is_none(),
+                "{crit:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_critical_header_extension_is_refused_before_fetching_keys() {
+        // A JWKS that cannot be fetched: a token that needed its keys would be "unavailable".
+        let client = crate::upstream::client(None).unwrap();
+        let validator = JwtValidator {
+            issuer: None,
+            audience: None,
+            subject_claim: "sub".into(),
+            keys: Keys::Jwks(Box::new(Jwks {
+                url: "http://127.0.0.1:9/jwks".parse().unwrap(),
+                client,
+                timeout: Duration::from_secs(1),
+                state: ArcSwap::from_pointee(JwksState::default()),
+                fetching: tokio::sync::Mutex::new(()),
+            })),
+        };
+        let mut header = jsonwebtoken::Header::new(Algorithm::HS256);
+        header.crit = Some(vec!["x-unknown".to_string()]);
+        let token = signed(&header, b"any-secret-of-at-least-32-bytes-long");
+        assert!(validator.validate(&token).await.unwrap().is_none());
+        let Keys::Jwks(jwks) = &validator.keys else {
+            unreachable!()
+        };
+        assert!(jwks.state.load().attempted.is_none(), "no fetch attempted");
     }
 
     #[test]

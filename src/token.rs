@@ -45,20 +45,26 @@ fn new_id(rng: &SystemRandom) -> Result<String, String> {
 }
 
 /// Whether `token` looks like one of ours (`tg_` prefix), so that only the store can decide.
+/// Total over any string (a byte comparison).
 pub fn is_ours(token: &str) -> bool {
-    token.starts_with(PREFIX)
+    token.as_bytes().starts_with(PREFIX.as_bytes())
 }
 
 /// Whether a `tg_` token is well formed: length, alphabet and checksum.
+///
+/// Total over any string: it works on bytes, so a credential with non-ASCII characters (a
+/// percent-decoded query parameter can hold any UTF-8) is simply not well formed, never split
+/// inside a character.
 pub fn well_formed(token: &str) -> bool {
-    if token.len() != LEN || !token.starts_with(PREFIX) {
+    let bytes = token.as_bytes();
+    if bytes.len() != LEN || !bytes.starts_with(PREFIX.as_bytes()) {
         return false;
     }
-    let (payload, checksum) = token.split_at(LEN - CHECKSUM_LEN);
-    let body = &payload[PREFIX.len()..];
-    body.bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        && base62(crc32fast::hash(payload.as_bytes())) == checksum
+    let (payload, checksum) = bytes.split_at(LEN - CHECKSUM_LEN);
+    payload[PREFIX.len()..]
+        .iter()
+        .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        && base62(crc32fast::hash(payload)).as_bytes() == checksum
 }
 
 /// What a new token is for.
@@ -193,5 +199,60 @@ mod tests {
         assert!(!well_formed(&format!("{token}x")));
         assert!(!well_formed("tg_short"));
         assert!(!well_formed(&token.replacen("tg_", "tx_", 1)));
+    }
+
+    /// The crash once reached through a `query:` source: a percent-decoded token of the right
+    /// byte length with a two-byte character across the payload/checksum boundary.
+    #[test]
+    fn non_ascii_token_of_the_right_length_is_refused_not_a_panic() {
+        let token = format!("tg_{}\u{e9}BBBBB", "A".repeat(42));
+        assert_eq!(token.len(), LEN);
+        assert!(is_ours(&token));
+        assert!(!well_formed(&token));
+    }
+
+    /// Every non-ASCII character of every UTF-8 width at every byte position of a token of the
+    /// right length (and one byte either side): refused, never a panic.
+    #[test]
+    fn non_ascii_at_every_position_is_refused() {
+        let (token, _) = generate().unwrap();
+        for c in [
+            '\u{80}',
+            '\u{e9}',
+            '\u{7ff}',
+            '\u{800}',
+            '\u{20ac}',
+            '\u{ffff}',
+            '\u{1f600}',
+        ] {
+            let width = c.len_utf8();
+            for at in 0..=LEN - width {
+                for extra in [0usize, 1, 2] {
+                    // Replace `width - 1 + extra` ASCII bytes: lengths LEN + 1, LEN, LEN - 1.
+                    let removed = (width + extra - 1).min(LEN - at);
+                    let mut s = String::with_capacity(LEN + 4);
+                    s.push_str(&token[..at]);
+                    s.push(c);
+                    s.push_str(&token[at + removed..]);
+                    assert!(!well_formed(&s), "{c:?} at {at}, extra {extra}");
+                    assert_eq!(is_ours(&s), at >= PREFIX.len(), "{c:?} at {at}");
+                }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        /// Any string, and any `tg_` + characters near the token length: no panic, and only
+        /// ASCII strings of the exact length can be well formed.
+        #[test]
+        fn well_formed_is_total(s in ".*", tail in proptest::collection::vec(proptest::char::any(), 40..52)) {
+            let _ = is_ours(&s);
+            let _ = well_formed(&s);
+            let t: String = PREFIX.chars().chain(tail).collect();
+            proptest::prop_assert!(is_ours(&t));
+            if well_formed(&t) {
+                proptest::prop_assert!(t.is_ascii() && t.len() == LEN);
+            }
+        }
     }
 }

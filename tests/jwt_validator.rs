@@ -462,6 +462,58 @@ async fn bad_jwts_are_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_critical_header_extension_is_refused_before_any_key_fetch() {
+    // RFC 7515 §4.1.11: the gate implements no `crit` extension, so a token naming one (or
+    // an empty list, which the RFC forbids) is invalid however well it is signed.
+    let ec = Key::p256();
+    let idp = Idp::start(vec![ec.jwk("ec-1")]).await;
+    let up = Upstream::start();
+    let (port, admin) = (free_port(), free_port());
+    let gate = Gate::start(&config(port, admin, up.port, &jwks_validator(&idp)));
+    let Key::Ec(pair) = &ec else { unreachable!() };
+    let signed = |header: Value| {
+        let input = format!(
+            "{}.{}",
+            b64(header.to_string()),
+            b64(claims("mallory").to_string())
+        );
+        let signature = pair.sign(&SystemRandom::new(), input.as_bytes()).unwrap();
+        format!("{input}.{}", b64(signature.as_ref()))
+    };
+    let header = |crit: Option<Value>| {
+        let mut h = json!({"alg": "ES256", "typ": "JWT", "kid": "ec-1"});
+        if let Some(crit) = crit {
+            h["crit"] = crit;
+            h["x-unknown"] = json!(true);
+        }
+        h
+    };
+    bearer(&gate, &signed(header(Some(json!(["x-unknown"])))))
+        .await
+        .assert_error(401, "Invalid credentials");
+    assert_eq!(
+        idp.hits(),
+        0,
+        "no JWKS fetch for a token refused by its header"
+    );
+    // The same header without crit, same key: accepted.
+    let resp = bearer(&gate, &signed(header(None))).await;
+    assert_eq!(resp.status, 200, "{:?}", resp.body);
+    assert_eq!(idp.hits(), 1);
+    // With the key known now, still refused; so is an empty list.
+    for crit in [json!(["x-unknown"]), json!(["exp"]), json!([])] {
+        bearer(&gate, &signed(header(Some(crit.clone()))))
+            .await
+            .assert_error(401, "Invalid credentials");
+    }
+    assert_eq!(
+        up.requests(),
+        1,
+        "only the token without crit reached the upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwks_down_fails_closed_and_rotation_is_picked_up() {
     let (old, new) = (Key::p256(), Key::ed25519());
     let idp = Idp::start(vec![old.jwk("old")]).await;
