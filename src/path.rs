@@ -62,15 +62,20 @@ fn normalize_slowly(path: &str) -> Result<Cow<'_, str>, BadPath> {
     if !changed {
         return Ok(decoded);
     }
-    let mut out = String::with_capacity(decoded.len());
-    for segment in &kept {
+    Ok(Cow::Owned(joined(&kept, trailing_slash, decoded.len())))
+}
+
+/// `/` + the segments joined by `/`, with a final `/` when `trailing_slash` or there are none.
+fn joined(kept: &[&str], trailing_slash: bool, capacity: usize) -> String {
+    let mut out = String::with_capacity(capacity);
+    for segment in kept {
         out.push('/');
         out.push_str(segment);
     }
     if trailing_slash || kept.is_empty() {
         out.push('/');
     }
-    Ok(Cow::Owned(out))
+    out
 }
 
 /// The common path, already normal, found in one pass: no escape (`%`), no backslash or NUL,
@@ -237,12 +242,10 @@ impl Reading {
 
     /// Whether this reading can read `normal` differently from the path as it is (apart from
     /// case, which [`Reading::folds`] says).
-    fn rewrites(self, normal: &[u8]) -> bool {
-        let has = |b: u8| normal.contains(&b);
+    fn rewrites(self, normal: &str) -> bool {
+        let has = |b: u8| normal.as_bytes().contains(&b);
         match self {
-            Reading::SlashDecoded => {
-                find_encoded_separator(std::str::from_utf8(normal).unwrap_or_default()).is_some()
-            }
+            Reading::SlashDecoded => find_encoded_separator(normal).is_some(),
             Reading::Folded => false,
             Reading::ParamsDropped => has(b';'),
             Reading::TrailingDropped => has(b'.') || has(b' ') || has(b'%'),
@@ -254,7 +257,7 @@ impl Reading {
     /// `normal` (a normalised path) as this reading sees it: dot segments it reveals resolved,
     /// empty segments merged. Refused: a reading that climbs above `/` or holds NUL.
     pub fn read(self, normal: &str) -> Result<Cow<'_, str>, BadPath> {
-        if !self.rewrites(normal.as_bytes()) {
+        if !self.rewrites(normal) {
             return Ok(Cow::Borrowed(normal));
         }
         let text: Cow<'_, str> = match self {
@@ -299,15 +302,7 @@ impl Reading {
                 }
             }
         }
-        let mut out = String::with_capacity(text.len());
-        for segment in &kept {
-            out.push('/');
-            out.push_str(segment);
-        }
-        if trailing_slash || kept.is_empty() {
-            out.push('/');
-        }
-        Ok(Cow::Owned(out))
+        Ok(Cow::Owned(joined(&kept, trailing_slash, text.len())))
     }
 }
 
