@@ -672,19 +672,7 @@ def app(environ, start_response):
     return [body]
 make_server("127.0.0.1", int(sys.argv[1]), app, handler_class=Quiet).serve_forever()
 "#;
-        let port = free_port();
-        let child = Command::new("python3")
-            .args(["-c", APP, &port.to_string()])
-            .stdin(Stdio::null())
-            .spawn()
-            .ok()?;
-        Some(ChildServer::listening(
-            "the WSGI server",
-            port,
-            child,
-            None,
-            None,
-        ))
+        python_app("the WSGI server", APP)
     }
 }
 

@@ -9,7 +9,6 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -100,19 +99,7 @@ def app(environ, start_response):
     return [body]
 make_server('127.0.0.1', int(sys.argv[1]), app, handler_class=Quiet).serve_forever()
 "#;
-    let port = free_port();
-    let child = Command::new("python3")
-        .args(["-c", APP, &port.to_string()])
-        .stdin(Stdio::null())
-        .spawn()
-        .ok()?;
-    Some(ChildServer::listening(
-        "the lenient WSGI app",
-        port,
-        child,
-        None,
-        None,
-    ))
+    python_app("the lenient WSGI app", APP)
 }
 
 /// One HTTP/1.1 request over raw TCP (the path exactly as given): status and body.

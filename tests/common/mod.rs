@@ -1499,6 +1499,18 @@ pub async fn delete(url: &str, headers: &[(&str, &str)]) -> Resp {
 // ---------------------------------------------------------------------------------------------
 // Real servers the tests start (nginx, a WSGI app)
 
+/// A Python app (`app` is the script; it gets the port as its one argument) listening on a
+/// free port; `None` when python3 is not installed.
+pub fn python_app(name: &str, app: &str) -> Option<ChildServer> {
+    let port = free_port();
+    let child = Command::new("python3")
+        .args(["-c", app, &port.to_string()])
+        .stdin(Stdio::null())
+        .spawn()
+        .ok()?;
+    Some(ChildServer::listening(name, port, child, None, None))
+}
+
 /// `nginx` on PATH, or /usr/sbin/nginx.
 pub fn nginx_binary() -> Option<PathBuf> {
     let on_path = std::env::var_os("PATH")
