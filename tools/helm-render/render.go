@@ -22,8 +22,12 @@ type release struct {
 }
 
 // render parses every template of the chart into one set (so partials are shared) and
-// executes the manifests, or only NOTES.txt when notes is set.
-func render(c *chart, values map[string]interface{}, rel release, notes bool) (string, error) {
+// executes the manifests, or only NOTES.txt when notes is set. Every manifest is rendered (a
+// template's `fail` fails the render whatever is shown); with showOnly, only the manifests of
+// the templates it names are printed, as `helm template --show-only` does: a template path
+// relative to the chart ("templates/sidecar.yaml", or a glob), each of which must render
+// something.
+func render(c *chart, values map[string]interface{}, rel release, notes bool, showOnly []string) (string, error) {
 	files, err := templateFiles(c.dir)
 	if err != nil {
 		return "", err
@@ -80,18 +84,50 @@ func render(c *chart, values map[string]interface{}, rel release, notes bool) (s
 		}
 		return execute(notesName)
 	}
-	var out strings.Builder
+	rendered := map[string]string{}
+	var shown []string
 	for _, name := range manifests {
 		text, err := execute(name)
 		if err != nil {
 			return "", err
 		}
-		if strings.TrimSpace(text) == "" {
-			continue
+		if strings.TrimSpace(text) != "" {
+			rendered[name] = text
+			shown = append(shown, name)
 		}
-		fmt.Fprintf(&out, "---\n# Source: %s\n%s\n", name, strings.TrimRight(text, "\n"))
+	}
+	if len(showOnly) > 0 {
+		if shown, err = selectManifests(c.name, shown, showOnly); err != nil {
+			return "", err
+		}
+	}
+	var out strings.Builder
+	for _, name := range shown {
+		fmt.Fprintf(&out, "---\n# Source: %s\n%s\n", name, strings.TrimRight(rendered[name], "\n"))
 	}
 	return out.String(), nil
+}
+
+// selectManifests keeps the rendered manifests (named CHART/templates/FILE) whose path inside
+// the chart matches one of the patterns, in the order of the patterns; a pattern that matches
+// no rendered manifest is helm's error.
+func selectManifests(chartName string, rendered, patterns []string) ([]string, error) {
+	var out []string
+	for _, pattern := range patterns {
+		pattern = filepath.ToSlash(pattern)
+		found := false
+		for _, name := range rendered {
+			inChart := strings.TrimPrefix(name, chartName+"/")
+			if ok, _ := filepath.Match(pattern, inChart); ok {
+				out = append(out, name)
+				found = true
+			}
+		}
+		if !found {
+			return nil, fmt.Errorf("could not find template %s in chart", pattern)
+		}
+	}
+	return out, nil
 }
 
 // templateFiles lists templates/ recursively, sorted, as helm loads them.

@@ -88,9 +88,10 @@ func normalize(v interface{}) interface{} {
 	return v
 }
 
-// mergedValues is helm's order: the user's files in order, then the --set assignments, all over
-// the chart's defaults. A null in the user's values removes the default.
-func mergedValues(defaults map[string]interface{}, files, sets []string) (map[string]interface{}, error) {
+// mergedValues is helm's order: the user's files in order, then the --set assignments, then the
+// --set-file ones, all over the chart's defaults. A null in the user's values removes the
+// default.
+func mergedValues(defaults map[string]interface{}, files, sets, setFiles []string) (map[string]interface{}, error) {
 	user := map[string]interface{}{}
 	for _, f := range files {
 		m, err := readYAMLMap(f)
@@ -101,6 +102,11 @@ func mergedValues(defaults map[string]interface{}, files, sets []string) (map[st
 	}
 	for _, s := range sets {
 		if err := applySet(user, s); err != nil {
+			return nil, err
+		}
+	}
+	for _, s := range setFiles {
+		if err := applySetFile(user, s); err != nil {
 			return nil, err
 		}
 	}
@@ -207,6 +213,26 @@ func applySet(values map[string]interface{}, arg string) error {
 		}
 		if err := setPath(values, splitUnescaped(key, '.', false), value); err != nil {
 			return fmt.Errorf("--set %q: %v", assignment, err)
+		}
+	}
+	return nil
+}
+
+// applySetFile applies one --set-file argument: comma-separated key.path=FILE assignments, each
+// setting the key to the file's contents, a string (helm never types them).
+func applySetFile(values map[string]interface{}, arg string) error {
+	for _, assignment := range splitUnescaped(arg, ',', false) {
+		eq := indexUnescaped(assignment, '=')
+		if eq < 0 {
+			return fmt.Errorf("--set-file %q: expected key=path", assignment)
+		}
+		key, path := assignment[:eq], assignment[eq+1:]
+		text, err := os.ReadFile(path)
+		if err != nil {
+			return fmt.Errorf("--set-file %q: %v", assignment, err)
+		}
+		if err := setPath(values, splitUnescaped(key, '.', false), string(text)); err != nil {
+			return fmt.Errorf("--set-file %q: %v", assignment, err)
 		}
 	}
 	return nil
