@@ -3,12 +3,16 @@
 //! is not installable here). Each values file in `helm/tokengate/ci/` is rendered, every manifest
 //! parsed as YAML and checked, and the tokengate config the chart renders is run through the real
 //! binary: `tokengate check`, and `tokengate serve` with a token created the way NOTES.txt says.
-//! `values.schema.json` is checked to cover every value and to refuse bad ones at render time;
-//! `mode=sidecar`'s patches are merged into a sample Deployment and Service here, with the
-//! strategic-merge rules kubectl and kustomize apply.
+//! `values.schema.json` is checked to cover every value and to refuse bad ones at render time,
+//! and the templates to refuse a config `tokengate check` would refuse (a table defined twice) or
+//! a `configFile` that does not fit the pod. The four examples go through the chart as values and
+//! as `configFile`. `mode=sidecar`'s patches are merged into a sample Deployment and Service here,
+//! with the strategic-merge rules kubectl and kustomize apply, and by the real kubectl
+//! (`kubectl patch --local`, and the README's kustomize flow through `kubectl kustomize`).
 //!
-//! Without `go` or Debian's Go libraries the tests print one "skipped:" line each (or fail under
-//! TOKENGATE_TEST_STRICT=1). Not covered: a real cluster, real `kubectl`, the Docker image.
+//! Without `go` or Debian's Go libraries (or kubectl, or yq, for the tests that run them) the
+//! tests print one "skipped:" line each (or fail under TOKENGATE_TEST_STRICT=1). Not covered: a
+//! real cluster, helm itself, the Docker image.
 
 mod common;
 
@@ -75,8 +79,20 @@ impl Helm {
     /// Renders the chart with `ci/<values>` (if any) and `--set` assignments; `Err(stderr)` when
     /// the render fails.
     fn try_render(&self, values: Option<&str>, sets: &[&str]) -> Result<Rendered, String> {
+        self.try_render_with(values, sets, &[])
+    }
+
+    /// Like `try_render`, with more helm-render arguments (`--set-file`, `-f FILE`, ...) after
+    /// the `--set`s.
+    fn try_render_with(
+        &self,
+        values: Option<&str>,
+        sets: &[&str],
+        more: &[&std::ffi::OsStr],
+    ) -> Result<Rendered, String> {
         let out = self
             .command(values, sets)
+            .args(more)
             .arg(chart_dir())
             .output()
             .expect("run helm-render");
@@ -352,6 +368,10 @@ fn check_common(r: &Rendered, e: &Expect) {
         ADMIN_PORT.to_string().as_str()
     );
     assert_eq!(annotations["prometheus.io/path"], "/metrics");
+    assert_eq!(
+        annotations["kubectl.kubernetes.io/default-container"], "app",
+        "kubectl logs and exec pick the app, not tokengate"
+    );
     let config_text = r.config_text();
     let digest = ring::digest::digest(
         &ring::digest::SHA256,
@@ -791,12 +811,61 @@ fn inconsistent_values_fail_the_render_with_the_keys_named() {
         ),
         (
             None,
+            &["mode=sidecar", "sidecar.deployment=api"],
+            "mode=sidecar needs sidecar.container",
+        ),
+        (
+            None,
             &[
                 "mode=sidecar",
                 "sidecar.deployment=api",
+                "sidecar.container=tokengate",
+            ],
+            "sidecar.container is your app's container, not tokengate's",
+        ),
+        (
+            None,
+            &[
+                "mode=sidecar",
+                "sidecar.deployment=api",
+                "sidecar.container=api",
                 "sidecar.service=api",
             ],
             "sidecar.service needs service.port",
+        ),
+        (
+            Some("default-values.yaml"),
+            &["config.x509.enabled=true"],
+            "config.x509.enabled needs tls.clientCaSecretName",
+        ),
+        (
+            Some("default-values.yaml"),
+            &["verify.enabled=true"],
+            "verify.enabled needs verify.tokenSecretName",
+        ),
+        (
+            Some("default-values.yaml"),
+            &[
+                "verify.enabled=true",
+                "verify.tokenSecretName=verify",
+                "verify.port=9901",
+            ],
+            "verify.port (9901) must differ",
+        ),
+        (
+            Some("default-values.yaml"),
+            &[
+                "verify.enabled=true",
+                "verify.tokenSecretName=verify",
+                "verify.tls=true",
+            ],
+            "verify.tls needs tls.enabled",
+        ),
+        (
+            Some("default-values.yaml"),
+            &["config.route.upstreamAuth.value=${env:UPSTREAM_KEY}"],
+            "the rendered config refers to ${env:UPSTREAM_KEY}, which the tokengate container \
+             does not have",
         ),
     ];
     for (values, sets, message) in cases {
@@ -1333,7 +1402,9 @@ spec:
 /// the fields the chart's patches touch: maps merge key by key, `null` deletes, the lists
 /// Kubernetes declares with a merge key (containers, volumes and env by name, volumeMounts by
 /// mountPath, container ports by containerPort, Service ports by port) merge item by item,
-/// other lists and scalars are replaced.
+/// other lists and scalars are replaced. A merged list holds the patch's items first, in the
+/// patch's order, then the items the patch does not name: the order kubectl patch and kustomize
+/// give for the chart's patches (the tests running the real kubectl below check it).
 fn strategic_merge(target: &mut Value, patch: &Value, field: &str) {
     match (target, patch) {
         (Value::Mapping(target), Value::Mapping(patch)) => {
@@ -1349,12 +1420,19 @@ fn strategic_merge(target: &mut Value, patch: &Value, field: &str) {
         }
         (Value::Sequence(target), Value::Sequence(patch)) if merge_key(field, patch).is_some() => {
             let key = merge_key(field, patch).unwrap();
+            let mut merged = Vec::new();
             for item in patch {
-                match target.iter_mut().find(|t| t[key] == item[key]) {
-                    Some(existing) => strategic_merge(existing, item, ""),
-                    None => target.push(item.clone()),
+                match target.iter().position(|t| t[key] == item[key]) {
+                    Some(i) => {
+                        let mut existing = target.remove(i);
+                        strategic_merge(&mut existing, item, "");
+                        merged.push(existing);
+                    }
+                    None => merged.push(item.clone()),
                 }
             }
+            merged.append(target);
+            *target = merged;
         }
         (target, patch) => *target = patch.clone(),
     }
@@ -1385,6 +1463,7 @@ fn sidecar_mode_patches_an_existing_deployment_and_service() {
     let sidecar = [
         "mode=sidecar",
         "sidecar.deployment=legacy-api",
+        "sidecar.container=api",
         "sidecar.service=legacy-api",
         "service.port=80",
     ];
@@ -1427,19 +1506,19 @@ fn sidecar_mode_patches_an_existing_deployment_and_service() {
     assert_eq!(
         names(&pod["spec"]["volumes"]),
         [
-            "config",
             "tokengate-config",
             "tokengate-data",
-            "tokengate-tmp"
+            "tokengate-tmp",
+            "config"
         ]
     );
     assert_eq!(
-        seq(&pod["spec"]["volumes"])[0]["configMap"]["name"],
+        seq(&pod["spec"]["volumes"])[3]["configMap"]["name"],
         "legacy-api-config",
         "the app's volume named config is not merged with tokengate's"
     );
     assert_eq!(
-        seq(&pod["spec"]["volumes"])[1]["configMap"]["name"],
+        seq(&pod["spec"]["volumes"])[0]["configMap"]["name"],
         config_map["metadata"]["name"]
     );
     let gate = &seq(containers)[1];
@@ -1471,6 +1550,10 @@ fn sidecar_mode_patches_an_existing_deployment_and_service() {
     assert_eq!(
         annotations["team"], "payments",
         "the app's annotations stay"
+    );
+    assert_eq!(
+        annotations["kubectl.kubernetes.io/default-container"],
+        "api"
     );
     let digest = ring::digest::digest(
         &ring::digest::SHA256,
@@ -1574,3 +1657,1258 @@ fn sidecar_patch_with_a_claim_and_a_network_policy() {
         merged["spec"]["template"]["metadata"]["labels"]
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// The examples: through structured values, and through configFile.
+
+/// The four examples of `examples/`, each with a values file `ci/<name>-values.yaml`.
+const EXAMPLES: [&str; 4] = ["aircloak", "cloudsoar", "insightio", "rucio"];
+
+fn example(name: &str) -> String {
+    std::fs::read_to_string(
+        Path::new(ROOT)
+            .join("examples")
+            .join(format!("{name}.toml")),
+    )
+    .unwrap_or_else(|e| panic!("examples/{name}.toml: {e}"))
+}
+
+/// Keys the chart sets itself from the pod it builds (listen addresses, the mounted files, the
+/// store's place), whatever an example says: `Some(true)` where only their presence must match.
+fn chart_owned(path: &str) -> Option<bool> {
+    match path {
+        "server.listen" | "admin.listen" | "store.path" | "store.url" => Some(false),
+        "server.tls.cert" | "server.tls.key" | "server.tls.client_ca" | "admin.token" => Some(true),
+        _ => None,
+    }
+}
+
+/// Every key of `example` is in `rendered` with the same value (tables key by key, arrays of
+/// tables element by element, identity headers and upstream_auth exactly), except the keys
+/// the chart owns. `rendered` may hold more keys: the chart writes tokengate's defaults out.
+fn assert_carries(example: &toml::Table, rendered: &toml::Table, path: &str, name: &str) {
+    for (key, want) in example {
+        let here = if path.is_empty() {
+            key.clone()
+        } else {
+            format!("{path}.{key}")
+        };
+        let got = rendered.get(key);
+        match chart_owned(&here) {
+            Some(false) => continue,
+            Some(true) => {
+                assert!(got.is_some(), "{name}: the chart renders no {here}");
+                continue;
+            }
+            None => {}
+        }
+        let Some(got) = got else {
+            panic!("{name}: {here} = {want} is not in the rendered config");
+        };
+        let exact = key == "identity_headers" || key == "upstream_auth";
+        match (want, got) {
+            (toml::Value::Table(want), toml::Value::Table(got)) if !exact => {
+                assert_carries(want, got, &here, name)
+            }
+            (toml::Value::Array(want), toml::Value::Array(got))
+                if want.iter().all(toml::Value::is_table) =>
+            {
+                assert_eq!(want.len(), got.len(), "{name}: the number of [[{here}]]");
+                for (w, g) in want.iter().zip(got) {
+                    let (Some(w), Some(g)) = (w.as_table(), g.as_table()) else {
+                        panic!("{name}: [[{here}]] is not an array of tables in the render");
+                    };
+                    assert_carries(w, g, &here, name);
+                }
+            }
+            _ => assert_eq!(want, got, "{name}: {here}"),
+        }
+    }
+}
+
+/// Test values for the variables a config refers to (`${env:NAME}`): long enough for any
+/// secret tokengate checks the length of.
+fn env_of(config: &str) -> Vec<(String, String)> {
+    let mut names: Vec<String> = config
+        .split("${env:")
+        .skip(1)
+        .filter_map(|rest| rest.split_once('}'))
+        .map(|(name, _)| name.to_string())
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+        .into_iter()
+        .map(|n| (n, "0123456789abcdef0123456789abcdef0123456789".to_string()))
+        .collect()
+}
+
+fn assert_check_ok_with_env(config: &str, dir: &Path, env: &[(String, String)]) {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    assert_check_ok(config, dir, &env);
+}
+
+/// Each example, expressed in chart values (`ci/<example>-values.yaml`): the rendered config
+/// carries every key of the example that is not the chart's own, the pod is the chart's usual
+/// one, and `tokengate check` accepts the config (with test certificates at the mounted paths).
+#[test]
+fn each_example_through_the_chart_values() {
+    let Some(helm) = Helm::get() else { return };
+    for name in EXAMPLES {
+        let values = format!("{name}-values.yaml");
+        let r = helm.render(&values, &[]);
+        r.one("Deployment");
+        let example: toml::Table = example(name)
+            .parse()
+            .unwrap_or_else(|e| panic!("examples/{name}.toml: {e}"));
+        let config = r.config();
+        assert_carries(&example, &config, "", name);
+        assert_eq!(
+            example.contains_key("x509"),
+            config.contains_key("x509"),
+            "{name}: [x509]"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut text = r.config_text();
+        if config["server"].get("tls").is_some() {
+            text = with_test_certificates(&text, dir.path());
+        }
+        let mut env = env_of(&text);
+        for (name, value) in &mut env {
+            if name == "TOKENGATE_ADMIN_TOKEN" {
+                *value = "admin-secret".to_string();
+            }
+        }
+        assert_check_ok_with_env(&text, dir.path(), &env);
+    }
+}
+
+/// What a config written for a host (relative files, loopback admin, no admin listener) needs
+/// to run in the chart's pod, as the chart's render-time messages ask for it: the listeners on
+/// the pod IP at the chart's ports, the certificate and key (and client CA) at the paths the
+/// chart mounts the Secrets at, the sqlite file on the data volume, every `${env:NAME}` in
+/// tokengate.extraEnv. Returns the adapted file and the values that go with it.
+fn fit_for_the_pod(text: &str) -> (String, Vec<String>) {
+    let mut t: toml::Table = text.parse().expect("example is TOML");
+    let mut sets = vec!["app.image.repository=registry.example/app".to_string()];
+    let table = |t: &mut toml::Table, key: &str| -> toml::Table {
+        t.remove(key)
+            .map(|v| v.as_table().expect("a table").clone())
+            .unwrap_or_default()
+    };
+    let mut server = table(&mut t, "server");
+    server.insert("listen".into(), "0.0.0.0:8443".into());
+    if let Some(tls) = server.get_mut("tls").and_then(toml::Value::as_table_mut) {
+        tls.insert("cert".into(), "/etc/tokengate/tls/tls.crt".into());
+        tls.insert("key".into(), "/etc/tokengate/tls/tls.key".into());
+        sets.push("tls.enabled=true".into());
+        sets.push("tls.secretName=server-tls".into());
+        if tls.contains_key("client_ca") {
+            tls.insert("client_ca".into(), "/etc/tokengate/client-ca/ca.crt".into());
+            sets.push("tls.clientCaSecretName=client-ca".into());
+        }
+    }
+    t.insert("server".into(), server.into());
+    let mut admin = table(&mut t, "admin");
+    admin.insert("listen".into(), "0.0.0.0:9901".into());
+    t.insert("admin".into(), admin.into());
+    let mut store = table(&mut t, "store");
+    let backend = store
+        .get("backend")
+        .and_then(toml::Value::as_str)
+        .unwrap_or("sqlite")
+        .to_string();
+    if backend == "sqlite" {
+        store.insert("path".into(), "/var/lib/tokengate/tokengate.db".into());
+    }
+    sets.push(format!("store.backend={backend}"));
+    t.insert("store".into(), store.into());
+    let fitted = toml::to_string(&t).expect("serialise");
+    for (i, (name, _)) in env_of(&fitted).iter().enumerate() {
+        sets.push(format!("tokengate.extraEnv[{i}].name={name}"));
+        sets.push(format!("tokengate.extraEnv[{i}].value=from-a-secret"));
+    }
+    (fitted, sets)
+}
+
+/// Each example as a whole file, `--set-file configFile=...`. As written for a host, the render
+/// refuses it, saying what does not fit the pod (rather than a pod that cannot start or never
+/// gets ready). Fitted as the messages ask, it goes into the ConfigMap unchanged, the pod is
+/// built around it (TLS Secret, data volume, environment, checksum), and `tokengate check`
+/// accepts it with test certificates where the chart mounts them.
+#[test]
+fn each_example_through_config_file() {
+    let Some(helm) = Helm::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    for name in EXAMPLES {
+        let path = Path::new(ROOT).join(format!("examples/{name}.toml"));
+        let arg = format!("configFile={}", path.display());
+        let refused = helm
+            .try_render_with(
+                None,
+                &["app.image.repository=registry.example/app"],
+                &["--set-file".as_ref(), arg.as_ref()],
+            )
+            .err()
+            .unwrap_or_else(|| panic!("examples/{name}.toml as it is rendered"));
+        assert!(
+            refused.contains("execution error at (tokengate/templates/")
+                && refused.contains("configFile"),
+            "{name}: {refused}"
+        );
+
+        let (fitted, sets) = fit_for_the_pod(&example(name));
+        let file = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&file, &fitted).unwrap();
+        let arg = format!("configFile={}", file.display());
+        let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+        let r = helm
+            .try_render_with(None, &sets, &["--set-file".as_ref(), arg.as_ref()])
+            .unwrap_or_else(|e| panic!("{name} fitted for the pod:\n{e}\n{fitted}"));
+        let text = r.config_text();
+        assert_eq!(
+            text.trim_end(),
+            fitted.trim_end(),
+            "{name}: the file as it is"
+        );
+        let annotations = &r.pod()["metadata"]["annotations"];
+        let digest = ring::digest::digest(&ring::digest::SHA256, text.trim_end().as_bytes());
+        assert_eq!(
+            str_of(&annotations["checksum/config"]),
+            hex::encode(digest),
+            "{name}: a change of the file rolls the pods"
+        );
+        let config = r.config();
+        let gate = r.container("tokengate");
+        let tls = config["server"].get("tls").is_some();
+        assert_eq!(r.volume("tokengate-tls").is_some(), tls, "{name}");
+        let sqlite = config["store"].get("backend").and_then(|b| b.as_str()) != Some("memory");
+        assert_eq!(mount(gate, "tokengate-data").is_some(), sqlite, "{name}");
+        for (var, _) in env_of(&text) {
+            assert!(
+                env_var(gate, &var).is_some(),
+                "{name}: {var} in the container"
+            );
+        }
+
+        let check_dir = tempfile::tempdir().unwrap();
+        let text = if tls {
+            with_test_certificates(&text, check_dir.path())
+        } else {
+            text
+        };
+        assert_check_ok_with_env(&text, check_dir.path(), &env_of(&text));
+    }
+}
+
+/// A minimal config that fits the chart's default pod.
+const FITTING_CONFIG: &str = r#"[server]
+listen = "0.0.0.0:8443"
+
+[admin]
+listen = "0.0.0.0:9901"
+
+[store]
+backend = "sqlite"
+path = "/var/lib/tokengate/tokengate.db" # the data volume
+
+[[route]]
+path_prefix = "/"
+upstream = "http://127.0.0.1:8080"
+"#;
+
+/// configFile that does not fit the pod, or comes with config.* values that would not be used,
+/// fails the render with what to change; each case's fix renders.
+#[test]
+fn a_config_file_that_does_not_fit_the_pod_fails_the_render() {
+    let Some(helm) = Helm::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let render = |text: &str, sets: &[&str]| {
+        let file = dir.path().join("tokengate.toml");
+        std::fs::write(&file, text).unwrap();
+        let arg = format!("configFile={}", file.display());
+        let mut all = vec!["app.image.repository=registry.example/app"];
+        all.extend_from_slice(sets);
+        helm.try_render_with(None, &all, &["--set-file".as_ref(), arg.as_ref()])
+    };
+    let r = render(FITTING_CONFIG, &[]).expect("the fitting config renders");
+    assert_eq!(r.config_text().trim_end(), FITTING_CONFIG.trim_end());
+    assert_check_ok(&r.config_text(), dir.path(), &[]);
+
+    let tls_files = "[server.tls]\ncert = \"/etc/tokengate/tls/tls.crt\"\n\
+                     key = \"/etc/tokengate/tls/tls.key\"\n";
+    let cases: &[(String, &[&str], &str)] = &[
+        (
+            FITTING_CONFIG.replace("0.0.0.0:8443", "127.0.0.1:8443"),
+            &[],
+            r#"configFile [server] listen = "127.0.0.1:8443": the Service and the container port tokengate reach tokengate.port (8443) on the pod IP: listen = "0.0.0.0:8443""#,
+        ),
+        (
+            FITTING_CONFIG.to_string(),
+            &["tokengate.port=9443"],
+            r#"configFile [server] listen = "0.0.0.0:8443": the Service and the container port tokengate reach tokengate.port (9443)"#,
+        ),
+        (
+            FITTING_CONFIG.replace("[admin]\nlisten = \"0.0.0.0:9901\"\n", ""),
+            &[],
+            r#"configFile has no [admin] listen: the chart's liveness and readiness probes and the metrics scrape use admin.port (9901) on the pod IP: add [admin] listen = "0.0.0.0:9901""#,
+        ),
+        (
+            FITTING_CONFIG.replace("0.0.0.0:9901", "127.0.0.1:9901"),
+            &[],
+            r#"configFile [admin] listen = "127.0.0.1:9901": the probes and the metrics scrape reach admin.port (9901)"#,
+        ),
+        (
+            FITTING_CONFIG.replace("/var/lib/tokengate/tokengate.db", "tokengate.db"),
+            &[],
+            r#"configFile [store] path is "tokengate.db": the sqlite file must be on the chart's data volume, e.g. path = "/var/lib/tokengate/tokengate.db" (a relative path is in /etc/tokengate, the read-only ConfigMap)"#,
+        ),
+        (
+            FITTING_CONFIG.replace("backend = \"sqlite\"", "").replace(
+                "path = \"/var/lib/tokengate/tokengate.db\" # the data volume",
+                "",
+            ),
+            &[],
+            r#"configFile [store] path is "tokengate.db" (tokengate's default)"#,
+        ),
+        (
+            FITTING_CONFIG.replace("\"sqlite\"", "\"memory\""),
+            &[],
+            r#"configFile [store] backend is "memory", but store.backend is "sqlite", which decides the volume or the redis URL the chart provides: set store.backend=memory"#,
+        ),
+        (
+            format!("{FITTING_CONFIG}\n[server.tls]\ncert = \"certs/server.pem\"\nkey = \"certs/server-key.pem\"\n"),
+            &[],
+            r#"configFile [server.tls] cert = "certs/server.pem", but the tokengate container has no such file: set tls.enabled and tls.secretName (the chart mounts it at /etc/tokengate/tls/tls.crt)"#,
+        ),
+        (
+            format!("{FITTING_CONFIG}\n[server.tls]\ncert = \"certs/server.pem\"\nkey = \"certs/server-key.pem\"\n"),
+            &["tls.enabled=true", "tls.secretName=server-tls"],
+            r#"configFile [server.tls] cert = "certs/server.pem": the file the chart mounts is "/etc/tokengate/tls/tls.crt""#,
+        ),
+        (
+            FITTING_CONFIG.to_string(),
+            &["tls.enabled=true", "tls.secretName=server-tls"],
+            r#"tls.enabled mounts the certificate, but configFile has no [server.tls]: add cert = "/etc/tokengate/tls/tls.crt" and key = "/etc/tokengate/tls/tls.key""#,
+        ),
+        (
+            format!("{FITTING_CONFIG}{tls_files}client_ca = \"/etc/tokengate/client-ca/ca.crt\"\n"),
+            &["tls.enabled=true", "tls.secretName=server-tls"],
+            r#"configFile [server.tls] client_ca = "/etc/tokengate/client-ca/ca.crt", but the tokengate container has no such file: set tls.clientCaSecretName"#,
+        ),
+        (
+            format!("{FITTING_CONFIG}\n[tokens]\nformat = \"jwt\"\njwt_key = \"${{env:SOAR_JWT_KEY}}\" # or ${{env:OTHER}}\n"),
+            &[],
+            "configFile refers to ${env:SOAR_JWT_KEY}, which the tokengate container does not have (tokengate refuses to start): add it to tokengate.extraEnv",
+        ),
+        (
+            FITTING_CONFIG.to_string(),
+            &["verify.enabled=true", "verify.tokenSecretName=verify"],
+            r#"verify.enabled exposes the decision port 9902, but configFile has no [verify] listen: add [verify] listen = "0.0.0.0:9902""#,
+        ),
+        (
+            format!("{FITTING_CONFIG}\n[store]\nbackend = \"memory\"\n"),
+            &[],
+            "configFile line 15: table [store] is defined twice (first on line 7); tokengate check refuses it",
+        ),
+        (
+            FITTING_CONFIG.to_string(),
+            &["config.cache.ttl=2h", "config.extraToml=[x509]"],
+            "configFile is the whole tokengate config, so the config.* values are not used, but these are set: config.cache.ttl, config.extraToml. Put them in the file, or leave them unset",
+        ),
+    ];
+    for (text, sets, message) in cases {
+        match render(text, sets) {
+            Ok(_) => panic!("{sets:?} rendered, expected {message:?}:\n{text}"),
+            Err(stderr) => assert!(
+                stderr.contains("execution error at (tokengate/templates/")
+                    && stderr.contains(message),
+                "{sets:?}: expected {message:?} in:\n{stderr}\n--- configFile ---\n{text}"
+            ),
+        }
+    }
+
+    // The fixes the messages name render, and tokengate check takes them.
+    let fixed: &[(String, &[&str])] = &[
+        (
+            format!("{FITTING_CONFIG}\n[tokens]\njwt_key = \"${{env:SOAR_JWT_KEY}}\"\n"),
+            &[
+                "tokengate.extraEnv[0].name=SOAR_JWT_KEY",
+                "tokengate.extraEnv[0].value=x",
+            ],
+        ),
+        (
+            FITTING_CONFIG.replace("\"sqlite\"", "\"memory\""),
+            &["store.backend=memory"],
+        ),
+        (
+            format!("{FITTING_CONFIG}{tls_files}"),
+            &["tls.enabled=true", "tls.secretName=server-tls"],
+        ),
+        (
+            format!("{FITTING_CONFIG}\n[verify]\nlisten = \"0.0.0.0:9902\"\ningress = \"nginx\"\ntoken = \"${{env:TOKENGATE_VERIFY_TOKEN}}\"\n"),
+            &["verify.enabled=true", "verify.tokenSecretName=verify"],
+        ),
+        // A values file with config.* at its defaults (a copy of values.yaml) is no conflict.
+        (
+            FITTING_CONFIG.to_string(),
+            &["config.cache.ttl=1h", "config.cache.maxEntries=1000000"],
+        ),
+    ];
+    for (text, sets) in fixed {
+        let r = render(text, sets).unwrap_or_else(|e| panic!("{sets:?}: {e}\n{text}"));
+        let check_dir = tempfile::tempdir().unwrap();
+        let mut config = r.config_text();
+        if config.contains("[server.tls]") {
+            config = with_test_certificates(&config, check_dir.path());
+        }
+        assert_check_ok_with_env(&config, check_dir.path(), &env_of(&config));
+    }
+    let copied = helm.try_render_with(
+        None,
+        &["app.image.repository=registry.example/app"],
+        &[
+            "-f".as_ref(),
+            chart_dir().join("values.yaml").as_os_str(),
+            "--set-file".as_ref(),
+            format!("configFile={}", dir.path().join("tokengate.toml").display()).as_ref(),
+        ],
+    );
+    if let Err(e) = copied {
+        panic!("values.yaml itself conflicts with configFile: {e}");
+    }
+}
+
+/// The chart's copy of the config.* defaults (`tokengate.configDefaults`, which tells configFile
+/// what was set) is values.yaml's.
+#[test]
+fn the_config_defaults_the_chart_compares_with_are_values_yaml() {
+    let helpers =
+        std::fs::read_to_string(chart_dir().join("templates/_helpers.tpl")).expect("helpers");
+    let start = helpers
+        .find(r#"{{- define "tokengate.configDefaults" }}"#)
+        .expect("tokengate.configDefaults");
+    let body = &helpers[start..];
+    let body = &body[body.find('\n').unwrap()..body.find("{{- end }}").unwrap()];
+    let defaults: Value = serde_norway::from_str(body).expect("configDefaults is YAML");
+    let values: Value =
+        serde_norway::from_str(&std::fs::read_to_string(chart_dir().join("values.yaml")).unwrap())
+            .unwrap();
+    assert_eq!(defaults, values["config"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tables defined twice, and the structured values beyond the examples.
+
+/// The config the chart renders followed by `extra`, as the ConfigMap would hold it.
+fn with_extra_toml(helm: Helm, extra: &str) -> Result<Rendered, String> {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("extra.toml");
+    std::fs::write(&file, extra).unwrap();
+    let arg = format!("config.extraToml={}", file.display());
+    helm.try_render_with(
+        Some("default-values.yaml"),
+        &[],
+        &["--set-file".as_ref(), arg.as_ref()],
+    )
+}
+
+/// config.extraToml that repeats a table the chart renders (or one of its own) would make a
+/// config `tokengate check` refuses, and a pod that crash-loops: the render fails instead,
+/// naming the table and the values that set it. TOML that adds to the config renders.
+#[test]
+fn extra_toml_repeating_a_table_fails_the_render_naming_it() {
+    let Some(helm) = Helm::get() else { return };
+    let cases = [
+        (
+            "[endpoints]\npage = true\n",
+            "config.extraToml line 1: table [endpoints] is already in the config the chart \
+             renders, and tokengate check refuses a table defined twice: set it through the \
+             values config.endpoints instead",
+        ),
+        (
+            "# more TLS\n[server.tls]\nalpn = [\"h2\"]\n",
+            "config.extraToml line 2: table [server.tls] is already in the config",
+        ),
+        (
+            "[route.identity_headers]\n\"X-Site\" = \"{subject}\"\n",
+            "table [route.identity_headers] is already in the config the chart renders, and \
+             tokengate check refuses a table defined twice: set it through the values \
+             config.route.identityHeaders (or extraRoutes) instead",
+        ),
+        (
+            "[x509]\nenabled = false\n\n[x509]\ntoken_ttl = \"2h\"\n",
+            "config.extraToml line 4: table [x509] is defined twice (first on line 1); tokengate \
+             check refuses it",
+        ),
+        (
+            "[[store]]\nbackend = \"memory\"\n",
+            "config.extraToml line 1: [[store]] names a table that is already defined",
+        ),
+    ];
+    let tls = ["tls.enabled=true", "tls.secretName=server-tls"];
+    for (extra, message) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("extra.toml");
+        std::fs::write(&file, extra).unwrap();
+        let arg = format!("config.extraToml={}", file.display());
+        let err = helm
+            .try_render_with(
+                Some("default-values.yaml"),
+                &tls,
+                &["--set-file".as_ref(), arg.as_ref()],
+            )
+            .err()
+            .unwrap_or_else(|| panic!("extraToml {extra:?} rendered"));
+        assert!(
+            err.contains("execution error at (tokengate/templates/") && err.contains(message),
+            "expected {message:?} in:\n{err}"
+        );
+
+        // What the chart refuses, tokengate itself refuses too: the same concatenation.
+        let plain = helm
+            .try_render(Some("default-values.yaml"), &tls)
+            .unwrap()
+            .config_text();
+        let combined = with_test_certificates(&format!("{plain}\n{extra}"), dir.path());
+        let (ok, output) = tokengate_check(&combined, dir.path(), &[]);
+        assert!(!ok, "tokengate check took extraToml {extra:?}:\n{output}");
+    }
+
+    // Adding to the config is fine: another [[route]] with its own sub-tables (defined afresh
+    // for each element), a table the chart does not render, and a multi-line string holding a
+    // line that looks like a table.
+    let extra = "[[route]]\npath_prefix = \"/admin\"\nupstream = \"http://127.0.0.1:8081\"\n\
+                 [route.upstream_auth]\nheader = \"X-Admin\"\nvalue = \"{token}\"\n\
+                 [route.identity_headers]\n\"X-Auth-User\" = \"{subject}\"\n\n\
+                 [[validator]]\ntype = \"jwt\"\nsecret = '''\n[endpoints]\n0123456789abcdef0123456789abcdef'''\n";
+    let r = with_extra_toml(helm, extra).unwrap_or_else(|e| panic!("{e}"));
+    let config = r.config();
+    let routes = config["route"].as_array().unwrap();
+    assert_eq!(routes.len(), 2);
+    assert_eq!(
+        routes[1]["upstream_auth"]["header"].as_str(),
+        Some("X-Admin")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    assert_check_ok(&r.config_text(), dir.path(), &[]);
+}
+
+/// The values beyond the four examples reach the config under their TOML names, and tokengate
+/// check takes the result: [verify] (decision listener, token from a Secret, TLS), the token
+/// page, [server] bounds, strip_headers, alpn, a JWT validator's timeout, an introspect
+/// validator's max_concurrent, route upgrades and limits, the redis key prefix.
+#[test]
+fn every_structured_value_reaches_the_config() {
+    let Some(helm) = Helm::get() else { return };
+    let values = r#"
+app:
+  image: {repository: registry.example/app}
+tls:
+  enabled: true
+  secretName: server-tls
+  clientCaSecretName: client-ca
+  alpn: [h2]
+verify:
+  enabled: true
+  ingress: traefik
+  tokenSecretName: verify-token
+  tls: true
+store:
+  backend: redis
+  redis: {urlSecretName: redis, prefix: "gate:"}
+networkPolicy:
+  enabled: true
+config:
+  server:
+    idleTimeout: 90s
+    bodyReadTimeout: 45s
+    maxConcurrentStreams: 50
+    workers: 2
+    allowUnderscoresInHeaders: true
+    stripHeaders: [X-Site-Role]
+  endpoints:
+    selfService: false
+    page: true
+    loginUrl: https://login.example/start
+  credentials:
+    sources: [bearer, "cookie:session"]
+    keep: ["cookie:session"]
+  validators:
+    - type: jwt
+      issuer: https://idp.example
+      jwksUrl: https://idp.example/jwks
+      timeout: 3s
+    - type: introspect
+      url: http://127.0.0.1:8080/whoami
+      maxConcurrent: 8
+  route:
+    upgrades: []
+    maxInflight: 100
+    maxIdleConnections: 8
+  extraRoutes:
+    - pathPrefix: /ws
+      upgrades: [websocket]
+      maxInflight: 10
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("values.yaml");
+    std::fs::write(&file, values).unwrap();
+    let r = helm
+        .try_render_with(None, &[], &["-f".as_ref(), file.as_os_str()])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let config = r.config();
+    let at = |path: &str| -> toml::Value {
+        let mut v = toml::Value::Table(config.clone());
+        for key in path.split('.') {
+            v = match key.parse::<usize>() {
+                Ok(i) => v[i].clone(),
+                Err(_) => v
+                    .get(key)
+                    .unwrap_or_else(|| panic!("no {path} in\n{}", r.config_text()))
+                    .clone(),
+            };
+        }
+        v
+    };
+    let strings = |list: &[&str]| toml::Value::Array(list.iter().map(|s| (*s).into()).collect());
+    for (path, want) in [
+        ("server.idle_timeout", "90s".into()),
+        ("server.body_read_timeout", "45s".into()),
+        ("server.max_concurrent_streams", 50.into()),
+        ("server.workers", 2.into()),
+        ("server.allow_underscores_in_headers", true.into()),
+        ("server.strip_headers", strings(&["X-Site-Role"])),
+        ("server.tls.alpn", strings(&["h2"])),
+        ("verify.listen", "0.0.0.0:9902".into()),
+        ("verify.ingress", "traefik".into()),
+        ("verify.token", "${env:TOKENGATE_VERIFY_TOKEN}".into()),
+        ("verify.tls.cert", "/etc/tokengate/tls/tls.crt".into()),
+        (
+            "verify.tls.client_ca",
+            "/etc/tokengate/client-ca/ca.crt".into(),
+        ),
+        ("endpoints.self_service", false.into()),
+        ("endpoints.page", true.into()),
+        ("endpoints.login_url", "https://login.example/start".into()),
+        ("credentials.keep", strings(&["cookie:session"])),
+        ("store.prefix", "gate:".into()),
+        ("validator.0.timeout", "3s".into()),
+        ("validator.0.jwks_url", "https://idp.example/jwks".into()),
+        ("validator.1.max_concurrent", 8.into()),
+        ("route.0.upgrades", strings(&[])),
+        ("route.0.max_inflight", 100.into()),
+        ("route.0.max_idle_connections", 8.into()),
+        ("route.1.upgrades", strings(&["websocket"])),
+        ("route.1.max_inflight", 10.into()),
+    ] {
+        assert_eq!(at(path), want, "{path}");
+    }
+    assert!(
+        config["validator"][1].get("account").is_none(),
+        "unset keys stay unset"
+    );
+    assert!(config["route"][1].get("max_idle_connections").is_none());
+
+    // The decision port: in the container, the Service and the NetworkPolicy; its token from
+    // the Secret.
+    let gate = r.container("tokengate");
+    assert_eq!(resolve_port(gate, &Value::from("tokengate-verify")), 9902);
+    let token = &env_var(gate, "TOKENGATE_VERIFY_TOKEN").expect("verify token")["valueFrom"];
+    assert_eq!(token["secretKeyRef"]["name"], "verify-token");
+    let ports = seq(&r.one("Service")["spec"]["ports"]);
+    let verify = ports
+        .iter()
+        .find(|p| p["name"] == "verify")
+        .expect("verify port");
+    assert_eq!(resolve_port(gate, &verify["targetPort"]), 9902);
+    let allowed: Vec<u64> = seq(&r.one("NetworkPolicy")["spec"]["ingress"][0]["ports"])
+        .iter()
+        .map(|p| u64_of(&p["port"]))
+        .collect();
+    assert_eq!(allowed, [8443, ADMIN_PORT, 9902]);
+
+    let text = with_test_certificates(&r.config_text(), dir.path());
+    assert_check_ok(
+        &text,
+        dir.path(),
+        &[
+            ("TOKENGATE_VERIFY_TOKEN", "verify-token-at-least-16"),
+            ("TOKENGATE_REDIS_URL", "redis://127.0.0.1:6379/0"),
+        ],
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// mode=sidecar with the real kubectl, and the README's kustomize flow.
+
+/// The patch ConfigMap's file `key` of a render.
+fn patch_file<'a>(r: &'a Rendered, key: &str) -> &'a str {
+    let patches = r
+        .all("ConfigMap")
+        .into_iter()
+        .find(|c| str_of(&c["metadata"]["name"]).ends_with("-tokengate-sidecar"))
+        .expect("the patch ConfigMap");
+    str_of(&patches["data"][key])
+}
+
+/// The sidecar patch names the release's namespace (kustomize matches a patch to its target by
+/// kind, name and namespace), lists the app's container first by name alone (so tokengate is
+/// not made container 0) and sets kubectl.kubernetes.io/default-container to it.
+#[test]
+fn the_sidecar_patch_carries_the_namespace_and_the_default_container() {
+    let Some(helm) = Helm::get() else { return };
+    for namespace in ["apps", "payments"] {
+        let out = Command::new(helm.bin)
+            .args(["gate", "-n", namespace, "-f"])
+            .arg(chart_dir().join("ci/sidecar-values.yaml"))
+            .args(["--set", "sidecar.service=legacy-api,service.port=80"])
+            .arg(chart_dir())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r = Rendered {
+            docs: yaml_documents(&String::from_utf8(out.stdout).unwrap()),
+        };
+        for key in ["deployment-patch.yaml", "service-patch.yaml"] {
+            let patch: Value = serde_norway::from_str(patch_file(&r, key)).unwrap();
+            assert_eq!(patch["metadata"]["namespace"], namespace, "{key}");
+        }
+        let patch: Value = serde_norway::from_str(patch_file(&r, "deployment-patch.yaml")).unwrap();
+        let pod = &patch["spec"]["template"];
+        let containers = seq(&pod["spec"]["containers"]);
+        assert_eq!(names(&pod["spec"]["containers"]), ["api", "tokengate"]);
+        assert_eq!(
+            containers[0].as_mapping().unwrap().len(),
+            1,
+            "the app's container is named, nothing of it changed"
+        );
+        assert_eq!(
+            pod["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"],
+            "api"
+        );
+        assert!(
+            str_of(&pod["spec"]["volumes"][0]["configMap"]["name"]).starts_with("gate-"),
+            "the config of this release"
+        );
+    }
+}
+
+/// kubectl, for the tests that run it: `None` after the one-line skip notice when it is not
+/// installed. KUBECONFIG points nowhere: nothing here talks to a cluster.
+fn kubectl(dir: &Path) -> Option<Command> {
+    let found = Command::new("kubectl")
+        .args(["version", "--client"])
+        .env("KUBECONFIG", dir.join("no-kubeconfig"))
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        missing_tool("kubectl", "kubernetes-client");
+        return None;
+    }
+    let mut cmd = Command::new("kubectl");
+    cmd.env("KUBECONFIG", dir.join("no-kubeconfig"))
+        .current_dir(dir);
+    Some(cmd)
+}
+
+/// The minor version of kubectl (`1.MINOR`).
+fn kubectl_minor(dir: &Path) -> u64 {
+    let out = kubectl(dir)
+        .expect("kubectl")
+        .args(["version", "--client"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let after = text
+        .split_once("v1.")
+        .unwrap_or_else(|| panic!("no v1.N in kubectl version: {text}"))
+        .1;
+    let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().expect("kubectl minor version")
+}
+
+/// The README's `kubectl patch` on an existing Deployment and Service, run by the real kubectl
+/// (`--local`: the same strategic merge the API server applies, without a cluster): the app
+/// stays container 0 and untouched, tokengate and its volumes are added, the default-container
+/// annotation names the app, the Service port is re-aimed at tokengate.
+#[test]
+fn kubectl_patch_adds_tokengate_after_the_app() {
+    let Some(helm) = Helm::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let Some(_) = kubectl(dir.path()) else { return };
+    let r = helm.render(
+        "sidecar-values.yaml",
+        &["sidecar.service=legacy-api", "service.port=80"],
+    );
+    let existing = EXISTING_DEPLOYMENT.replace(
+        "  name: legacy-api\n  labels",
+        "  name: legacy-api\n  namespace: apps\n  labels",
+    );
+    for (file, text) in [
+        ("deployment.yaml", existing.as_str()),
+        ("service.yaml", EXISTING_SERVICE),
+        (
+            "tokengate-patch.yaml",
+            patch_file(&r, "deployment-patch.yaml"),
+        ),
+        (
+            "tokengate-service-patch.yaml",
+            patch_file(&r, "service-patch.yaml"),
+        ),
+    ] {
+        std::fs::write(dir.path().join(file), text).unwrap();
+    }
+    let patched = |target: &str, patch: &str| -> Value {
+        let out = kubectl(dir.path())
+            .unwrap()
+            .args([
+                "patch",
+                "--local",
+                "-f",
+                target,
+                "--patch-file",
+                patch,
+                "-o",
+                "yaml",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "kubectl patch --local -f {target}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_norway::from_slice(&out.stdout).unwrap()
+    };
+
+    let deployment = patched("deployment.yaml", "tokengate-patch.yaml");
+    let original: Value = serde_norway::from_str(&existing).unwrap();
+    let pod = &deployment["spec"]["template"];
+    assert_eq!(names(&pod["spec"]["containers"]), ["api", "tokengate"]);
+    assert_eq!(
+        pod["spec"]["containers"][0], original["spec"]["template"]["spec"]["containers"][0],
+        "the app's container is untouched"
+    );
+    let patch: Value = serde_norway::from_str(patch_file(&r, "deployment-patch.yaml")).unwrap();
+    assert_eq!(
+        str_of(&pod["spec"]["containers"][1]["image"]),
+        str_of(&patch["spec"]["template"]["spec"]["containers"][1]["image"])
+    );
+    let mut volumes = names(&pod["spec"]["volumes"]);
+    volumes.sort_unstable();
+    assert_eq!(
+        volumes,
+        [
+            "config",
+            "tokengate-config",
+            "tokengate-data",
+            "tokengate-tmp"
+        ]
+    );
+    let annotations = &pod["metadata"]["annotations"];
+    assert_eq!(
+        annotations["kubectl.kubernetes.io/default-container"],
+        "api"
+    );
+    assert_eq!(annotations["team"], "payments");
+    assert_eq!(deployment["metadata"]["namespace"], "apps");
+    assert_eq!(deployment["spec"]["strategy"]["type"], "Recreate");
+
+    let service = patched("service.yaml", "tokengate-service-patch.yaml");
+    let ports = seq(&service["spec"]["ports"]);
+    assert_eq!(ports.len(), 1);
+    assert_eq!(u64_of(&ports[0]["port"]), 80);
+    assert_eq!(u64_of(&ports[0]["targetPort"]), 8443);
+    assert_eq!(ports[0]["name"], "http");
+}
+
+/// README.md's kustomize flow, exactly as written there: the values file, the `helm template`
+/// commands (with tools/helm-render standing in for helm), yq, the kustomization.yaml, and
+/// `kubectl kustomize` over a Deployment and Service that carry `metadata.namespace`. The
+/// result has tokengate after the app, its volumes, the config ConfigMap, the namespace and the
+/// default-container annotation. The variant with `target:` (for manifests that leave the
+/// namespace to kustomize) builds too.
+#[test]
+fn the_readme_kustomize_flow_builds() {
+    let Some(helm) = Helm::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let Some(_) = kubectl(dir.path()) else { return };
+    // Debian bookworm's kubectl (kubernetes-client, 1.20) embeds kustomize 2, which does not
+    // read `patches:` (kustomize 3.1 and later do; kubectl 1.21 and later have such a
+    // kustomize). It is the only kubectl Debian packages, so this test says why it skips, even
+    // under TOKENGATE_TEST_STRICT=1, rather than fail a machine that installed it;
+    // kubectl_patch_adds_tokengate_after_the_app still runs there.
+    let minor = kubectl_minor(dir.path());
+    if minor < 21 {
+        println!(
+            "skipped: kubectl 1.{minor} embeds kustomize 2, which cannot read `patches:` \
+             (kubectl 1.21 or later)"
+        );
+        return;
+    }
+    let yq = Command::new("yq").arg("--version").output();
+    if !yq.is_ok_and(|o| o.status.success()) {
+        missing_tool("yq", "yq");
+        return;
+    }
+
+    let readme = std::fs::read_to_string(Path::new(ROOT).join("README.md")).unwrap();
+    for text in [README_VALUES, README_RENDER, README_KUSTOMIZATION] {
+        assert!(readme.contains(text), "README.md no longer shows:\n{text}");
+    }
+    let root = dir.path();
+    std::fs::create_dir_all(root.join("helm")).unwrap();
+    std::os::unix::fs::symlink(chart_dir(), root.join("helm/tokengate")).unwrap();
+    let deployment = EXISTING_DEPLOYMENT.replace(
+        "  name: legacy-api\n  labels",
+        "  name: legacy-api\n  namespace: apps\n  labels",
+    );
+    let service = EXISTING_SERVICE.replace(
+        "  name: legacy-api\n",
+        "  name: legacy-api\n  namespace: apps\n",
+    );
+    std::fs::write(root.join("tokengate-values.yaml"), README_VALUES).unwrap();
+    std::fs::write(root.join("deployment.yaml"), &deployment).unwrap();
+    std::fs::write(root.join("service.yaml"), &service).unwrap();
+    std::fs::write(root.join("kustomization.yaml"), README_KUSTOMIZATION).unwrap();
+    // `helm template ARGS` is `helm-render ARGS`.
+    let script = format!(
+        "set -euo pipefail\nhelm() {{ [ \"$1\" = template ] && shift && {:?} \"$@\"; }}\n{}\n",
+        helm.bin,
+        README_RENDER.replace("\\\n", " ")
+    );
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .current_dir(root)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let patch_text = std::fs::read_to_string(root.join("tokengate-patch.yaml")).unwrap();
+    let patch: Value = serde_norway::from_str(&patch_text).expect("the patch is YAML, not JSON");
+    assert_eq!(patch["kind"], "Deployment");
+
+    let build = |dir: &Path| -> Vec<Value> {
+        let out = kubectl(dir)
+            .unwrap()
+            .args(["kustomize", "."])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "kubectl kustomize: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        yaml_documents(&String::from_utf8(out.stdout).unwrap())
+    };
+    let check = |docs: &[Value]| {
+        let find = |kind: &str, name: &str| {
+            docs.iter()
+                .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+                .unwrap_or_else(|| panic!("no {kind} {name} in the kustomize output"))
+        };
+        let deployment = find("Deployment", "legacy-api");
+        assert_eq!(deployment["metadata"]["namespace"], "apps");
+        let pod = &deployment["spec"]["template"];
+        assert_eq!(names(&pod["spec"]["containers"]), ["api", "tokengate"]);
+        let gate = &pod["spec"]["containers"][1];
+        assert_eq!(
+            gate["args"],
+            patch["spec"]["template"]["spec"]["containers"][1]["args"]
+        );
+        assert_eq!(
+            pod["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"],
+            "api"
+        );
+        assert_eq!(pod["metadata"]["annotations"]["team"], "payments");
+        let volumes = seq(&pod["spec"]["volumes"]);
+        for m in seq(&gate["volumeMounts"]) {
+            assert!(
+                volumes.iter().any(|v| v["name"] == m["name"]),
+                "mount {:?} has a volume",
+                m["name"]
+            );
+        }
+        let config = volumes
+            .iter()
+            .find(|v| v["name"] == "tokengate-config")
+            .expect("config volume");
+        let config_map = find("ConfigMap", str_of(&config["configMap"]["name"]));
+        assert_eq!(config_map["metadata"]["namespace"], "apps");
+        assert!(config_map["data"]["tokengate.toml"].is_string());
+        let service = find("Service", "legacy-api");
+        assert_eq!(service["metadata"]["namespace"], "apps");
+        assert_eq!(u64_of(&service["spec"]["ports"][0]["port"]), 80);
+        assert_eq!(u64_of(&service["spec"]["ports"][0]["targetPort"]), 8443);
+    };
+    check(&build(root));
+
+    // Manifests without metadata.namespace (kustomize's `namespace:` sets it): patches by
+    // target.
+    std::fs::write(root.join("deployment.yaml"), EXISTING_DEPLOYMENT).unwrap();
+    std::fs::write(root.join("service.yaml"), EXISTING_SERVICE).unwrap();
+    let without_target = Command::new("kubectl")
+        .args(["kustomize", "."])
+        .env("KUBECONFIG", root.join("no-kubeconfig"))
+        .current_dir(root)
+        .output()
+        .unwrap();
+    assert!(
+        !without_target.status.success(),
+        "a patch for namespace apps matched a Deployment without one"
+    );
+    assert!(
+        readme.contains(README_TARGETS),
+        "README.md no longer shows:\n{README_TARGETS}"
+    );
+    let targeted = README_KUSTOMIZATION.replace(
+        "patches:\n  - path: tokengate-patch.yaml\n  - path: tokengate-service-patch.yaml\n",
+        README_TARGETS,
+    );
+    assert_ne!(targeted, README_KUSTOMIZATION);
+    std::fs::write(root.join("kustomization.yaml"), targeted).unwrap();
+    check(&build(root));
+}
+
+/// The values file of the README's kustomize flow.
+const README_VALUES: &str = "# tokengate-values.yaml
+mode: sidecar
+sidecar:
+  deployment: legacy-api       # your Deployment
+  container: api               # your app's container in it
+  service: legacy-api          # your Service, whose port service.port is re-aimed at tokengate
+service:
+  port: 80
+app:
+  port: 8080                   # the port your app listens on
+";
+
+/// The README's render commands for kustomize.
+const README_RENDER: &str = r#"helm template gate helm/tokengate -n apps -f tokengate-values.yaml > tokengate.yaml
+helm template gate helm/tokengate -n apps -f tokengate-values.yaml --show-only templates/sidecar.yaml \
+  | yq -r '.data["deployment-patch.yaml"]' > tokengate-patch.yaml
+helm template gate helm/tokengate -n apps -f tokengate-values.yaml --show-only templates/sidecar.yaml \
+  | yq -r '.data["service-patch.yaml"]' > tokengate-service-patch.yaml"#;
+
+/// The README's kustomization.yaml.
+const README_KUSTOMIZATION: &str = "# kustomization.yaml
+namespace: apps
+resources:
+  - deployment.yaml            # your app, with metadata.namespace: apps
+  - service.yaml
+  - tokengate.yaml             # tokengate's config ConfigMap (and the patch ConfigMap)
+patches:
+  - path: tokengate-patch.yaml
+  - path: tokengate-service-patch.yaml
+";
+
+/// The README's patches by target, for manifests without metadata.namespace.
+const README_TARGETS: &str = "patches:
+  - path: tokengate-patch.yaml
+    target: {kind: Deployment, name: legacy-api}
+  - path: tokengate-service-patch.yaml
+    target: {kind: Service, name: legacy-api}
+";
+
+/// helm-render takes the flags the README's commands use: the release name and chart as
+/// arguments with flags after them, `-n`/`--namespace` (the patches' namespace and NOTES.txt),
+/// `--show-only` (only that template; one that renders nothing is an error, as in helm),
+/// `--set-file` (a file's contents as a string value, after the `--set`s).
+#[test]
+fn helm_render_takes_the_readme_flags() {
+    let Some(helm) = Helm::get() else { return };
+    let run = |args: &[&std::ffi::OsStr]| {
+        let out = Command::new(helm.bin).args(args).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let chart = chart_dir();
+    let values = chart.join("ci/sidecar-values.yaml");
+    let (ok, stdout, stderr) = run(&[
+        "template-name".as_ref(),
+        chart.as_os_str(),
+        "-n".as_ref(),
+        "payments".as_ref(),
+        "-f".as_ref(),
+        values.as_os_str(),
+        "--show-only".as_ref(),
+        "templates/sidecar.yaml".as_ref(),
+    ]);
+    assert!(ok, "{stderr}");
+    let docs = yaml_documents(&stdout);
+    assert_eq!(docs.len(), 1, "only templates/sidecar.yaml:\n{stdout}");
+    assert_eq!(
+        docs[0]["metadata"]["name"],
+        "template-name-tokengate-sidecar"
+    );
+    assert!(stdout.starts_with("---\n# Source: tokengate/templates/sidecar.yaml\n"));
+    let patch: Value =
+        serde_norway::from_str(str_of(&docs[0]["data"]["deployment-patch.yaml"])).unwrap();
+    assert_eq!(patch["metadata"]["namespace"], "payments");
+
+    // Globs, and several --show-only.
+    let (ok, stdout, _) = run(&[
+        "--namespace".as_ref(),
+        "payments".as_ref(),
+        "-f".as_ref(),
+        values.as_os_str(),
+        "-s".as_ref(),
+        "templates/network*.yaml".as_ref(),
+        "--show-only".as_ref(),
+        "templates/configmap.yaml".as_ref(),
+        chart.as_os_str(),
+    ]);
+    assert!(ok);
+    let kinds: Vec<String> = yaml_documents(&stdout)
+        .iter()
+        .map(|d| str_of(&d["kind"]).to_string())
+        .collect();
+    assert_eq!(kinds, ["NetworkPolicy", "ConfigMap"]);
+
+    // A template that renders nothing in this mode, or none of that name: helm's error.
+    for missing in ["templates/deployment.yaml", "templates/nothing.yaml"] {
+        let (ok, stdout, stderr) = run(&[
+            "-f".as_ref(),
+            values.as_os_str(),
+            "--show-only".as_ref(),
+            missing.as_ref(),
+            chart.as_os_str(),
+        ]);
+        assert!(!ok && stdout.is_empty());
+        assert_eq!(
+            stderr,
+            format!("Error: could not find template {missing} in chart\n")
+        );
+    }
+
+    // NOTES.txt uses the namespace too.
+    let (ok, notes, _) = run(&[
+        "--notes".as_ref(),
+        "-n".as_ref(),
+        "payments".as_ref(),
+        "-f".as_ref(),
+        values.as_os_str(),
+        chart.as_os_str(),
+    ]);
+    assert!(
+        ok && notes.contains("kubectl -n payments patch deployment legacy-api"),
+        "{notes}"
+    );
+
+    // --set-file: the contents as they are (a string, never typed), after --set.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("extra.toml");
+    std::fs::write(&file, "[x509]\nenabled = false\n").unwrap();
+    let set_file = format!("config.extraToml={}", file.display());
+    let (ok, stdout, stderr) = run(&[
+        "-f".as_ref(),
+        chart.join("ci/default-values.yaml").as_os_str(),
+        "--set-file".as_ref(),
+        set_file.as_ref(),
+        "--set".as_ref(),
+        "config.extraToml=[ignored]".as_ref(),
+        "--show-only".as_ref(),
+        "templates/configmap.yaml".as_ref(),
+        chart.as_os_str(),
+    ]);
+    assert!(ok, "{stderr}");
+    let config = str_of(&yaml_documents(&stdout)[0]["data"]["tokengate.toml"]).to_string();
+    assert!(config.ends_with("\n[x509]\nenabled = false\n"), "{config}");
+    assert!(!config.contains("[ignored]"));
+    let (ok, _, stderr) = run(&[
+        "--set-file".as_ref(),
+        "configFile=/nonexistent/tokengate.toml".as_ref(),
+        chart.as_os_str(),
+    ]);
+    assert!(
+        !ok && stderr.contains("/nonexistent/tokengate.toml"),
+        "{stderr}"
+    );
+}
+
+/// The README's `--set-file configFile=insightio.toml` install, with the edits the README shows
+/// for examples/insightio.toml: the edits are those the chart's messages ask for, and the
+/// command renders (helm-render standing in for `helm install`).
+#[test]
+fn the_readme_config_file_install_renders() {
+    let Some(helm) = Helm::get() else { return };
+    let readme = std::fs::read_to_string(Path::new(ROOT).join("README.md")).unwrap();
+    let snippet = readme
+        .split("for\n`examples/insightio.toml`:\n\n```toml\n")
+        .nth(1)
+        .and_then(|rest| rest.split_once("```"))
+        .expect("README.md shows the edits of examples/insightio.toml")
+        .0;
+    let (fitted, _) = fit_for_the_pod(&example("insightio"));
+    let edits: toml::Table = snippet.parse().expect("the README's edits are TOML");
+    let fitted_table: toml::Table = fitted.parse().unwrap();
+    assert_eq!(
+        edits.keys().collect::<Vec<_>>(),
+        ["admin", "server", "store"],
+        "the tables the edits touch"
+    );
+    for (table, keys) in &edits {
+        let keys = keys.as_table().unwrap();
+        for (key, value) in keys {
+            assert_eq!(
+                fitted_table[table].get(key),
+                Some(value),
+                "[{table}] {key} in the README's edits"
+            );
+        }
+    }
+
+    assert!(
+        readme.contains(README_CONFIG_FILE_INSTALL),
+        "README.md no longer shows:\n{README_CONFIG_FILE_INSTALL}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("insightio.toml"), &fitted).unwrap();
+    std::fs::create_dir_all(dir.path().join("helm")).unwrap();
+    std::os::unix::fs::symlink(chart_dir(), dir.path().join("helm/tokengate")).unwrap();
+    let script = format!(
+        "set -euo pipefail\nhelm() {{ [ \"$1\" = install ] && shift && {:?} \"$@\"; }}\n{}\n",
+        helm.bin,
+        README_CONFIG_FILE_INSTALL.replace("\\\n", " ")
+    );
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = Rendered {
+        docs: yaml_documents(&String::from_utf8(out.stdout).unwrap()),
+    };
+    assert_eq!(r.config_text().trim_end(), fitted.trim_end());
+    let secret = &env_var(r.container("tokengate"), "INSIGHT_GATEWAY_SECRET").expect("env")
+        ["valueFrom"]["secretKeyRef"];
+    assert_eq!(secret["name"], "insight-gateway");
+}
+
+/// The README's install of examples/insightio.toml as a whole file.
+const README_CONFIG_FILE_INSTALL: &str =
+    "    helm install insight helm/tokengate --set-file configFile=insightio.toml \\
+      --set app.image.repository=registry.example/insight-api --set app.port=9000 \\
+      --set tls.enabled=true --set tls.secretName=insight-tls \\
+      --set 'tokengate.extraEnv[0].name=INSIGHT_GATEWAY_SECRET' \\
+      --set 'tokengate.extraEnv[0].valueFrom.secretKeyRef.name=insight-gateway' \\
+      --set 'tokengate.extraEnv[0].valueFrom.secretKeyRef.key=secret'";

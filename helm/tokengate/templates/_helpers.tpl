@@ -60,6 +60,10 @@ that cannot start. Types, enums and unknown keys are the schema's job.
 {{- $_ := required "app.image.repository is required: the image of the service tokengate protects (or mode=sidecar to add tokengate to an existing Deployment)" .Values.app.image.repository }}
 {{- else }}
 {{- $_ := required "mode=sidecar needs sidecar.deployment: the name of the existing Deployment the patch adds tokengate to" .Values.sidecar.deployment }}
+{{- $_ := required "mode=sidecar needs sidecar.container: the name of your app's container in that Deployment (it stays first, and kubectl logs and exec pick it by default)" .Values.sidecar.container }}
+{{- if eq .Values.sidecar.container "tokengate" }}
+{{- fail "sidecar.container is your app's container, not tokengate's: the patch adds the container named tokengate" }}
+{{- end }}
 {{- if and .Values.sidecar.service (not .Values.service.port) }}
 {{- fail "sidecar.service needs service.port: the port of that Service to re-aim at tokengate" }}
 {{- end }}
@@ -68,7 +72,13 @@ that cannot start. Types, enums and unknown keys are the schema's job.
 {{- end }}
 {{- end }}
 {{- $ports := list (int .Values.app.port) (int .Values.tokengate.port) (int .Values.admin.port) }}
-{{- if ne (len (uniq $ports)) 3 }}
+{{- if .Values.verify.enabled }}
+{{- $ports = append $ports (int .Values.verify.port) }}
+{{- end }}
+{{- if ne (len (uniq $ports)) (len $ports) }}
+{{- if .Values.verify.enabled }}
+{{- fail (printf "app.port (%d), tokengate.port (%d), admin.port (%d) and verify.port (%d) must differ: the containers of a pod share one network namespace" (int .Values.app.port) (int .Values.tokengate.port) (int .Values.admin.port) (int .Values.verify.port)) }}
+{{- end }}
 {{- fail (printf "app.port (%d), tokengate.port (%d) and admin.port (%d) must differ: the containers of a pod share one network namespace" (int .Values.app.port) (int .Values.tokengate.port) (int .Values.admin.port)) }}
 {{- end }}
 {{- if and .Values.tls.enabled (not .Values.tls.secretName) }}
@@ -80,14 +90,35 @@ that cannot start. Types, enums and unknown keys are the schema's job.
 {{- if and (eq .Values.store.backend "redis") (not .Values.store.redis.urlSecretName) }}
 {{- fail "store.backend redis needs store.redis.urlSecretName: a Secret holding the redis:// URL" }}
 {{- end }}
+{{- if .Values.verify.enabled }}
+{{- if and .Values.verify.tls (not .Values.tls.enabled) }}
+{{- fail "verify.tls needs tls.enabled: [verify.tls] uses the main listener's certificate" }}
+{{- end }}
+{{- if not (or .Values.verify.tokenSecretName (and .Values.verify.tls .Values.tls.clientCaSecretName)) }}
+{{- fail "verify.enabled needs verify.tokenSecretName, or verify.tls with tls.clientCaSecretName: tokengate refuses a decision listener beyond loopback that does not know who asks" }}
+{{- end }}
+{{- end }}
+{{- if .Values.configFile }}
+{{- include "tokengate.checkConfigFile" . }}
+{{- else }}
+{{- if and .Values.config.x509.enabled (not .Values.tls.clientCaSecretName) }}
+{{- fail "config.x509.enabled needs tls.clientCaSecretName: the exchange verifies client certificates against that CA" }}
+{{- end }}
+{{- $state := dict "tables" (dict) "arrays" (dict) "values" (dict) "env" (dict) "current" "" }}
+{{- include "tokengate.scanToml" (dict "text" (include "tokengate.chartConfig" .) "source" "chart" "state" $state) }}
+{{- include "tokengate.scanToml" (dict "text" .Values.config.extraToml "source" "config.extraToml" "state" $state) }}
+{{- include "tokengate.checkEnv" (dict "state" $state "Values" .Values "source" "the rendered config") }}
+{{- end }}
 {{- end }}
 
 {{/*
 The pod template annotations tokengate needs: the config checksum (a config change rolls the
-pods) and the Prometheus scrape annotations for the admin port.
+pods), the app's container as the one kubectl logs / exec / attach pick without -c, and the
+Prometheus scrape annotations for the admin port.
 */}}
 {{- define "tokengate.podAnnotations" -}}
 checksum/config: {{ include "tokengate.config" . | sha256sum }}
+kubectl.kubernetes.io/default-container: {{ ternary .Values.app.name .Values.sidecar.container (eq .Values.mode "deployment") }}
 {{- if .Values.metrics.scrape }}
 prometheus.io/scrape: "true"
 prometheus.io/port: {{ .Values.admin.port | toString | quote }}
@@ -126,6 +157,11 @@ Volume and port names carry a tokengate prefix so they cannot collide with the a
     - name: tokengate-admin
       containerPort: {{ int .Values.admin.port }}
       protocol: TCP
+    {{- if .Values.verify.enabled }}
+    - name: tokengate-verify
+      containerPort: {{ int .Values.verify.port }}
+      protocol: TCP
+    {{- end }}
   env:
     - name: RUST_LOG
       value: {{ .Values.tokengate.logLevel | quote }}
@@ -135,6 +171,13 @@ Volume and port names carry a tokengate prefix so they cannot collide with the a
         secretKeyRef:
           name: {{ .Values.admin.tokenSecretName }}
           key: {{ .Values.admin.tokenSecretKey }}
+    {{- end }}
+    {{- if and .Values.verify.enabled .Values.verify.tokenSecretName }}
+    - name: TOKENGATE_VERIFY_TOKEN
+      valueFrom:
+        secretKeyRef:
+          name: {{ .Values.verify.tokenSecretName }}
+          key: {{ .Values.verify.tokenSecretKey }}
     {{- end }}
     {{- if eq .Values.store.backend "redis" }}
     - name: TOKENGATE_REDIS_URL
@@ -223,11 +266,23 @@ The volumes the tokengate container mounts, as list items.
     sizeLimit: 64Mi
 {{- end }}
 
+
 {{/*
 A TOML basic string. JSON string escapes (\" \\ \n \uXXXX ...) are valid TOML escapes.
 */}}
 {{- define "tokengate.str" -}}
 {{- . | toString | toJson }}
+{{- end }}
+
+{{/*
+A TOML value for a string, a boolean, a whole number or a list of strings.
+*/}}
+{{- define "tokengate.value" -}}
+{{- if kindIs "string" . }}{{ include "tokengate.str" . }}
+{{- else if kindIs "bool" . }}{{ . }}
+{{- else if kindIs "slice" . }}{{ . | toJson }}
+{{- else }}{{ . | int64 }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -240,17 +295,11 @@ unknown keys, wrong types and missing required keys.
 [[route]]
 path_prefix = {{ include "tokengate.str" (default $r.pathPrefix .pathPrefix) }}
 upstream = {{ include "tokengate.str" (default .upstream $r.upstream) }}
-{{- if not (kindIs "invalid" $r.auth) }}
-auth = {{ include "tokengate.str" $r.auth }}
+{{- $toml := dict "auth" "auth" "preserveHost" "preserve_host" "timeout" "timeout" "upstreamCa" "upstream_ca" "upgrades" "upgrades" "maxInflight" "max_inflight" "maxIdleConnections" "max_idle_connections" }}
+{{- range $k := list "auth" "preserveHost" "timeout" "upstreamCa" "upgrades" "maxInflight" "maxIdleConnections" }}
+{{- if and (hasKey $r $k) (not (kindIs "invalid" (get $r $k))) (or (ne $k "upstreamCa") (get $r $k)) }}
+{{ get $toml $k }} = {{ include "tokengate.value" (get $r $k) }}
 {{- end }}
-{{- if not (kindIs "invalid" $r.preserveHost) }}
-preserve_host = {{ $r.preserveHost }}
-{{- end }}
-{{- if not (kindIs "invalid" $r.timeout) }}
-timeout = {{ include "tokengate.str" $r.timeout }}
-{{- end }}
-{{- with $r.upstreamCa }}
-upstream_ca = {{ include "tokengate.str" . }}
 {{- end }}
 {{- with $r.upstreamAuth }}
 [route.upstream_auth]
@@ -272,7 +321,7 @@ type and the keys allowed for it.
 {{- define "tokengate.validator" -}}
 {{- $v := .v }}
 {{- $type := $v.type }}
-{{- $keys := get (dict "static" (list "type" "tokens") "introspect" (list "type" "url" "header" "value" "subject" "account" "timeout") "jwt" (list "type" "issuer" "audience" "jwksUrl" "publicKey" "secret" "subjectClaim")) $type }}
+{{- $keys := get (dict "static" (list "type" "tokens") "introspect" (list "type" "url" "header" "value" "subject" "account" "timeout" "maxConcurrent") "jwt" (list "type" "issuer" "audience" "jwksUrl" "publicKey" "secret" "subjectClaim" "timeout")) $type }}
 [[validator]]
 type = {{ include "tokengate.str" $type }}
 {{- if eq $type "static" }}
@@ -285,20 +334,36 @@ account = {{ include "tokengate.str" . }}
 {{- end }}
 {{- end }}
 {{- else }}
-{{- $toml := dict "url" "url" "header" "header" "value" "value" "subject" "subject" "account" "account" "timeout" "timeout" "issuer" "issuer" "audience" "audience" "jwksUrl" "jwks_url" "publicKey" "public_key" "secret" "secret" "subjectClaim" "subject_claim" }}
+{{- $toml := dict "url" "url" "header" "header" "value" "value" "subject" "subject" "account" "account" "timeout" "timeout" "maxConcurrent" "max_concurrent" "issuer" "issuer" "audience" "audience" "jwksUrl" "jwks_url" "publicKey" "public_key" "secret" "secret" "subjectClaim" "subject_claim" }}
 {{- range $k := $keys }}
-{{- if and (ne $k "type") (not (kindIs "invalid" (get $v $k))) }}
-{{ get $toml $k }} = {{ include "tokengate.str" (get $v $k) }}
+{{- if and (ne $k "type") (hasKey $v $k) (not (kindIs "invalid" (get $v $k))) }}
+{{ get $toml $k }} = {{ include "tokengate.value" (get $v $k) }}
 {{- end }}
 {{- end }}
 {{- end }}
 {{- end }}
 
 {{/*
-The tokengate config file (SPEC §3), rendered from values. Its sha256 is the pod template's
-checksum/config annotation, so a config change rolls the pods.
+The tokengate config file (SPEC §3): configFile as it is, or the config rendered from values
+and config.extraToml after it. Its sha256 is the pod template's checksum/config annotation, so a
+config change rolls the pods.
 */}}
 {{- define "tokengate.config" -}}
+{{- if .Values.configFile }}
+{{- regexReplaceAll "\\s+$" .Values.configFile "" }}
+{{- else }}
+{{- include "tokengate.chartConfig" . }}
+{{- with .Values.config.extraToml }}
+
+{{ regexReplaceAll "\\s+$" . "" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The part of the config the chart renders from values (all but config.extraToml).
+*/}}
+{{- define "tokengate.chartConfig" -}}
 {{- $c := .Values.config -}}
 # tokengate config rendered by the Helm chart {{ include "tokengate.chart" . }} from its values.
 # Keys: SPEC §3 and README.md. Check a copy with `tokengate check --config FILE`.
@@ -308,18 +373,27 @@ listen = {{ include "tokengate.str" (printf "0.0.0.0:%d" (int .Values.tokengate.
 max_header_bytes = {{ $c.server.maxHeaderBytes | int64 }}
 max_body_bytes = {{ include "tokengate.str" $c.server.maxBodyBytes }}
 header_read_timeout = {{ include "tokengate.str" $c.server.headerReadTimeout }}
+idle_timeout = {{ include "tokengate.str" $c.server.idleTimeout }}
+body_read_timeout = {{ include "tokengate.str" $c.server.bodyReadTimeout }}
 max_connections = {{ $c.server.maxConnections | int64 }}
+max_concurrent_streams = {{ $c.server.maxConcurrentStreams | int64 }}
+{{- if $c.server.workers }}
+workers = {{ $c.server.workers | int64 }}
+{{- end }}
+allow_underscores_in_headers = {{ $c.server.allowUnderscoresInHeaders }}
+{{- with $c.server.stripHeaders }}
+strip_headers = {{ . | toJson }}
+{{- end }}
 drain_timeout = {{ include "tokengate.str" $c.server.drainTimeout }}
 {{- if .Values.tls.enabled }}
 
 [server.tls]
-cert = {{ include "tokengate.str" (printf "%s/tls.crt" (include "tokengate.tlsDir" .)) }}
-key = {{ include "tokengate.str" (printf "%s/tls.key" (include "tokengate.tlsDir" .)) }}
+{{- include "tokengate.tlsFiles" . }}
 {{- if .Values.tls.clientCaSecretName }}
-client_ca = {{ include "tokengate.str" (printf "%s/%s" (include "tokengate.clientCaDir" .) .Values.tls.clientCaKey) }}
 client_auth = {{ include "tokengate.str" .Values.tls.clientAuth }}
 {{- end }}
 proxy_certificates = {{ .Values.tls.proxyCertificates }}
+alpn = {{ .Values.tls.alpn | toJson }}
 {{- end }}
 
 [admin]
@@ -327,13 +401,35 @@ listen = {{ include "tokengate.str" (printf "0.0.0.0:%d" (int .Values.admin.port
 {{- if .Values.admin.tokenSecretName }}
 token = "${env:TOKENGATE_ADMIN_TOKEN}"
 {{- end }}
+{{- if .Values.verify.enabled }}
+
+[verify]
+listen = {{ include "tokengate.str" (printf "0.0.0.0:%d" (int .Values.verify.port)) }}
+ingress = {{ include "tokengate.str" .Values.verify.ingress }}
+{{- if .Values.verify.tokenSecretName }}
+token = "${env:TOKENGATE_VERIFY_TOKEN}"
+{{- end }}
+{{- if .Values.verify.tls }}
+
+[verify.tls]
+{{- include "tokengate.tlsFiles" . }}
+{{- end }}
+{{- end }}
 
 [endpoints]
 tokens_prefix = {{ include "tokengate.str" $c.endpoints.tokensPrefix }}
+self_service = {{ $c.endpoints.selfService }}
+page = {{ $c.endpoints.page }}
+{{- with $c.endpoints.loginUrl }}
+login_url = {{ include "tokengate.str" . }}
+{{- end }}
 insight = {{ $c.endpoints.insight }}
 
 [credentials]
 sources = {{ $c.credentials.sources | toJson }}
+{{- with $c.credentials.keep }}
+keep = {{ . | toJson }}
+{{- end }}
 
 [cache]
 ttl = {{ include "tokengate.str" $c.cache.ttl }}
@@ -346,6 +442,9 @@ backend = {{ include "tokengate.str" .Values.store.backend }}
 path = {{ include "tokengate.str" (printf "%s/tokengate.db" (include "tokengate.dataDir" .)) }}
 {{- else if eq .Values.store.backend "redis" }}
 url = "${env:TOKENGATE_REDIS_URL}"
+{{- with .Values.store.redis.prefix }}
+prefix = {{ include "tokengate.str" . }}
+{{- end }}
 {{- end }}
 
 [tokens]
@@ -355,32 +454,290 @@ format = {{ include "tokengate.str" $c.tokens.format }}
 {{- with $c.tokens.jwtKey }}
 jwt_key = {{ include "tokengate.str" . }}
 {{- end }}
+{{- if $c.x509.enabled }}
+
+[x509]
+enabled = true
+token_ttl = {{ include "tokengate.str" $c.x509.tokenTtl }}
+dn_format = {{ include "tokengate.str" $c.x509.dnFormat }}
+{{- range $c.x509.identities }}
+
+[[x509.identity]]
+dn = {{ include "tokengate.str" .dn }}
+accounts = {{ .accounts | toJson }}
+{{- end }}
+{{- end }}
 {{- range $v := $c.validators }}
 
 {{ include "tokengate.validator" (dict "v" $v) | trim }}
 {{- end }}
 
-{{ include "tokengate.route" (dict "route" $c.route "pathPrefix" "/" "upstream" (printf "http://127.0.0.1:%d" (int .Values.app.port))) | trim }}
+{{ include "tokengate.route" (dict "route" $c.route "pathPrefix" (default "/" $c.route.pathPrefix) "upstream" (printf "http://127.0.0.1:%d" (int .Values.app.port))) | trim }}
 {{- range $r := $c.extraRoutes }}
 
 {{ include "tokengate.route" (dict "route" $r "upstream" (printf "http://127.0.0.1:%d" (int $.Values.app.port))) | trim }}
 {{- end }}
-{{- with $c.extraToml }}
+{{- end }}
 
-{{ . }}
+{{/*
+cert, key and client_ca of [server.tls] / [verify.tls]: the files of the Secrets the chart
+mounts.
+*/}}
+{{- define "tokengate.tlsFiles" }}
+cert = {{ include "tokengate.str" (printf "%s/tls.crt" (include "tokengate.tlsDir" .)) }}
+key = {{ include "tokengate.str" (printf "%s/tls.key" (include "tokengate.tlsDir" .)) }}
+{{- if .Values.tls.clientCaSecretName }}
+client_ca = {{ include "tokengate.str" (include "tokengate.clientCaFile" .) }}
+{{- end }}
+{{- end }}
+
+{{- define "tokengate.clientCaFile" -}}
+{{ include "tokengate.clientCaDir" . }}/{{ .Values.tls.clientCaKey }}
+{{- end }}
+
+{{/*
+Reads a TOML text as far as the chart's checks need, and fails where `tokengate check` would
+refuse a table defined twice (or a table that is also an array of tables). Called with
+(dict "text" TEXT "source" NAME "state" STATE); STATE, shared by the calls for one config file,
+collects "tables" (standard tables defined so far, for the current element of each array of
+tables: name -> {source, line}), "arrays" (arrays of tables), "values" ("table.key" -> the value
+of a one-line `key = "string"`, or its raw text), "env" (the NAMEs of ${env:NAME}) and
+"current" (the standard table the lines belong to). Comments and multi-line strings are skipped.
+*/}}
+{{- define "tokengate.scanToml" -}}
+{{- $st := .state }}
+{{- $source := .source }}
+{{- $multiline := false }}
+{{- range $i, $line := splitList "\n" .text }}
+{{- $lineNo := add1 $i }}
+{{- $quotes := len (regexFindAll `"""|'''` $line -1) }}
+{{- if $multiline }}
+{{- if mod $quotes 2 }}{{ $multiline = false }}{{ end }}
+{{- else }}
+{{- $code := trim (regexReplaceAll `^((?:[^#"']|"(?:[^"\\]|\\.)*"|'[^']*')*)#.*$` $line "${1}") }}
+{{- if mod $quotes 2 }}{{ $multiline = true }}{{ end }}
+{{- range $ref := regexFindAll `\$\{env:[A-Za-z_][A-Za-z0-9_]*\}` $code -1 }}
+{{- $_ := set $st.env (trimSuffix "}" (trimPrefix "${env:" $ref)) true }}
+{{- end }}
+{{- if regexMatch `^\[\[.*\]\]$` $code }}
+{{- $name := regexReplaceAll `\s*\.\s*` (regexReplaceAll `^\[\[\s*(.*?)\s*\]\]$` $code "${1}") "." }}
+{{- if hasKey $st.tables $name }}
+{{- fail (printf "%s line %d: [[%s]] names a table that is already defined, not an array of tables (tokengate check refuses it)" $source $lineNo $name) }}
+{{- end }}
+{{- $_ := set $st.arrays $name true }}
+{{- /* A new element of the array: its sub-tables are defined afresh. */}}
+{{- range $t := keys $st.tables }}
+{{- if hasPrefix (printf "%s." $name) $t }}{{ $_ := unset $st.tables $t }}{{ end }}
+{{- end }}
+{{- $_ := set $st "current" "" }}
+{{- else if regexMatch `^\[[^\[].*\]$` $code }}
+{{- $name := regexReplaceAll `\s*\.\s*` (regexReplaceAll `^\[\s*(.*?)\s*\]$` $code "${1}") "." }}
+{{- if hasKey $st.arrays $name }}
+{{- fail (printf "%s line %d: [%s] is already an array of tables ([[%s]]); tokengate check refuses it" $source $lineNo $name $name) }}
+{{- end }}
+{{- with get $st.tables $name }}
+{{- if eq .source "chart" }}
+{{- $values := dict "server" "config.server" "server.tls" "tls" "admin" "admin" "verify" "verify" "verify.tls" "verify.tls" "endpoints" "config.endpoints" "credentials" "config.credentials" "cache" "config.cache" "store" "store" "tokens" "config.tokens" "x509" "config.x509" "route.upstream_auth" "config.route.upstreamAuth (or extraRoutes)" "route.identity_headers" "config.route.identityHeaders (or extraRoutes)" }}
+{{- fail (printf "%s line %d: table [%s] is already in the config the chart renders, and tokengate check refuses a table defined twice: set it through the values %s instead" $source $lineNo $name (get $values $name | default "of the chart")) }}
+{{- end }}
+{{- fail (printf "%s line %d: table [%s] is defined twice (first on line %d); tokengate check refuses it" $source $lineNo $name (int .line)) }}
+{{- end }}
+{{- $_ := set $st.tables $name (dict "source" $source "line" $lineNo) }}
+{{- $_ := set $st "current" $name }}
+{{- else if regexMatch `^[A-Za-z0-9_.-]+\s*=` $code }}
+{{- $key := regexReplaceAll `^([A-Za-z0-9_.-]+)\s*=.*$` $code "${1}" }}
+{{- $raw := regexReplaceAll `^[A-Za-z0-9_.-]+\s*=\s*` $code "" }}
+{{- $value := $raw }}
+{{- if regexMatch `^"(?:[^"\\]|\\.)*"$` $raw }}
+{{- $value = regexReplaceAll `^"(.*)"$` $raw "${1}" }}
+{{- else if regexMatch `^'[^']*'$` $raw }}
+{{- $value = regexReplaceAll `^'(.*)'$` $raw "${1}" }}
+{{- end }}
+{{- $path := ternary $key (printf "%s.%s" $st.current $key) (eq $st.current "") }}
+{{- $_ := set $st.values $path $value }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- end }}
 
 {{/*
-mode=sidecar: a strategic-merge patch for the existing Deployment sidecar.deployment. Lists of
+Every ${env:NAME} of the config must be a variable of the tokengate container: tokengate refuses
+to start on one that is unset. Called with (dict "state" STATE "Values" .Values "source" NAME).
+*/}}
+{{- define "tokengate.checkEnv" -}}
+{{- $have := dict "RUST_LOG" true }}
+{{- if .Values.admin.tokenSecretName }}{{ $_ := set $have "TOKENGATE_ADMIN_TOKEN" true }}{{ end }}
+{{- if and .Values.verify.enabled .Values.verify.tokenSecretName }}{{ $_ := set $have "TOKENGATE_VERIFY_TOKEN" true }}{{ end }}
+{{- if eq .Values.store.backend "redis" }}{{ $_ := set $have "TOKENGATE_REDIS_URL" true }}{{ end }}
+{{- range .Values.tokengate.extraEnv }}{{ $_ := set $have .name true }}{{ end }}
+{{- range $name := keys .state.env | sortAlpha }}
+{{- if not (hasKey $have $name) }}
+{{- fail (printf "%s refers to ${env:%s}, which the tokengate container does not have (tokengate refuses to start): add it to tokengate.extraEnv, e.g. from a Secret with valueFrom.secretKeyRef" $.source $name) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+configFile: the file must fit the pod the chart builds around it (ports, mounted files, store
+volume, environment), and config.* must be left at its defaults (it is not used). Each mismatch
+fails the render with what to change, rather than becoming a pod that cannot start or never
+gets ready.
+*/}}
+{{- define "tokengate.checkConfigFile" -}}
+{{- $changed := include "tokengate.changedValues" (dict "value" .Values.config "default" (include "tokengate.configDefaults" . | fromYaml) "path" "config") | trim }}
+{{- if $changed }}
+{{- fail (printf "configFile is the whole tokengate config, so the config.* values are not used, but these are set: %s. Put them in the file, or leave them unset" (splitList "\n" $changed | join ", ")) }}
+{{- end }}
+{{- $st := dict "tables" (dict) "arrays" (dict) "values" (dict) "env" (dict) "current" "" }}
+{{- include "tokengate.scanToml" (dict "text" .Values.configFile "source" "configFile" "state" $st) }}
+{{- $v := $st.values }}
+{{- include "tokengate.checkListen" (dict "key" "[server] listen" "listen" (get $v "server.listen" | default "0.0.0.0:8443") "port" .Values.tokengate.port "value" "tokengate.port" "why" "the Service and the container port tokengate") }}
+{{- if not (hasKey $v "admin.listen") }}
+{{- fail (printf "configFile has no [admin] listen: the chart's liveness and readiness probes and the metrics scrape use admin.port (%d) on the pod IP: add [admin] listen = \"0.0.0.0:%d\"" (int .Values.admin.port) (int .Values.admin.port)) }}
+{{- end }}
+{{- include "tokengate.checkListen" (dict "key" "[admin] listen" "listen" (get $v "admin.listen") "port" .Values.admin.port "value" "admin.port" "why" "the probes and the metrics scrape") }}
+{{- if .Values.verify.enabled }}
+{{- if not (hasKey $v "verify.listen") }}
+{{- fail (printf "verify.enabled exposes the decision port %d, but configFile has no [verify] listen: add [verify] listen = \"0.0.0.0:%d\"" (int .Values.verify.port) (int .Values.verify.port)) }}
+{{- end }}
+{{- include "tokengate.checkListen" (dict "key" "[verify] listen" "listen" (get $v "verify.listen") "port" .Values.verify.port "value" "verify.port" "why" "the Service port verify") }}
+{{- end }}
+{{- /* TLS: the only files in the container are the Secrets the chart mounts. */}}
+{{- $files := dict "cert" (printf "%s/tls.crt" (include "tokengate.tlsDir" .)) "key" (printf "%s/tls.key" (include "tokengate.tlsDir" .)) "client_ca" (include "tokengate.clientCaFile" .) }}
+{{- range $table := list "server.tls" "verify.tls" }}
+{{- $present := or (hasKey $st.tables $table) (hasKey $v (printf "%s.cert" $table)) }}
+{{- $wanted := ternary $.Values.tls.enabled (and $.Values.verify.enabled $.Values.verify.tls) (eq $table "server.tls") }}
+{{- if and $wanted (not $present) }}
+{{- fail (printf "%s mounts the certificate, but configFile has no [%s]: add cert = %s and key = %s" (ternary "tls.enabled" "verify.tls" (eq $table "server.tls")) $table (get $files "cert" | quote) (get $files "key" | quote)) }}
+{{- end }}
+{{- range $key := list "cert" "key" "client_ca" }}
+{{- $path := get $v (printf "%s.%s" $table $key) }}
+{{- if $path }}
+{{- $mounted := ternary $.Values.tls.clientCaSecretName $.Values.tls.secretName (eq $key "client_ca") }}
+{{- if not (and $.Values.tls.enabled $mounted) }}
+{{- fail (printf "configFile [%s] %s = %s, but the tokengate container has no such file: set %s (the chart mounts it at %s)" $table $key ($path | quote) (ternary "tls.clientCaSecretName" "tls.enabled and tls.secretName" (eq $key "client_ca")) (get $files $key)) }}
+{{- end }}
+{{- if ne $path (get $files $key) }}
+{{- fail (printf "configFile [%s] %s = %s: the file the chart mounts is %s" $table $key ($path | quote) (get $files $key | quote)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- /* The store: the chart provides the sqlite volume or the redis URL by store.backend. */}}
+{{- $backend := get $v "store.backend" | default "sqlite" }}
+{{- if ne $backend .Values.store.backend }}
+{{- fail (printf "configFile [store] backend is %s%s, but store.backend is %s, which decides the volume or the redis URL the chart provides: set store.backend=%s" ($backend | quote) (ternary "" " (tokengate's default)" (hasKey $v "store.backend")) (.Values.store.backend | quote) $backend) }}
+{{- end }}
+{{- if eq $backend "sqlite" }}
+{{- $path := get $v "store.path" | default "tokengate.db" }}
+{{- if not (hasPrefix (printf "%s/" (include "tokengate.dataDir" .)) $path) }}
+{{- fail (printf "configFile [store] path is %s%s: the sqlite file must be on the chart's data volume, e.g. path = \"%s/tokengate.db\" (a relative path is in %s, the read-only ConfigMap)" ($path | quote) (ternary "" " (tokengate's default)" (hasKey $v "store.path")) (include "tokengate.dataDir" .) (include "tokengate.configDir" .)) }}
+{{- end }}
+{{- end }}
+{{- include "tokengate.checkEnv" (dict "state" $st "Values" .Values "source" "configFile") }}
+{{- end }}
+
+{{/*
+A listen address of configFile: on the port the chart exposes, not on loopback (kubelet and the
+Service reach the pod IP). Called with (dict "key" "[server] listen" "listen" ADDR "port" PORT
+"value" VALUE_NAME "why" WHAT_USES_IT).
+*/}}
+{{- define "tokengate.checkListen" -}}
+{{- $port := regexReplaceAll `^.*:([0-9]+)$` .listen "${1}" }}
+{{- $host := regexReplaceAll `^(.*):[0-9]+$` .listen "${1}" }}
+{{- if or (ne $port (toString (int .port))) (regexMatch `^(127\.|\[::1\]$|localhost$)` $host) }}
+{{- fail (printf "configFile %s = %s: %s reach %s (%d) on the pod IP: listen = \"0.0.0.0:%d\"" .key (.listen | quote) .why .value (int .port) (int .port)) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The config.* values that differ from configDefaults, one path a line. Called with
+(dict "value" V "default" D "path" P).
+*/}}
+{{- define "tokengate.changedValues" -}}
+{{- if and (kindIs "map" .value) (kindIs "map" .default) }}
+{{- range $k := concat (keys .value) (keys .default) | uniq | sortAlpha }}
+{{- include "tokengate.changedValues" (dict "value" (get $.value $k) "default" (get $.default $k) "path" (printf "%s.%s" $.path $k)) }}
+{{- end }}
+{{- else if ne (toJson .value) (toJson .default) }}
+{{ .path }}
+{{- end }}
+{{- end }}
+
+{{/*
+The defaults of config.* in values.yaml, so that configFile can tell a value that was set from
+one left alone (tests/helm.rs checks the two agree).
+*/}}
+{{- define "tokengate.configDefaults" }}
+server:
+  maxHeaderBytes: 16384
+  maxBodyBytes: "0"
+  headerReadTimeout: 10s
+  idleTimeout: 60s
+  bodyReadTimeout: 30s
+  maxConnections: 10000
+  maxConcurrentStreams: 100
+  workers: 0
+  allowUnderscoresInHeaders: false
+  stripHeaders: []
+  drainTimeout: 30s
+endpoints:
+  tokensPrefix: /_tokengate
+  selfService: true
+  page: false
+  loginUrl: ""
+  insight: false
+credentials:
+  sources: [bearer, x-auth-token, auth-token, rucio]
+  keep: []
+cache:
+  ttl: 1h
+  negativeTtl: 10s
+  maxEntries: 1000000
+tokens:
+  defaultTtl: 90d
+  maxTtl: 365d
+  format: opaque
+  jwtKey: ""
+validators: []
+route:
+  pathPrefix: /
+  auth: required
+  preserveHost: true
+  timeout: 60s
+  upgrades: [websocket]
+  maxInflight: 1024
+  maxIdleConnections: 64
+  upstreamAuth:
+    header: auth-token
+    value: "{token}"
+  identityHeaders:
+    X-Auth-User: "{subject}"
+    X-Auth-Account: "{account}"
+extraRoutes: []
+x509:
+  enabled: false
+  tokenTtl: 1h
+  dnFormat: slash
+  identities: []
+extraToml: ""
+{{- end }}
+
+{{/*
+mode=sidecar: a strategic-merge patch for the existing Deployment sidecar.deployment in the
+release's namespace (kustomize finds a patch's target by kind, name and namespace). Lists of
 containers and volumes merge by name, so the patch adds the tokengate container and its volumes
-beside the app's and changes nothing else of the app.
+beside the app's and changes nothing else of the app. The app's container comes first in the
+patch, with its name only (nothing of it changes): a container the patch adds would otherwise
+go first (kubectl patch and kustomize both put new items before the existing ones), and tools
+that take "the first container" would take tokengate.
 */}}
 {{- define "tokengate.deploymentPatch" -}}
 apiVersion: apps/v1
 kind: Deployment
 metadata:
   name: {{ .Values.sidecar.deployment }}
+  namespace: {{ .Release.Namespace }}
 spec:
   {{- if include "tokengate.sqlitePvc" . }}
   strategy:
@@ -397,6 +754,8 @@ spec:
         fsGroup: {{ .Values.podSecurityContext.fsGroup }}
       {{- end }}
       containers:
+        # Your app's container, unchanged: named here so that it stays first.
+        - name: {{ .Values.sidecar.container }}
         {{- include "tokengate.container" . | nindent 8 }}
       volumes:
         {{- include "tokengate.volumes" . | nindent 8 }}
@@ -404,15 +763,25 @@ spec:
 
 {{/*
 mode=sidecar with sidecar.service: a strategic-merge patch that aims the Service's port
-service.port at tokengate (ports merge by port number; name and protocol stay).
+service.port at tokengate (the API server merges ports by port number, kustomize by port and
+protocol as written: hence protocol TCP, what the API server defaults it to; the name stays), and
+adds the decision port with verify.enabled.
 */}}
 {{- define "tokengate.servicePatch" -}}
 apiVersion: v1
 kind: Service
 metadata:
   name: {{ .Values.sidecar.service }}
+  namespace: {{ .Release.Namespace }}
 spec:
   ports:
     - port: {{ int .Values.service.port }}
+      protocol: TCP
       targetPort: {{ int .Values.tokengate.port }}
+    {{- if .Values.verify.enabled }}
+    - name: tokengate-verify
+      port: {{ int .Values.verify.port }}
+      targetPort: {{ int .Values.verify.port }}
+      protocol: TCP
+    {{- end }}
 {{- end }}
