@@ -1935,6 +1935,24 @@ fn a_config_file_that_does_not_fit_the_pod_fails_the_render() {
     let r = render(FITTING_CONFIG, &[]).expect("the fitting config renders");
     assert_eq!(r.config_text().trim_end(), FITTING_CONFIG.trim_end());
     assert_check_ok(&r.config_text(), dir.path(), &[]);
+    // NOTES.txt does not quote config.* values that are not used.
+    let out = helm
+        .command(None, &["app.image.repository=registry.example/app"])
+        .arg("--notes")
+        .arg("--set-file")
+        .arg(format!(
+            "configFile={}",
+            dir.path().join("tokengate.toml").display()
+        ))
+        .arg(chart_dir())
+        .output()
+        .unwrap();
+    let notes = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        notes.contains("Credentials are read from the [credentials] sources of your configFile.")
+            && !notes.contains("config.credentials.sources"),
+        "{notes}"
+    );
 
     let tls_files = "[server.tls]\ncert = \"/etc/tokengate/tls/tls.crt\"\n\
                      key = \"/etc/tokengate/tls/tls.key\"\n";
