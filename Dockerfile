@@ -3,7 +3,7 @@
 # cc-debian12 (glibc and libgcc, which the binary links dynamically; CA certificates for https
 # upstreams and introspection; no shell), as the unprivileged user 65532.
 #
-#   docker build -t tokengate:0.1.0 .
+#   docker build --build-arg TOKENGATE_COMMIT=$(git rev-parse --short=12 HEAD) -t tokengate:0.1.0 .
 #   docker run --rm -v "$PWD/config.example.toml:/etc/tokengate/tokengate.toml:ro" tokengate:0.1.0 check --config /etc/tokengate/tokengate.toml
 #
 # The Helm chart (helm/tokengate) runs this image as a sidecar with the config in a ConfigMap.
@@ -16,14 +16,20 @@
 
 FROM rust:1.95.0-bookworm AS build
 WORKDIR /src
-# Only what `cargo build` of the lib and the binary needs; tests, benches and examples are
-# not built.
-COPY Cargo.toml Cargo.lock ./
+# The commit for tokengate_build_info (.git is not in the build context):
+#   docker build --build-arg TOKENGATE_COMMIT=$(git rev-parse --short=12 HEAD) -t tokengate .
+ARG TOKENGATE_COMMIT=unknown
+# Exactly what `cargo build` of the lib and the binary reads: the manifest and lock file,
+# build.rs (the commit), src/ (with the page's CSS and JS) and config.example.toml (built into
+# `tokengate demo`). Tests, benches and examples are not built. tests/docker.rs builds from a
+# copy of exactly these COPY lines, so a file the build needs cannot be forgotten here.
+COPY Cargo.toml Cargo.lock build.rs config.example.toml ./
 COPY src ./src
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin tokengate \
-    && install -D -m 0755 target/release/tokengate /out/tokengate
+    TOKENGATE_COMMIT="$TOKENGATE_COMMIT" cargo build --release --locked --bin tokengate \
+    && install -D -m 0755 target/release/tokengate /out/tokengate \
+    && /out/tokengate check --config config.example.toml
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /out/tokengate /usr/local/bin/tokengate
