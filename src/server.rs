@@ -26,6 +26,7 @@ use crate::config::ServerConfig;
 use crate::proxy::{ClientCert, Gate, Peer, SharedGate};
 
 mod connection;
+mod misdirected;
 
 use connection::{drive, ConnectionState};
 
@@ -131,7 +132,12 @@ struct Limits {
 /// What every worker shares.
 struct Shared {
     gate: SharedGate,
+    /// HTTP/1.1 or HTTP/2, whichever the client speaks.
     builder: auto::Builder<TokioExecutor>,
+    /// HTTP/1.1 only: TLS connections that did not negotiate `h2`.
+    http1: hyper::server::conn::http1::Builder,
+    /// Given to tokengate's own HTTP/1 responses: their header names in conventional case.
+    own_case: http::Extensions,
     limits: Limits,
     connections: Arc<Semaphore>,
     /// Becomes true on SIGTERM: stop accepting, close idle connections, finish in-flight ones.
@@ -163,6 +169,10 @@ pub async fn serve(
         // ~440 KiB (tests/floods.rs).
         .writev(true)
         .max_buf_size(server.max_header_bytes)
+        // Header names as HTTP/1 clients have always seen them (`X-Rucio-Auth-Token`, which a
+        // seed's `sed` looks for): proxied responses keep the upstream's case (the upstream
+        // client records it), tokengate's own are written in their conventional case.
+        .title_case_headers(true)
         .keep_alive(true);
     builder
         .http2()
@@ -171,6 +181,14 @@ pub async fn serve(
         .max_concurrent_streams(server.max_concurrent_streams)
         .keep_alive_interval(H2_PING_INTERVAL)
         .keep_alive_timeout(H2_PING_TIMEOUT);
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .header_read_timeout(None)
+        .writev(true)
+        .max_buf_size(server.max_header_bytes)
+        .title_case_headers(true)
+        .keep_alive(true);
+    let own_case = connection::conventional_case().await;
     let max_connections = server.max_connections;
     let connections = Arc::new(Semaphore::new(max_connections));
     let (drain_tx, drain) = watch::channel(false);
@@ -178,6 +196,8 @@ pub async fn serve(
     let shared = Arc::new(Shared {
         gate: Arc::clone(&gate),
         builder,
+        http1,
+        own_case,
         limits: Limits {
             header_read: server.header_read_timeout,
             idle: server.idle_timeout,
@@ -335,8 +355,17 @@ async fn connection(
     let acceptor = shared.gate.load().acceptor.clone();
     match acceptor {
         None => {
-            let peer = Peer::new(addr, false, None);
-            drive(&shared, tcp, peer, state, first_deadline).await;
+            let mut first = [0u8; 1];
+            match tokio::time::timeout_at(first_deadline, tcp.peek(&mut first)).await {
+                Ok(Ok(1..)) if first[0] == misdirected::TLS_HANDSHAKE => {
+                    misdirected::tls_on_plain(addr.ip());
+                }
+                Ok(Ok(1..)) => {
+                    let peer = Peer::new(addr, false, None);
+                    drive(&shared, tcp, peer, state, first_deadline, false).await;
+                }
+                _ => {}
+            }
         }
         // Boxed: the handshake and a TLS connection's futures are twice the size of a plain
         // one's; inline, every plain connection's task would be that large too.
@@ -372,11 +401,20 @@ async fn tls_connection(
                 .peer_certificates()
                 .and_then(ClientCert::of_chain)
                 .map(Arc::new);
+            // HTTP/2 only when it was negotiated, or offered and the client chose nothing.
+            let http1_only = match stream.get_ref().1.alpn_protocol() {
+                Some(protocol) => protocol != b"h2",
+                None => !acceptor.config().alpn_protocols.iter().any(|p| p == b"h2"),
+            };
             let peer = Peer::new(addr, true, client);
-            drive(shared, stream, peer, state, first_deadline).await;
+            drive(shared, stream, peer, state, first_deadline, http1_only).await;
         }
         // A TCP probe that closed without a byte is not a failed handshake.
         Ok(Err(crate::tls::HandshakeError::Closed)) => {}
+        Ok(Err(crate::tls::HandshakeError::PlainHttp(tcp))) => {
+            crate::telemetry::tls_handshake_error();
+            misdirected::plain_http_on_tls(tcp, addr.ip(), first_deadline).await;
+        }
         Ok(Err(e)) => {
             crate::telemetry::tls_handshake_error();
             tracing::info!(client = %addr.ip(), error = %e, "TLS handshake failed");

@@ -1,4 +1,4 @@
-//! TLS: PEM loading, the rustls server config (ALPN h2 + http/1.1), optional client
+//! TLS: PEM loading, the rustls server config (ALPN `[server.tls] alpn`), optional client
 //! certificates, and the handshake as one function returning what the rest needs to know.
 
 use std::path::Path;
@@ -68,7 +68,7 @@ pub fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, String> {
             tls.key.display()
         )
     })?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = tls.alpn.iter().map(|p| p.id().to_vec()).collect();
     Ok(Arc::new(config))
 }
 
@@ -102,6 +102,9 @@ pub enum HandshakeError {
     /// The client closed the connection without sending a byte: a TCP probe (health check,
     /// port scan), not a failed handshake.
     Closed,
+    /// The client began with an HTTP method, not a TLS record: plain HTTP on the TLS port.
+    /// The connection is handed back to be answered in plain HTTP.
+    PlainHttp(TcpStream),
     /// The handshake failed or timed out; the reason.
     Failed(String),
 }
@@ -110,6 +113,7 @@ impl std::fmt::Display for HandshakeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             HandshakeError::Closed => f.write_str("closed before the handshake began"),
+            HandshakeError::PlainHttp(_) => f.write_str("plain HTTP sent to the TLS port"),
             HandshakeError::Failed(reason) => f.write_str(reason),
         }
     }
@@ -127,8 +131,13 @@ pub async fn handshake(
     tcp: TcpStream,
 ) -> Result<TlsStream<TcpStream>, HandshakeError> {
     let handshake = async {
-        if matches!(tcp.peek(&mut [0u8; 1]).await, Ok(0)) {
-            return Err(HandshakeError::Closed);
+        let mut first = [0u8; 1];
+        match tcp.peek(&mut first).await {
+            Ok(0) => return Err(HandshakeError::Closed),
+            // A TLS record starts with its type (22, a handshake); an HTTP request with a
+            // method, which is letters.
+            Ok(_) if first[0].is_ascii_uppercase() => return Err(HandshakeError::PlainHttp(tcp)),
+            _ => {}
         }
         acceptor
             .accept(tcp)

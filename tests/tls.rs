@@ -12,6 +12,11 @@ const TOKEN: &str = "tls-token-31f0";
 
 /// Starts a TLS gate whose key is written in the given PEM form.
 fn tls_gate(pki: &Pki, key_pem: &str, up: u16) -> Gate {
+    tls_gate_with(pki, key_pem, up, "")
+}
+
+/// A TLS gate with more `[server.tls]` lines.
+fn tls_gate_with(pki: &Pki, key_pem: &str, up: u16, tls_extra: &str) -> Gate {
     let dir = tempfile::tempdir().unwrap();
     let cert = write_file(dir.path(), "server.pem", &pki.cert_pem);
     let key = write_file(dir.path(), "server-key.pem", key_pem);
@@ -23,6 +28,7 @@ listen = "127.0.0.1:{port}"
 [server.tls]
 cert = "{cert}"
 key = "{key}"
+{tls_extra}
 
 {validator}
 [[route]]
@@ -389,4 +395,239 @@ async fn a_slow_tls_handshake_does_not_block_other_clients() {
     .await;
     assert_eq!(resp.status, 200);
     drop(idle);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The wrong protocol for the port, ALPN, header case
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plain_http_on_the_tls_port_gets_a_plain_400_that_says_so() {
+    let pki = pki();
+    let up = Upstream::start();
+    let gate = tls_gate(&pki, &pki.key_pkcs8_pem, up.port);
+    for _ in 0..3 {
+        let out = raw(
+            gate.port,
+            b"GET /x HTTP/1.1\r\nHost: localhost\r\nauth-token: t\r\n\r\n",
+            Duration::from_secs(5),
+        )
+        .await;
+        let text = String::from_utf8_lossy(&out).into_owned();
+        assert_eq!(raw_status(&out), Some(400), "{text:?}");
+        assert!(
+            text.contains(r#"{"error":"Plain HTTP request sent to the HTTPS (TLS) port"}"#),
+            "{text:?}"
+        );
+        assert!(text.contains("\r\nConnection: close\r\n"), "{text:?}");
+    }
+    // curl as a user would mistype it.
+    let out = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "--max-time",
+            "5",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .arg(format!("http://127.0.0.1:{}/", gate.port))
+        .output()
+        .expect("run curl");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "400");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = gate.log();
+    assert_eq!(
+        log.matches("plain HTTP request on the TLS port").count(),
+        1,
+        "logged once for this client:\n{log}"
+    );
+    // The TLS port still serves TLS.
+    let stream = tls_connect(
+        gate.port,
+        tls_client_config(Some(&pki.ca_der), &[b"h2"]),
+        "localhost",
+    )
+    .await
+    .expect("handshake");
+    let resp = tls_request(
+        stream,
+        build(
+            "GET",
+            "/after",
+            &[("Host", "localhost"), ("auth-token", TOKEN)],
+            full(""),
+        ),
+    )
+    .await;
+    assert_eq!(resp.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_on_the_plain_port_is_logged_once_per_client() {
+    let up = Upstream::start();
+    let port = free_port();
+    let gate = Gate::start(&format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\n{}\n{}",
+        static_validator(&[(TOKEN, "alice", "ops")]),
+        catch_all_route(up.port, "")
+    ));
+    let pki = pki();
+    for _ in 0..3 {
+        let config = tls_client_config(Some(&pki.ca_der), &[b"http/1.1"]);
+        assert!(tls_connect(gate.port, config, "localhost").await.is_err());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = gate.log();
+    assert_eq!(
+        log.matches("TLS handshake on the plain-HTTP port").count(),
+        1,
+        "logged once for this client:\n{log}"
+    );
+    let resp = get(&gate.url("/after"), &[("auth-token", TOKEN)]).await;
+    assert_eq!(resp.status, 200, "plain HTTP still served");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn alpn_offers_what_the_config_says() {
+    let pki = pki();
+    let up = Upstream::start();
+    let gate = tls_gate_with(&pki, &pki.key_pkcs8_pem, up.port, r#"alpn = ["http/1.1"]"#);
+    // A client that prefers h2 gets HTTP/1.1.
+    let config = tls_client_config(Some(&pki.ca_der), &[b"h2", b"http/1.1"]);
+    let stream = tls_connect(gate.port, config, "localhost")
+        .await
+        .expect("handshake");
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let resp = tls_request(
+        stream,
+        build(
+            "GET",
+            "/a",
+            &[("Host", "localhost"), ("auth-token", TOKEN)],
+            full(""),
+        ),
+    )
+    .await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.version, hyper::Version::HTTP_11);
+    // HTTP/2 without ALPN (prior knowledge) is not served either.
+    let config = tls_client_config(Some(&pki.ca_der), &[]);
+    let stream = tls_connect(gate.port, config, "localhost")
+        .await
+        .expect("handshake");
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("the client side of the h2 handshake");
+    tokio::spawn(conn);
+    let refused = tokio::time::timeout(
+        Duration::from_secs(10),
+        sender.send_request(build("GET", "/a", &[("auth-token", TOKEN)], full(""))),
+    )
+    .await
+    .expect("an answer in time");
+    assert!(
+        refused.is_err(),
+        "HTTP/2 served on an http/1.1-only listener"
+    );
+    // Only h2 and http/1.1, each once.
+    for bad in [r#"alpn = ["h3"]"#, r#"alpn = []"#, r#"alpn = ["h2", "h2"]"#] {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = write_file(dir.path(), "server.pem", &pki.cert_pem);
+        let key = write_file(dir.path(), "server-key.pem", &pki.key_pkcs8_pem);
+        let config = write_file(
+            dir.path(),
+            "tokengate.toml",
+            &format!(
+                "[server]\nlisten = \"127.0.0.1:1\"\n[server.tls]\ncert = \"{}\"\nkey = \"{}\"\n{bad}\n{}\n{}",
+                cert.display(),
+                key.display(),
+                static_validator(&[(TOKEN, "alice", "ops")]),
+                catch_all_route(1, "")
+            ),
+        );
+        let out = cli(&["check", "--config", &config.to_string_lossy()]);
+        let said = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(2), "{bad}: {said}");
+        assert!(said.contains("tokengate.toml:6:"), "{bad}: {said}");
+        assert!(said.contains("alpn"), "{bad}: {said}");
+    }
+}
+
+/// An upstream that writes header names in its own case, as legacy servers do.
+async fn mixed_case_upstream() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match tcp.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buf.clear();
+                    let reply = b"HTTP/1.1 200 OK\r\nx-lower-case: a\r\nX-MiXeD-CaSe: b\r\nETAG: \"1\"\r\nContent-Length: 2\r\n\r\nok";
+                    if tcp.write_all(reply).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http1_header_names_keep_the_upstreams_case_and_ours_are_conventional() {
+    let up = mixed_case_upstream().await;
+    let port = free_port();
+    let gate = Gate::start(&format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\n{}\n{}",
+        static_validator(&[(TOKEN, "alice", "ops")]),
+        catch_all_route(up, "")
+    ));
+    let proxied = raw(
+        gate.port,
+        format!("GET /p HTTP/1.1\r\nHost: x\r\nauth-token: {TOKEN}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
+    let proxied = String::from_utf8_lossy(&proxied).into_owned();
+    assert_eq!(raw_status(proxied.as_bytes()), Some(200), "{proxied}");
+    for name in [
+        "\r\nx-lower-case: a\r\n",
+        "\r\nX-MiXeD-CaSe: b\r\n",
+        "\r\nETAG: ",
+    ] {
+        assert!(proxied.contains(name), "{name:?} in {proxied}");
+    }
+    // What tokengate adds to a proxied response, and its own responses, in conventional case.
+    assert!(proxied.contains("\r\nX-Request-Id: "), "{proxied}");
+    let own = raw(
+        gate.port,
+        b"GET /p HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    let own = String::from_utf8_lossy(&own).into_owned();
+    assert_eq!(raw_status(own.as_bytes()), Some(401), "{own}");
+    for name in [
+        "\r\nWWW-Authenticate: Bearer",
+        "\r\nContent-Type: application/json",
+        "\r\nContent-Length: ",
+        "\r\nX-Request-Id: ",
+    ] {
+        assert!(own.contains(name), "{name:?} in {own}");
+    }
 }

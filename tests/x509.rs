@@ -14,7 +14,7 @@ use rustls::sign::CertifiedKey;
 use rustls::{ServerConfig, SignatureScheme, SupportedProtocolVersion};
 use rustls_pki_types::{CertificateDer, ServerName};
 use tempfile::TempDir;
-use tokengate::config::TlsConfig;
+use tokengate::config::{Alpn, TlsConfig};
 use tokengate::x509::{end_entity_dn, DnFormat};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -73,6 +73,7 @@ impl Grid {
             client_ca: Some(self.dir.path().join("ca.pem")),
             client_auth_required,
             proxy_certificates,
+            alpn: vec![Alpn::Http2, Alpn::Http1],
         })
         .expect("server config")
     }

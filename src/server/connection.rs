@@ -5,6 +5,7 @@
 //! clock; it looks at them at least every tick.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -31,20 +32,28 @@ pub(super) async fn drive<I>(
     peer: Peer,
     state: Arc<ConnectionState>,
     first_deadline: Instant,
+    http1_only: bool,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let addr = peer.addr;
     let peer = Arc::new(peer);
     let service = {
-        let gate = Arc::clone(&shared.gate);
+        let shared = Arc::clone(shared);
         let state = Arc::clone(&state);
         service_fn(move |request: Request<Incoming>| {
-            let in_flight = InFlight::begin(&state, request.version());
-            let gate = gate_for_request(&gate);
+            let version = request.version();
+            let in_flight = InFlight::begin(&state, version);
+            let gate = gate_for_request(&shared.gate);
             let peer = Arc::clone(&peer);
+            let shared = Arc::clone(&shared);
             async move {
-                let response = proxy::handle(&gate, &peer, request).await;
+                let mut response = proxy::handle(&gate, &peer, request).await;
+                // A proxied response carries the case of the upstream's header names; one of
+                // tokengate's own carries nothing yet.
+                if version != Version::HTTP_2 && response.extensions().is_empty() {
+                    *response.extensions_mut() = shared.own_case.clone();
+                }
                 Ok::<_, Infallible>(response.map(|body| TrackedBody {
                     inner: body,
                     _in_flight: in_flight,
@@ -56,8 +65,38 @@ pub(super) async fn drive<I>(
         io,
         state: Arc::clone(&state),
     });
-    let served = shared.builder.serve_connection_with_upgrades(io, service);
-    tokio::pin!(served);
+    // hyper-util's `http1_only` does nothing for connections with upgrades, so a TLS client
+    // that did not negotiate h2 is served by hyper's own HTTP/1 connection.
+    if http1_only {
+        // Boxed: inline, every connection's task would have room for both kinds.
+        let mut served = Box::pin(shared.http1.serve_connection(io, service).with_upgrades());
+        let close = |served: Pin<&mut _>| {
+            hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown(served)
+        };
+        watch(shared, served.as_mut(), close, addr, &state, first_deadline).await;
+    } else {
+        let served = shared.builder.serve_connection_with_upgrades(io, service);
+        tokio::pin!(served);
+        let close = |served: Pin<&mut _>| {
+            hyper_util::server::conn::auto::UpgradeableConnection::graceful_shutdown(served)
+        };
+        watch(shared, served, close, addr, &state, first_deadline).await;
+    }
+}
+
+/// Runs `served` under the connection's watchdog until it ends or is too slow; `close` asks it
+/// to close once idle (when idle too long, or when the drain begins).
+async fn watch<F, E>(
+    shared: &Arc<Shared>,
+    mut served: Pin<&mut F>,
+    close: impl Fn(Pin<&mut F>),
+    addr: std::net::SocketAddr,
+    state: &ConnectionState,
+    first_deadline: Instant,
+) where
+    F: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
     let mut drain = shared.drain.clone();
     let mut draining = false;
     // Set when the watchdog asked an idle connection to close: it gets one more header-read
@@ -66,14 +105,14 @@ pub(super) async fn drive<I>(
     let mut watch = Watch::new(first_deadline);
     loop {
         let now = Instant::now();
-        let (verdict, wake) = watch.check(&state, now, shared.limits);
+        let (verdict, wake) = watch.check(state, now, shared.limits);
         match verdict {
             Verdict::Expired => {
                 tracing::debug!(client = %addr.ip(), "connection closed: too slow");
                 return;
             }
             Verdict::Idle if close_by.is_none() && !draining => {
-                served.as_mut().graceful_shutdown();
+                close(served.as_mut());
                 close_by = Some(now + shared.limits.header_read);
             }
             _ => {}
@@ -95,11 +134,48 @@ pub(super) async fn drive<I>(
             }
             _ = drain.wait_for(|d| *d), if !draining => {
                 draining = true;
-                served.as_mut().graceful_shutdown();
+                close(served.as_mut());
             }
             () = tokio::time::sleep_until(wake) => {}
         }
     }
+}
+
+/// Header names whose conventional case is not their title case; the others are written in
+/// title case (`X-Rucio-Auth-Token`). Twice: a response may carry two challenges.
+const CONVENTIONAL_NAMES: &[&str] = &["WWW-Authenticate", "WWW-Authenticate", "ETag"];
+
+/// Extensions that make hyper write [`CONVENTIONAL_NAMES`] in their case. hyper keeps a
+/// message's header case in an extension it makes only when it parses a message, so one is
+/// parsed here, once, from an in-memory connection.
+pub(super) async fn conventional_case() -> http::Extensions {
+    let (mut client, server) = tokio::io::duplex(1024);
+    let (sender, received) = tokio::sync::oneshot::channel();
+    let sender = std::sync::Mutex::new(Some(sender));
+    let service = service_fn(move |request: Request<Incoming>| {
+        if let Some(sender) = sender.lock().ok().and_then(|mut s| s.take()) {
+            let _ = sender.send(request.extensions().clone());
+        }
+        async { Ok::<_, Infallible>(http::Response::new(http_body_util::Empty::<Bytes>::new())) }
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .preserve_header_case(true)
+        .serve_connection(TokioIo::new(server), service);
+    let mut head = String::from("GET / HTTP/1.1\r\nHost: tokengate\r\n");
+    for name in CONVENTIONAL_NAMES {
+        head.push_str(name);
+        head.push_str(": x\r\n");
+    }
+    head.push_str("Connection: close\r\n\r\n");
+    let write = async {
+        use tokio::io::AsyncWriteExt;
+        let _ = client.write_all(head.as_bytes()).await;
+        // Keep the client end open until the connection is done.
+        let mut sink = Vec::new();
+        let _ = tokio::io::AsyncReadExt::read_to_end(&mut client, &mut sink).await;
+    };
+    let _ = tokio::join!(connection, write);
+    received.await.unwrap_or_default()
 }
 
 /// What a connection's requests and socket tell its watchdog. Shared by the connection task,

@@ -260,6 +260,8 @@ where
         // Vectored writes: a flattened buffer would keep what a large upload grew it to on
         // every idle pooled connection (see the server's builder).
         .writev(true)
+        // The response's header names reach the client in the upstream's case.
+        .preserve_header_case(true)
         .handshake(TokioIo::new(io))
         .await
         .map_err(std::io::Error::other)?;
