@@ -57,6 +57,9 @@ pub struct Line<'a> {
     pub subject: Option<&'a str>,
     /// The dialect the credential came in.
     pub source: Option<&'a str>,
+    /// Without a credential: a known dialect the request used that the config does not accept
+    /// (written only when set).
+    pub ignored: Option<&'static str>,
     /// `allowed`, `denied`, `missing`, `error`.
     pub auth: Option<&'a str>,
     /// Who decided (`cache`, a validator, `x509`, `none`).
@@ -292,6 +295,9 @@ fn format_line(out: &mut Vec<u8>, line: &Line<'_>, format: Format) {
             text(out, b",\"route\":", line.route);
             text(out, b",\"subject\":", line.subject);
             text(out, b",\"source\":", line.source);
+            if line.ignored.is_some() {
+                plain(out, b",\"ignored\":", line.ignored);
+            }
             plain(out, b",\"auth\":", line.auth);
             plain(out, b",\"validator\":", line.validator);
             plain(out, b",\"client\":", Some(line.client));
@@ -324,6 +330,9 @@ fn format_line(out: &mut Vec<u8>, line: &Line<'_>, format: Format) {
                 line.validator.unwrap_or("-"),
                 line.client,
             );
+            if let Some(ignored) = line.ignored {
+                let _ = write!(out, " ignored={ignored}");
+            }
             millis(out, Some(line.duration));
             out.extend_from_slice(b" upstream_ms=");
             millis(out, line.upstream);
@@ -457,6 +466,7 @@ mod tests {
             route: Some("/"),
             subject: Some("al\\ice"),
             source: None,
+            ignored: None,
             auth: Some("allowed"),
             validator: Some("cache"),
             client: "127.0.0.1",

@@ -115,6 +115,7 @@ struct RawTls {
     client_ca: Option<Spanned<String>>,
     client_auth: Option<Spanned<String>>,
     proxy_certificates: Option<bool>,
+    alpn: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Deserialize)]
@@ -463,6 +464,27 @@ pub struct TlsConfig {
     pub client_auth_required: bool,
     /// Accept RFC 3820 / Globus proxy chains.
     pub proxy_certificates: bool,
+    /// The protocols offered in ALPN, in order of preference: `h2`, `http/1.1` or both.
+    pub alpn: Vec<Alpn>,
+}
+
+/// A protocol the TLS listener offers in ALPN (`[server.tls] alpn`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Alpn {
+    /// `h2`.
+    Http2,
+    /// `http/1.1`.
+    Http1,
+}
+
+impl Alpn {
+    /// The protocol's ALPN identifier.
+    pub fn id(self) -> &'static [u8] {
+        match self {
+            Alpn::Http2 => b"h2",
+            Alpn::Http1 => b"http/1.1",
+        }
+    }
 }
 
 /// `[verify]`: forward-auth decisions for an ingress (SPEC §5).
@@ -642,12 +664,7 @@ pub fn override_listen(addr: SocketAddr) {
 impl Config {
     /// Reads and checks a config file (with `serve --listen` applied).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            path: path.to_owned(),
-            line: 0,
-            col: 0,
-            message: format!("cannot read config: {e}"),
-        })?;
+        let text = read(path)?;
         let mut config = Config::parse(path, &text)?;
         if let Some(addr) = LISTEN_OVERRIDE.get() {
             config.server.listen = *addr;
@@ -658,12 +675,55 @@ impl Config {
     /// Checks config text; `path` is used in messages and to resolve relative file paths.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let checker = Checker { path, text };
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let span = e.span().unwrap_or(0..0);
-            checker.error(span, e.message().trim().to_string())
-        })?;
-        checker.check(raw)
+        checker.check(checker.raw()?)
     }
+}
+
+/// What the store commands (`token`, `identity`) use of a config: the whole file is parsed
+/// (a typo anywhere is still an error), but only these tables are checked, so a secret that
+/// only the server needs (an upstream's key, the admin token) need not be set to list tokens.
+#[derive(Debug, Clone)]
+pub struct StoreParts {
+    /// `[store]`.
+    pub store: StoreConfig,
+    /// `[tokens]` (the defaults unless loaded for issuing).
+    pub tokens: TokensConfig,
+    /// `[x509]` (its identity mappings).
+    pub x509: X509Config,
+}
+
+impl StoreParts {
+    /// Reads a config file and checks `[server]`, `[store]` and `[x509]`, and `[tokens]` (its
+    /// signing key, say) only when `issuing`: listing and revoking tokens do not sign any.
+    pub fn load(path: &Path, issuing: bool) -> Result<StoreParts, ConfigError> {
+        let text = read(path)?;
+        let checker = Checker { path, text: &text };
+        let raw = checker.raw()?;
+        let server = checker.server(raw.server)?;
+        let tokens = if issuing {
+            &raw.tokens
+        } else {
+            &RawTokens::default()
+        };
+        Ok(StoreParts {
+            store: checker.store(&raw.store)?,
+            tokens: checker.tokens(tokens)?,
+            x509: match &raw.x509 {
+                Some(x) => checker.x509(x, &server)?,
+                None => X509Config::default(),
+            },
+        })
+    }
+}
+
+/// A config file's text.
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError {
+        path: path.to_owned(),
+        line: 0,
+        col: 0,
+        message: format!("cannot read config: {e}"),
+    })
 }
 
 /// Turns raw structs into the checked config, with the text at hand for line:col.
@@ -673,6 +733,14 @@ struct Checker<'a> {
 }
 
 impl Checker<'_> {
+    /// The TOML, parsed into the raw structs (unknown keys refused).
+    fn raw(&self) -> Result<RawConfig, ConfigError> {
+        toml::from_str(self.text).map_err(|e| {
+            let span = e.span().unwrap_or(0..0);
+            self.error(span, e.message().trim().to_string())
+        })
+    }
+
     fn error(&self, span: Range<usize>, message: impl Into<String>) -> ConfigError {
         let offset = span.start.min(self.text.len());
         let before = &self.text[..offset];
@@ -871,10 +939,39 @@ impl Checker<'_> {
             client_ca: t.client_ca.as_ref().map(|c| self.file(c)),
             client_auth_required,
             proxy_certificates: t.proxy_certificates.unwrap_or(false),
+            alpn: self.alpn(t.alpn.as_ref())?,
         };
         // Load the files now, so `check` catches a missing or mismatched certificate.
         crate::tls::server_config(&config).map_err(|m| self.at(tls, m))?;
         Ok(config)
+    }
+
+    /// `alpn`: `h2` and/or `http/1.1`, each once; both when unset.
+    fn alpn(&self, raw: Option<&Spanned<Vec<Spanned<String>>>>) -> Result<Vec<Alpn>, ConfigError> {
+        let Some(raw) = raw else {
+            return Ok(vec![Alpn::Http2, Alpn::Http1]);
+        };
+        let mut offered = Vec::new();
+        for name in raw.get_ref() {
+            let protocol = match name.get_ref().as_str() {
+                "h2" => Alpn::Http2,
+                "http/1.1" => Alpn::Http1,
+                other => {
+                    return Err(self.at(
+                        name,
+                        format!("alpn offers \"h2\" and \"http/1.1\", not {other:?}"),
+                    ))
+                }
+            };
+            if offered.contains(&protocol) {
+                return Err(self.at(name, format!("alpn names {:?} twice", name.get_ref())));
+            }
+            offered.push(protocol);
+        }
+        if offered.is_empty() {
+            return Err(self.at(raw, "alpn needs at least one of \"h2\", \"http/1.1\""));
+        }
+        Ok(offered)
     }
 
     /// `[verify]`: off loopback, the listener must know who asks (SPEC §5).
@@ -1462,8 +1559,8 @@ impl TokensConfig {
             None if self.default_ttl.is_zero() => Ok(cap),
             None => Ok(self.default_ttl.min(cap)),
             Some(ttl) if !cap.is_zero() && (ttl.is_zero() || ttl > cap) => Err(format!(
-                "ttl exceeds the longest lifetime allowed ([tokens] max_ttl = {})",
-                humantime::format_duration(cap)
+                "ttl exceeds the longest lifetime allowed ([tokens] max_ttl = \"{}\")",
+                format_duration(cap)
             )),
             Some(ttl) => Ok(ttl),
         }
@@ -1485,6 +1582,25 @@ fn login_url_ok(url: &str) -> bool {
                 && !url.contains('\\')
                 && uri.authority().is_none()
         }
+    }
+}
+
+/// A duration as a config writes it: in the largest unit that divides it (`"365d"`, `"90m"`,
+/// `"1500ms"`), never in humantime's months of 30.44 days.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms == 0 {
+        return "0".to_string();
+    }
+    let units: [(u128, &str); 4] = [
+        (86_400_000, "d"),
+        (3_600_000, "h"),
+        (60_000, "m"),
+        (1000, "s"),
+    ];
+    match units.iter().find(|(size, _)| ms.is_multiple_of(*size)) {
+        Some((size, unit)) => format!("{}{unit}", ms / size),
+        None => format!("{ms}ms"),
     }
 }
 
@@ -1584,6 +1700,21 @@ upstream = "http://127.0.0.1:8080"
     }
 
     #[test]
+    fn durations_are_written_as_a_config_would() {
+        for (text, d) in [
+            ("365d", Duration::from_secs(365 * 86_400)),
+            ("36h", Duration::from_secs(36 * 3600)),
+            ("90m", Duration::from_secs(90 * 60)),
+            ("61s", Duration::from_secs(61)),
+            ("1500ms", Duration::from_millis(1500)),
+            ("0", Duration::ZERO),
+        ] {
+            assert_eq!(format_duration(d), text);
+            assert_eq!(parse_duration(text).unwrap(), d);
+        }
+    }
+
+    #[test]
     fn secrets() {
         std::env::set_var("TG_TEST_SECRET", "s3cret");
         assert_eq!(resolve_secret("${env:TG_TEST_SECRET}").unwrap(), "s3cret");
@@ -1635,7 +1766,10 @@ upstream = "http://127.0.0.1:8080"
         assert_eq!(t.lifetime(None), Ok(30 * day));
         assert_eq!(t.lifetime(Some(day)), Ok(day));
         assert_eq!(t.lifetime(Some(30 * day)), Ok(30 * day));
-        assert!(t.lifetime(Some(31 * day)).unwrap_err().contains("30days"));
+        assert!(t
+            .lifetime(Some(31 * day))
+            .unwrap_err()
+            .contains("max_ttl = \"30d\""));
         assert!(t.lifetime(Some(Duration::ZERO)).is_err(), "ttl 0 = forever");
         assert_eq!(
             tokens(Duration::ZERO, 30 * day).lifetime(None),

@@ -105,6 +105,29 @@ impl Source {
     }
 }
 
+/// Without a credential in the configured sources: the first of the four known dialects the
+/// request used anyway (`bearer` for an `Authorization: Bearer` header), so that the log can say
+/// why a credential the client did send was not looked at.
+pub fn ignored(headers: &HeaderMap, sources: &[Source]) -> Option<&'static str> {
+    let known = [
+        (Source::Bearer, "bearer"),
+        (Source::XAuthToken, "x-auth-token"),
+        (Source::AuthToken, "auth-token"),
+        (Source::Rucio, "rucio"),
+    ];
+    known.into_iter().find_map(|(source, label)| {
+        let value = headers.get(source.header()?)?;
+        let used = match source {
+            Source::Bearer => value
+                .as_bytes()
+                .get(..7)
+                .is_some_and(|scheme| scheme.eq_ignore_ascii_case(b"bearer ")),
+            _ => !value.is_empty(),
+        };
+        (used && !sources.contains(&source)).then_some(label)
+    })
+}
+
 /// The one credential a request carries, and where it was found.
 #[derive(Debug)]
 pub struct Credential<'p, 's> {

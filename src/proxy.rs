@@ -241,6 +241,21 @@ impl Gate {
     }
 
     /// The header boundary every route shares.
+    /// An error's response, its `WWW-Authenticate: Bearer` challenge only when `bearer` is a
+    /// configured source (a client told to send a Bearer token that is then ignored would be
+    /// misled).
+    pub(crate) fn error_response(&self, error: ProxyError) -> Response<Body> {
+        let mut response = error.into_response();
+        if !self
+            .config
+            .sources
+            .contains(&crate::credential::Source::Bearer)
+        {
+            response.headers_mut().remove(header::WWW_AUTHENTICATE);
+        }
+        response
+    }
+
     pub(crate) fn boundary(&self) -> &Boundary {
         &self.boundary
     }
@@ -410,6 +425,8 @@ pub(crate) struct Outcome<'g> {
     endpoint: Option<&'static str>,
     pub(crate) identity: Option<Arc<Identity>>,
     pub(crate) source: Option<&'g str>,
+    /// No credential, but one in a known dialect the config does not accept.
+    pub(crate) ignored: Option<&'static str>,
     /// The decision, and who made it (`cache` or the validator).
     pub(crate) auth: Option<(AuthResult, &'static str)>,
     upstream: Option<std::time::Duration>,
@@ -433,7 +450,7 @@ pub async fn handle(gate: &Gate, peer: &Peer, mut request: Request<Incoming>) ->
     let mut outcome = Outcome::default();
     let mut response = match forward_request(gate, peer, request, &mut outcome).await {
         Ok(response) => response,
-        Err(error) => error.into_response(),
+        Err(error) => gate.error_response(error),
     };
     response
         .headers_mut()
@@ -463,6 +480,7 @@ pub async fn handle(gate: &Gate, peer: &Peer, mut request: Request<Incoming>) ->
                 .or(outcome.endpoint),
             subject: identity.map(|i| i.subject.as_str()),
             source: outcome.source,
+            ignored: outcome.ignored,
             auth: outcome.auth.map(|(result, _)| result.label()),
             validator: outcome.auth.map(|(_, by)| by),
             client: peer.ip.to_str().unwrap_or_default(),
@@ -970,6 +988,7 @@ pub(crate) async fn identify<'p, 'g>(
     outcome: &mut Outcome<'g>,
 ) -> Result<Option<Caller<'p, 'g>>, ProxyError> {
     let Some(credential) = credential::extract(parts, &gate.config.sources)? else {
+        outcome.ignored = credential::ignored(&parts.headers, &gate.config.sources);
         return Ok(None);
     };
     outcome.source = Some(credential.source.label());

@@ -165,7 +165,7 @@ pub async fn handle(
     let mut original = None;
     let mut response = match decide(gate, verify, parts, &mut outcome, &mut original).await {
         Ok(response) => response,
-        Err(error) => error.into_response(),
+        Err(error) => gate.error_response(error),
     };
     if verify.ingress == Ingress::Nginx
         && matches!(
@@ -205,6 +205,7 @@ pub async fn handle(
                     .or(Some("tokengate:verify")),
                 subject: identity.map(|i| i.subject.as_str()),
                 source: outcome.source,
+                ignored: outcome.ignored,
                 auth: outcome.auth.map(|(result, _)| result.label()),
                 validator: outcome.auth.map(|(_, by)| by),
                 client: &client_ip,

@@ -169,6 +169,69 @@ async fn only_configured_sources_count() {
     assert_eq!(up.requests(), 1);
 }
 
+/// A credential in a known dialect the config does not accept is not looked at, but the log
+/// says so (`"ignored"`), and the 401 challenges with `Bearer` only where bearer is accepted.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_known_dialect_the_config_does_not_accept_is_named_in_the_log() {
+    let up = Upstream::start();
+    let port = free_port();
+    let gate = Gate::start(&config(port, up.port, r#"["auth-token"]"#));
+    let bearer = format!("Bearer {TOKEN}");
+    let resp = get(&gate.url("/ignored/bearer"), &[("Authorization", &bearer)]).await;
+    resp.assert_error(401, "Credentials required");
+    assert_eq!(
+        resp.header("www-authenticate"),
+        None,
+        "auth-token only: no Bearer challenge"
+    );
+    get(
+        &gate.url("/ignored/rucio"),
+        &[("X-Rucio-Auth-Token", TOKEN)],
+    )
+    .await
+    .assert_error(401, "Credentials required");
+    // Basic is not a bearer credential: nothing to name.
+    get(
+        &gate.url("/ignored/basic"),
+        &[("Authorization", "Basic YTpi")],
+    )
+    .await
+    .assert_error(401, "Credentials required");
+    let ok = get(&gate.url("/ignored/ok"), &[("auth-token", TOKEN)]).await;
+    assert_eq!(ok.status, 200);
+    let line = |path: &str| -> serde_json::Value {
+        gate.access_lines()
+            .into_iter()
+            .find(|l| l["path"] == path)
+            .unwrap_or_else(|| panic!("no access line for {path}:\n{}", gate.log()))
+    };
+    for _ in 0..100 {
+        if gate.access_lines().len() >= 4 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(line("/ignored/bearer")["ignored"], "bearer");
+    assert_eq!(line("/ignored/bearer")["auth"], "missing");
+    assert_eq!(line("/ignored/rucio")["ignored"], "rucio");
+    assert!(line("/ignored/basic").get("ignored").is_none());
+    assert!(line("/ignored/ok").get("ignored").is_none());
+    assert!(
+        !gate.log().contains(TOKEN),
+        "the ignored credential is not logged"
+    );
+
+    // With bearer among the sources, the challenge is there.
+    let port = free_port();
+    let with_bearer = Gate::start(&config(port, up.port, r#"["bearer", "auth-token"]"#));
+    let resp = get(&with_bearer.url("/x"), &[]).await;
+    resp.assert_error(401, "Credentials required");
+    assert_eq!(
+        resp.header("www-authenticate").as_deref(),
+        Some("Bearer realm=\"tokengate\"")
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn query_dialect_removes_only_that_parameter() {
     let up = Upstream::start();
