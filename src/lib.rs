@@ -24,6 +24,7 @@ pub mod jwt;
 pub mod jwt_validator;
 pub mod page;
 pub mod path;
+pub mod pki;
 pub mod proxy;
 pub mod reload;
 pub mod rewrite;
@@ -89,6 +90,22 @@ pub async fn run_on(
     config_path: Option<PathBuf>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
+    let store = Arc::new(
+        store::Store::open(&config.store)
+            .await
+            .map_err(|e| format!("token store: {e}"))?,
+    );
+    run_with_store(listener, config, config_path, store, shutdown).await
+}
+
+/// [`run_on`] with a store already open (the demo issues its token into it first).
+pub async fn run_with_store(
+    listener: tokio::net::TcpListener,
+    config: Config,
+    config_path: Option<PathBuf>,
+    store: Arc<store::Store>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), String> {
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let tls = config.server.tls.is_some();
     let routes: Vec<String> = config
@@ -103,11 +120,6 @@ pub async fn run_on(
         .collect();
     let metrics = telemetry::install();
     let admin_addr = config.admin.as_ref().map(|a| a.listen);
-    let store = Arc::new(
-        store::Store::open(&config.store)
-            .await
-            .map_err(|e| format!("token store: {e}"))?,
-    );
     let (usage, usage_marks) = tokio::sync::mpsc::channel(USAGE_QUEUE);
     let gate = proxy::Gate::new(config, Arc::clone(&store), usage, None)?;
     let gate: proxy::SharedGate = Arc::new(ArcSwap::from_pointee(gate));

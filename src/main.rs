@@ -53,6 +53,23 @@ enum Command {
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
     },
+    /// Make a private CA, a server certificate and a client certificate for trying TLS and the
+    /// x509 token exchange locally (never overwrites a file).
+    Pki {
+        /// The folder to write ca.pem, server.pem, client.pem and their keys to.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// Another name (DNS or IP) for the server certificate, besides localhost, 127.0.0.1
+        /// and ::1; repeatable.
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// The client certificate's subject, in slash form.
+        #[arg(long, default_value = tokengate::pki::DEFAULT_CLIENT_DN)]
+        client_dn: String,
+        /// Validity in days.
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+    },
     /// Create, list and revoke issued tokens in the configured store.
     Token {
         #[command(subcommand)]
@@ -132,7 +149,8 @@ enum TokenAction {
         /// A label.
         #[arg(long, default_value = "")]
         name: String,
-        /// Lifetime, e.g. "30d"; "0" = until revoked (default: [tokens] default_ttl).
+        /// Lifetime, e.g. "30d", at most [tokens] max_ttl (default: [tokens] default_ttl). "0"
+        /// = until revoked, refused unless max_ttl = "0".
         #[arg(long)]
         ttl: Option<String>,
         /// `opaque` (tg_...) or `jwt` (needs [tokens] jwt_key); default: [tokens] format.
@@ -192,6 +210,36 @@ fn main() -> ExitCode {
             }
             println!("{}", hex::encode(tokengate::validate::hash(&token)));
             ExitCode::SUCCESS
+        }
+        Command::Pki {
+            dir,
+            hosts,
+            client_dn,
+            days,
+        } => {
+            let request = tokengate::pki::Request {
+                dir: &dir,
+                hosts: &hosts,
+                client_dn: &client_dn,
+                days,
+            };
+            match tokengate::pki::make(&request) {
+                Ok(paths) => {
+                    for path in paths {
+                        println!("wrote {}", path.display());
+                    }
+                    println!(
+                        "client certificate subject: {client_dn}; server names: localhost, \
+                         127.0.0.1, ::1{}",
+                        hosts.iter().map(|h| format!(", {h}")).collect::<String>()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("tokengate pki: {e}");
+                    ExitCode::from(2)
+                }
+            }
         }
         Command::Demo { config, listen } => {
             let _log = init_logging(cli.log_format);
@@ -334,14 +382,18 @@ where
 /// Loads the config at `path`, opens its store, and runs `f` on them; a store error is
 /// reported and gives a failure status. The memory store exists only inside a server:
 /// `memory_hint` says what to do instead.
-fn with_store<F, Fut>(path: &Path, memory_hint: &str, f: F) -> ExitCode
+fn with_store<F, Fut>(path: &Path, issuing: bool, memory_hint: &str, f: F) -> ExitCode
 where
-    F: FnOnce(Config, tokengate::store::Store) -> Fut,
+    F: FnOnce(tokengate::config::StoreParts, tokengate::store::Store) -> Fut,
     Fut: std::future::Future<Output = Result<ExitCode, tokengate::store::StoreError>>,
 {
-    let config = match load(path) {
+    // Only the tables the store commands use are checked (and their secrets resolved).
+    let config = match tokengate::config::StoreParts::load(path, issuing) {
         Ok(c) => c,
-        Err(code) => return code,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
     };
     if config.store == tokengate::config::StoreConfig::Memory {
         eprintln!("the memory store lives inside one server process: {memory_hint}");
@@ -380,6 +432,7 @@ fn identity_command(action: IdentityAction) -> ExitCode {
     };
     with_store(
         &path,
+        false,
         "use [[x509.identity]] in the config instead",
         |config, store| async move {
             let result = match action {
@@ -434,8 +487,10 @@ fn token_command(action: TokenAction) -> ExitCode {
         | TokenAction::List { config, .. }
         | TokenAction::Revoke { config, .. } => config.clone(),
     };
+    let issuing = matches!(action, TokenAction::Create { .. });
     with_store(
         &path,
+        issuing,
         "use the admin API (POST /tokens) instead",
         |config, store| async move {
             let result = match action {

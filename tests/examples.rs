@@ -97,9 +97,9 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// The files the Rucio example names (`certs/server.pem`, `certs/server-key.pem`,
+/// The files the examples name (`certs/server.pem`, `certs/server-key.pem`, and Rucio's
 /// `certs/ca.pem`) in `dir`, from a fresh test CA; returns the CA to sign users with.
-fn rucio_certs(dir: &Path) -> Cert {
+fn example_certs(dir: &Path) -> Cert {
     let root = pki::ca("Example Test Root CA", None);
     let server = pki::server(&root);
     let certs = dir.join("certs");
@@ -153,10 +153,13 @@ fn assert_checks(name: &str, config: &Path) {
 fn every_example_passes_check_with_only_its_documented_environment() {
     for name in EXAMPLES {
         let dir = tempfile::tempdir().expect("tempdir");
-        let config = write_file(dir.path(), &format!("{name}.toml"), &read_example(name));
-        if name == "rucio" {
-            rucio_certs(dir.path());
-        }
+        let toml = read_example(name);
+        assert!(
+            toml.contains("\n[server.tls]\n"),
+            "{name}: its seed's clients speak https, so the example ships with TLS on"
+        );
+        let config = write_file(dir.path(), &format!("{name}.toml"), &toml);
+        example_certs(dir.path());
         assert_checks(name, &config);
     }
 }
@@ -177,31 +180,46 @@ async fn aircloak_example_passes_the_clients_auth_token_through() {
         "url = \"http://127.0.0.1:8080/api/data_sources\"",
         &format!("url = \"http://127.0.0.1:{}/whoami\"", up.port),
     );
-    let gate = Gate::start(&toml);
+    let dir = tempfile::tempdir().expect("tempdir");
+    example_certs(dir.path());
+    let certs = dir.path().to_path_buf();
+    let _gate = Gate::start_in(dir, &toml, &[]);
 
-    let resp = get(
-        &gate.url("/api/queries"),
+    let resp = curl_tls(
+        &certs,
+        port,
+        "/api/queries",
+        None,
         &[("auth-token", ALICE), ("x-auth-user", "mallory")],
-    )
-    .await;
-    assert_eq!(resp.status, 200, "{:?}", text(&resp.body));
-    assert_eq!(resp.echoed("auth-token").as_deref(), Some(ALICE));
+    );
+    assert_eq!(resp.status, 200, "{:?}", resp.body);
+    assert_eq!(echoed(&resp, "auth-token").as_deref(), Some(ALICE));
     assert_eq!(
-        resp.echoed("x-auth-user"),
+        echoed(&resp, "x-auth-user"),
         Some(sha256_hex(ALICE)[..16].to_string()),
         "the subject is the token's hash prefix, never the client's claim"
     );
     assert_eq!(up.whoami_calls(), 1, "asked the app once");
-    let again = get(&gate.url("/api/queries"), &[("auth-token", ALICE)]).await;
+    let again = curl_tls(&certs, port, "/api/queries", None, &[("auth-token", ALICE)]);
     assert_eq!(again.status, 200);
     assert_eq!(up.whoami_calls(), 1, "then answered from the cache");
 
-    get(&gate.url("/api/queries"), &[])
-        .await
-        .assert_error(401, "Credentials required");
-    get(&gate.url("/api/queries"), &[("auth-token", "not-a-token")])
-        .await
-        .assert_error(401, "Invalid credentials");
+    assert_error(
+        &curl_tls(&certs, port, "/api/queries", None, &[]),
+        401,
+        "Credentials required",
+    );
+    assert_error(
+        &curl_tls(
+            &certs,
+            port,
+            "/api/queries",
+            None,
+            &[("auth-token", "not-a-token")],
+        ),
+        401,
+        "Invalid credentials",
+    );
 }
 
 /// Insight.io: a token from the CLI (the same store the server uses) in `X-Auth-Token`; the
@@ -214,7 +232,10 @@ async fn insightio_example_serves_x_auth_token_and_the_insight_endpoints() {
     let env = env_vars(&toml);
     let secret = env[0].1.clone();
     let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (&**k, &**v)).collect();
-    let gate = Gate::start_in(tempfile::tempdir().expect("tempdir"), &toml, &env_refs);
+    let dir = tempfile::tempdir().expect("tempdir");
+    example_certs(dir.path());
+    let certs = dir.path().to_path_buf();
+    let gate = Gate::start_in(dir, &toml, &env_refs);
 
     let out = run_clean(
         &["token", "create", "--user", "alice", "--name", "laptop"],
@@ -225,34 +246,44 @@ async fn insightio_example_serves_x_auth_token_and_the_insight_endpoints() {
     let token = text(&out.stdout).trim().to_string();
     assert!(token.starts_with("tg_"), "{token}");
 
-    let resp = get(
-        &gate.url("/api/getUserRecentFiles"),
+    let resp = curl_tls(
+        &certs,
+        port,
+        "/api/getUserRecentFiles",
+        None,
         &[("X-Auth-Token", &token), ("X-Gateway-Secret", "forged")],
-    )
-    .await;
-    assert_eq!(resp.status, 200, "{:?}", text(&resp.body));
-    assert_eq!(resp.echoed("x-auth-user").as_deref(), Some("alice"));
-    assert_eq!(resp.echoed("x-auth-account").as_deref(), Some("alice"));
-    assert_eq!(resp.echoed("x-gateway-secret"), Some(secret));
+    );
+    assert_eq!(resp.status, 200, "{:?}", resp.body);
+    assert_eq!(echoed(&resp, "x-auth-user").as_deref(), Some("alice"));
+    assert_eq!(echoed(&resp, "x-auth-account").as_deref(), Some("alice"));
+    assert_eq!(echoed(&resp, "x-gateway-secret"), Some(secret));
     assert_eq!(
-        resp.echoed("x-auth-token"),
+        echoed(&resp, "x-auth-token"),
         None,
         "the app never sees the token"
     );
 
-    let listed = get(&gate.url("/api/getApiTokens"), &[("X-Auth-Token", &token)]).await;
-    assert_eq!(listed.status, 200, "{:?}", text(&listed.body));
+    let listed = curl_tls(
+        &certs,
+        port,
+        "/api/getApiTokens",
+        None,
+        &[("X-Auth-Token", &token)],
+    );
+    assert_eq!(listed.status, 200, "{:?}", listed.body);
     let rows = listed.json();
     assert_eq!(rows.as_array().map(Vec::len), Some(1), "{rows}");
     assert_eq!(rows[0]["uid"], "alice");
     assert!(
-        !text(&listed.body).contains(&token),
+        !listed.body.contains(&token),
         "the list never holds the secret"
     );
 
-    get(&gate.url("/api/getUserRecentFiles"), &[])
-        .await
-        .assert_error(401, "Credentials required");
+    assert_error(
+        &curl_tls(&certs, port, "/api/getUserRecentFiles", None, &[]),
+        401,
+        "Credentials required",
+    );
 }
 
 /// Cloud SOAR: an administrator issues a JWT API key on the admin listener; the client sends it
@@ -274,7 +305,10 @@ async fn cloudsoar_example_serves_bearer_jwt_keys_issued_by_an_administrator() {
             .unwrap_or_else(|| panic!("the example uses ${{env:{name}}}"))
     };
     let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (&**k, &**v)).collect();
-    let gate = Gate::start_in(tempfile::tempdir().expect("tempdir"), &toml, &env_refs);
+    let dir = tempfile::tempdir().expect("tempdir");
+    example_certs(dir.path());
+    let certs = dir.path().to_path_buf();
+    let _gate = Gate::start_in(dir, &toml, &env_refs);
     wait_port(admin);
 
     let bearer = format!("Bearer {}", value("SOAR_ADMIN_TOKEN"));
@@ -287,37 +321,176 @@ async fn cloudsoar_example_serves_bearer_jwt_keys_issued_by_an_administrator() {
         r#"{"user":"alice","name":"siem"}"#,
     )
     .await;
-    assert_eq!(created.status, 201, "{:?}", text(&created.body));
+    assert_eq!(created.status, 201, "{:?}", created.body);
     let key = created.json()["token"].as_str().expect("token").to_string();
     let id = created.json()["id"].as_str().expect("id").to_string();
     assert_eq!(key.split('.').count(), 3, "a JWT API key: {key}");
 
-    let resp = get(
-        &gate.url("/api/sec/v1/incidents"),
+    let resp = curl_tls(
+        &certs,
+        port,
+        "/api/sec/v1/incidents",
+        None,
         &[
             ("Authorization", &format!("Bearer {key}")),
             ("Accept", "application/json"),
         ],
-    )
-    .await;
-    assert_eq!(resp.status, 200, "{:?}", text(&resp.body));
+    );
+    assert_eq!(resp.status, 200, "{:?}", resp.body);
     assert_eq!(
-        resp.echoed("authorization"),
+        echoed(&resp, "authorization"),
         Some(format!("Bearer {}", value("SOAR_SERVICE_API_KEY"))),
         "the API gets the service key, not the user's"
     );
-    assert_eq!(resp.echoed("x-auth-user").as_deref(), Some("alice"));
-    assert_eq!(resp.echoed("x-token-id"), Some(id));
+    assert_eq!(echoed(&resp, "x-auth-user").as_deref(), Some("alice"));
+    assert_eq!(echoed(&resp, "x-token-id"), Some(id));
 
-    get(&gate.url("/api/sec/v1/incidents"), &[])
-        .await
-        .assert_error(401, "Credentials required");
-    get(
-        &gate.url("/api/sec/v1/incidents"),
-        &[("Authorization", &format!("Bearer {key}x"))],
-    )
-    .await
-    .assert_error(401, "Invalid credentials");
+    assert_error(
+        &curl_tls(&certs, port, "/api/sec/v1/incidents", None, &[]),
+        401,
+        "Credentials required",
+    );
+    assert_error(
+        &curl_tls(
+            &certs,
+            port,
+            "/api/sec/v1/incidents",
+            None,
+            &[("Authorization", &format!("Bearer {key}x"))],
+        ),
+        401,
+        "Invalid credentials",
+    );
+}
+
+/// The README's grid proxy recipe, run as written by `sh` in a folder where `tokengate pki`
+/// made its certificates, against the Rucio example: the proxy is exchanged for a token whose
+/// identity is the user's DN.
+#[test]
+fn the_readme_grid_proxy_recipe_gets_a_token_from_the_rucio_example() {
+    for tool in ["curl", "openssl"] {
+        if Command::new(tool).arg("--version").output().is_err() {
+            missing_tool(tool, tool);
+            return;
+        }
+    }
+    let readme = std::fs::read_to_string(crate_dir().join("README.md")).expect("README.md");
+    let recipe = readme
+        .split("<!-- grid-proxy-recipe -->\n```sh\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n```").next())
+        .expect("the README's grid proxy recipe");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Command::new(BIN)
+        .args(["pki", "--dir"])
+        .arg(dir.path().join("certs"))
+        .output()
+        .expect("run tokengate pki");
+    assert!(pki.status.success(), "{}", text(&pki.stderr));
+    let port = free_port();
+    let toml = adapt("rucio", port, "http://127.0.0.1:8080", free_port());
+    let here = dir.path().to_path_buf();
+    let gate = Gate::start_in(dir, &toml, &[]);
+    let script = recipe.replace(
+        "https://localhost:8443",
+        &format!("https://localhost:{port}"),
+    );
+    let out = Command::new("sh")
+        .arg("-ec")
+        .arg(&script)
+        .current_dir(&here)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run sh");
+    let reply = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{script}\nstdout {reply}\nstderr {}\nlog {}",
+        text(&out.stderr),
+        gate.log()
+    );
+    let reply = CurlReply::parse(&reply);
+    assert_eq!(reply.status, 200, "{reply:?}\n{}", gate.log());
+    assert_eq!(reply.header("x-rucio-auth-account"), Some("alice"));
+    assert!(reply.header("x-rucio-auth-token").is_some(), "{reply:?}");
+    assert!(
+        gate.log()
+            .contains("\"dn\":\"/C=CH/O=Example/OU=Users/CN=Alice Smith\""),
+        "the identity is the user's DN, not the proxy's:\n{}",
+        gate.log()
+    );
+}
+
+/// The CLI on Cloud SOAR's store resolves only the secrets it uses: creating a key needs the
+/// signing key, listing and revoking need none of the example's three; durations are printed as
+/// a config writes them; `--help` says what "0" really does.
+#[test]
+fn the_token_cli_needs_only_the_secrets_it_uses() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    example_certs(dir.path());
+    let toml = read_example("cloudsoar");
+    let config = write_file(dir.path(), "cloudsoar.toml", &toml);
+    let all = env_vars(&toml);
+    let signing: Vec<(String, String)> = all
+        .iter()
+        .filter(|(k, _)| k == "SOAR_JWT_KEY")
+        .cloned()
+        .collect();
+    assert_eq!(signing.len(), 1, "the example signs with SOAR_JWT_KEY");
+    assert!(all.len() > 1, "and names other secrets: {all:?}");
+
+    let too_long = run_clean(
+        &["token", "create", "--user", "alice", "--ttl", "400d"],
+        &config,
+        &signing,
+    );
+    assert_eq!(
+        too_long.status.code(),
+        Some(2),
+        "{}",
+        text(&too_long.stderr)
+    );
+    let said = text(&too_long.stderr);
+    assert!(said.contains(r#"max_ttl = "365d""#), "{said}");
+    assert!(!said.contains("month"), "{said}");
+
+    let created = run_clean(&["token", "create", "--user", "alice"], &config, &signing);
+    assert!(created.status.success(), "{}", text(&created.stderr));
+    let listed = run_clean(&["token", "list"], &config, &[]);
+    assert!(
+        listed.status.success(),
+        "token list with no secret set: {}",
+        text(&listed.stderr)
+    );
+    let listing = text(&listed.stdout);
+    let id = listing
+        .lines()
+        .nth(1)
+        .and_then(|row| row.split_whitespace().next())
+        .unwrap_or_else(|| panic!("a row: {listing}"))
+        .to_string();
+    assert!(listing.contains("alice"), "{listing}");
+    let revoked = run_clean(&["token", "revoke", &id], &config, &[]);
+    assert!(
+        revoked.status.success(),
+        "token revoke with no secret set: {}",
+        text(&revoked.stderr)
+    );
+    // Creating still needs its signing key, and says which.
+    let unsigned = run_clean(&["token", "create", "--user", "bob"], &config, &[]);
+    assert_eq!(unsigned.status.code(), Some(2));
+    assert!(
+        text(&unsigned.stderr).contains("SOAR_JWT_KEY"),
+        "{}",
+        text(&unsigned.stderr)
+    );
+
+    let help = Command::new(BIN)
+        .args(["token", "create", "--help"])
+        .output()
+        .expect("run tokengate");
+    let help = text(&help.stdout);
+    assert!(help.contains("refused unless max_ttl"), "{help}");
 }
 
 /// `curl` over TLS to the gate at `localhost:port`, trusting `dir/certs/ca.pem`, presenting
@@ -347,6 +520,17 @@ fn curl_tls(
     CurlReply::parse(&text(&out.stdout))
 }
 
+/// What the echo upstream says it received in header `name`.
+fn echoed(reply: &CurlReply, name: &str) -> Option<String> {
+    reply.json()["headers"][name].as_str().map(str::to_string)
+}
+
+/// An error reply: its status and `{"error": message}`.
+fn assert_error(reply: &CurlReply, status: u16, message: &str) {
+    assert_eq!(reply.status, status, "{reply:?}");
+    assert_eq!(reply.json()["error"], message, "{reply:?}");
+}
+
 /// Rucio: the stock client's certificate exchange at `/auth/x509` (a user certificate with the
 /// example's DN, asking for its second account), then `X-Rucio-Auth-Token`; the server behind
 /// gets the account and the DN, never the token.
@@ -360,7 +544,7 @@ async fn rucio_example_exchanges_a_certificate_and_serves_x_rucio_auth_token() {
     let port = free_port();
     let toml = adapt("rucio", port, "http://127.0.0.1:8080", up.port);
     let dir = tempfile::tempdir().expect("tempdir");
-    let root = rucio_certs(dir.path());
+    let root = example_certs(dir.path());
     let dn = "/C=CH/O=Example/OU=Users/CN=Alice Smith";
     assert!(
         toml.contains(&format!("dn = \"{dn}\"")),
@@ -432,6 +616,76 @@ async fn rucio_example_exchanges_a_certificate_and_serves_x_rucio_auth_token() {
     drop(gate);
 }
 
+/// The Rucio documentation's own commands (ESCAPE's "Rucio REST API with curl"), verbatim but
+/// for the host and the certificate paths, run by `sh` with curl's default ALPN (it offers h2
+/// first): the token is printed by `sed -n -e 's/^.*X-Rucio-Auth-Token: //p'`, which needs
+/// HTTP/1.1 and the header name in Rucio's case; then the token lists RSEs.
+const SEED_EXCHANGE: &str = r#"curl -i --key ~/.globus/userkey.pem --cert ~/.globus/usercert.pem -H "X-Rucio-Account: <myrucioaccount>" -X GET https://escape-rucio-auth.cern.ch/auth/x509 | sed -n -e 's/^.*X-Rucio-Auth-Token: //p'"#;
+const SEED_USE: &str =
+    r#"curl -X GET -H "X-Rucio-Auth-Token: $token" https://escape-rucio.cern.ch/rses/"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_rucio_seeds_curl_and_sed_line_prints_a_working_token() {
+    if Command::new("curl").arg("--version").output().is_err() {
+        missing_tool("curl", "curl");
+        return;
+    }
+    let up = Upstream::start();
+    let port = free_port();
+    let toml = adapt("rucio", port, "http://127.0.0.1:8080", up.port);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = example_certs(dir.path());
+    let alice = pki::user(
+        Dn::of(&[
+            ("C", "CH"),
+            ("O", "Example"),
+            ("OU", "Users"),
+            ("CN", "Alice Smith"),
+        ]),
+        &root,
+    );
+    let globus = dir.path().join(".globus");
+    std::fs::create_dir_all(&globus).expect("mkdir .globus");
+    write_file(&globus, "usercert.pem", &alice.pem());
+    write_file(&globus, "userkey.pem", &alice.key_pem());
+    let home = dir.path().to_path_buf();
+    let _gate = Gate::start_in(dir, &toml, &[]);
+    let host = format!("localhost:{port}");
+    let exchange = SEED_EXCHANGE
+        .replace("escape-rucio-auth.cern.ch", &host)
+        .replace("<myrucioaccount>", "ops");
+    let script = format!(
+        "token=$({exchange} | tr -d '\\r')\n[ -n \"$token\" ] || exit 3\nprintf 'token=%s\\n' \"$token\"\n{}\n",
+        SEED_USE.replace("escape-rucio.cern.ch", &host)
+    );
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(&script)
+        .env("HOME", &home)
+        // The test CA, as a user's system trust store would hold theirs.
+        .env("CURL_CA_BUNDLE", home.join("certs/ca.pem"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run sh");
+    let stdout = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{script}\nexit {:?}\nstdout {stdout}\nstderr {}",
+        out.status.code(),
+        text(&out.stderr)
+    );
+    let token = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("token="))
+        .expect("the token line");
+    assert!(token.len() > 20, "{token:?}");
+    let listed: serde_json::Value =
+        serde_json::from_str(stdout.split_once('\n').map_or("", |(_, rest)| rest))
+            .unwrap_or_else(|e| panic!("the RSE listing is the upstream's JSON ({e}): {stdout}"));
+    assert_eq!(listed["path"], "/rses/", "{listed}");
+    assert_eq!(listed["headers"]["x-rucio-account"], "ops", "{listed}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. A fresh clone needs nothing beside it
 // ---------------------------------------------------------------------------------------------
@@ -491,8 +745,8 @@ fn a_fresh_clone_checks_its_example_configs_with_nothing_beside_it() {
     let mut expected: Vec<String> = EXAMPLES.iter().map(|s| s.to_string()).collect();
     expected.sort();
     assert_eq!(committed, expected, "the committed examples");
-    // The Rucio example's documented files: a server certificate and the users' CA.
-    rucio_certs(&examples);
+    // The examples' documented files: a server certificate and the (users') CA.
+    example_certs(&examples);
     for name in EXAMPLES {
         assert_checks(name, &examples.join(format!("{name}.toml")));
     }

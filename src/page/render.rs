@@ -273,7 +273,7 @@ pub fn lifetime_label(ttl: Duration) -> String {
     } else if secs.is_multiple_of(3600) {
         plural(secs / 3600, "hour")
     } else {
-        humantime::format_duration(ttl).to_string()
+        crate::config::format_duration(ttl)
     }
 }
 
