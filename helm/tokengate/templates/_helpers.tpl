@@ -287,7 +287,7 @@ A TOML value for a string, a boolean, a whole number or a list of strings.
 
 {{/*
 One [[route]] table. Called with (dict "route" MAP "upstream" DEFAULT_UPSTREAM ["pathPrefix" P]).
-Keys are those of SPEC §3 [[route]], in camelCase; values.schema.json has already refused
+Keys are those of [[route]] (docs/reference.md), in camelCase; values.schema.json has already refused
 unknown keys, wrong types and missing required keys.
 */}}
 {{- define "tokengate.route" -}}
@@ -344,7 +344,7 @@ account = {{ include "tokengate.str" . }}
 {{- end }}
 
 {{/*
-The tokengate config file (SPEC §3): configFile as it is, or the config rendered from values
+The tokengate config file (docs/reference.md): configFile as it is, or the config rendered from values
 and config.extraToml after it. Its sha256 is the pod template's checksum/config annotation, so a
 config change rolls the pods.
 */}}
@@ -366,7 +366,7 @@ The part of the config the chart renders from values (all but config.extraToml).
 {{- define "tokengate.chartConfig" -}}
 {{- $c := .Values.config -}}
 # tokengate config rendered by the Helm chart {{ include "tokengate.chart" . }} from its values.
-# Keys: SPEC §3 and README.md. Check a copy with `tokengate check --config FILE`.
+# Keys: docs/reference.md and README.md. Check a copy with `tokengate check --config FILE`.
 
 [server]
 listen = {{ include "tokengate.str" (printf "0.0.0.0:%d" (int .Values.tokengate.port)) }}
