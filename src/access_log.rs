@@ -93,7 +93,7 @@ pub struct Pending {
 impl Pending {
     /// Completes the line with the body bytes sent, and appends it like `write`.
     pub fn finish(self, bytes_sent: u64) {
-        let buffered = crate::server::worker_slot() != usize::MAX;
+        let buffered = crate::worker::slot() != usize::MAX;
         BUFFER.with(|buffer| {
             let mut buffer = buffer.borrow_mut();
             buffer.extend_from_slice(&self.head);
@@ -155,7 +155,7 @@ pub fn enabled() -> bool {
             let yes = tracing::enabled!(target: "access", tracing::Level::INFO);
             // Only a worker remembers: it starts after logging is set up, while other threads
             // (tests, the CLI) may ask before.
-            if crate::server::worker_slot() != usize::MAX {
+            if crate::worker::slot() != usize::MAX {
                 enabled.set(Some(yes));
             }
             yes
@@ -166,7 +166,7 @@ pub fn enabled() -> bool {
 /// Appends one line whose response body is `bytes_sent` long. Worker threads buffer it; any
 /// other thread writes it at once.
 pub fn write(line: &Line<'_>, bytes_sent: u64) {
-    let buffered = crate::server::worker_slot() != usize::MAX;
+    let buffered = crate::worker::slot() != usize::MAX;
     let format = *FORMAT.get().unwrap_or(&Format::Json);
     BUFFER.with(|buffer| {
         let mut buffer = buffer.borrow_mut();

@@ -6,7 +6,7 @@
 
 use std::net::IpAddr;
 
-use crate::endpoints::rfc3339;
+use crate::clock::rfc3339;
 use crate::store::TokenRecord;
 
 /// Who did it.

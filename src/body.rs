@@ -26,6 +26,13 @@ pub enum Body {
     Logged(Logged),
 }
 
+impl Body {
+    /// Whether this is an upstream's response body, on its way to the client.
+    pub fn is_proxied(&self) -> bool {
+        matches!(self, Body::Upstream(_) | Body::Logged(_))
+    }
+}
+
 /// An upstream response body whose access-log line waits for its end (or for the client to go
 /// away), to say how many body bytes were sent.
 pub struct Logged {

@@ -244,6 +244,7 @@ struct RawRoute {
     upgrades: Option<Vec<Spanned<String>>>,
     max_inflight: Option<Spanned<i64>>,
     max_idle_connections: Option<Spanned<i64>>,
+    preserve_header_case: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -651,6 +652,8 @@ pub struct RouteConfig {
     pub max_inflight: usize,
     /// Idle keep-alive connections kept to this upstream (process-wide).
     pub max_idle_connections: usize,
+    /// HTTP/1 responses keep the case of the upstream's header names (else lower case).
+    pub preserve_header_case: bool,
 }
 
 /// `serve --listen`: the main listener's address, whatever the file says (on reload too).
@@ -1540,6 +1543,7 @@ impl Checker<'_> {
                 Some(v) if *v.get_ref() >= 0 => *v.get_ref() as usize,
                 Some(v) => return Err(self.at(v, "must be 0 or more")),
             },
+            preserve_header_case: r.preserve_header_case.unwrap_or(true),
         })
     }
 }

@@ -3,7 +3,7 @@
 //! admin listener's API shares with them.
 
 use std::net::IpAddr;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Response, StatusCode};
@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 
 use crate::audit::{self, Actor, Event};
 use crate::cache::Cache;
+use crate::clock::rfc3339;
 use crate::config::{EndpointsConfig, TokensConfig};
 use crate::error::{full, json_response, Body, ProxyError};
 use crate::store::{Kind, Store, TokenRecord};
@@ -403,12 +404,6 @@ pub fn describe(r: &TokenRecord) -> Value {
         "expires": r.expires_ms.map(rfc3339),
         "lastUsed": r.last_used_ms.map(rfc3339),
     })
-}
-
-/// RFC 3339 (UTC, seconds) of a ms timestamp.
-pub fn rfc3339(ms: i64) -> String {
-    let at = UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
-    humantime::format_rfc3339_seconds(at).to_string()
 }
 
 /// A token in a response must not be cached by anyone.

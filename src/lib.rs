@@ -15,6 +15,7 @@ pub mod admin;
 pub mod audit;
 pub mod body;
 pub mod cache;
+pub mod clock;
 pub mod config;
 pub mod credential;
 pub mod demo;
@@ -38,6 +39,7 @@ pub mod trace;
 pub mod upstream;
 pub mod validate;
 pub mod verify;
+pub mod worker;
 pub mod x509;
 
 use std::future::Future;

@@ -545,7 +545,7 @@ fn token_command(action: TokenAction) -> ExitCode {
                             record.account,
                             record
                                 .expires_ms
-                                .map_or("never".to_string(), tokengate::endpoints::rfc3339)
+                                .map_or("never".to_string(), tokengate::clock::rfc3339)
                         );
                             println!("{token}");
                             Ok(())
@@ -560,7 +560,7 @@ fn token_command(action: TokenAction) -> ExitCode {
                         );
                         for r in records {
                             let time = |ms: Option<i64>| {
-                                ms.map_or("-".to_string(), tokengate::endpoints::rfc3339)
+                                ms.map_or("-".to_string(), tokengate::clock::rfc3339)
                             };
                             println!(
                                 "{:<18} {:<16} {:<16} {:<5} {:<20} {:<20} {:<20} {}",

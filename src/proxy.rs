@@ -185,9 +185,9 @@ impl Gate {
             let pool = Pool::new(
                 &route.upstream,
                 tls,
-                route.max_inflight,
-                route.max_idle_connections,
-                crate::server::worker_count(&config.server),
+                (route.max_inflight, route.max_idle_connections),
+                route.preserve_header_case,
+                crate::worker::count(&config.server),
             )?;
             routes.push(Route {
                 config: route.clone(),

@@ -8,7 +8,7 @@
 //! HTTP/1 header timer would also close a keep-alive connection that is merely waiting for its
 //! next request.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,7 +22,6 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 use crate::admin::Health;
-use crate::config::ServerConfig;
 use crate::proxy::{ClientCert, Gate, Peer, SharedGate};
 
 mod connection;
@@ -71,17 +70,7 @@ pub async fn accept_bounded(
     }
 }
 
-/// How many workers a config asks for: `[server] workers`, else one per core this process may
-/// use (`available_parallelism` respects affinity and cgroup quota).
-pub fn worker_count(server: &ServerConfig) -> usize {
-    server.workers.unwrap_or_else(|| {
-        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
-    })
-}
-
 thread_local! {
-    /// This thread's worker index; `usize::MAX` on other threads.
-    static WORKER: Cell<usize> = const { Cell::new(usize::MAX) };
     /// The gate this worker's requests use.
     static LOCAL_GATE: RefCell<Option<Arc<WorkerGate>>> = const { RefCell::new(None) };
 }
@@ -96,12 +85,6 @@ impl std::ops::Deref for WorkerGate {
     fn deref(&self) -> &Gate {
         &self.0
     }
-}
-
-/// The calling thread's worker index (`usize::MAX` outside the workers): per-worker state,
-/// such as the upstream pools' idle lists, is indexed by it.
-pub fn worker_slot() -> usize {
-    WORKER.with(Cell::get)
 }
 
 /// The gate in force, for one request.
@@ -158,7 +141,7 @@ pub async fn serve(
 ) -> Result<(), String> {
     let initial = gate.load_full();
     let server = &initial.config.server;
-    let workers = worker_count(server);
+    let workers = crate::worker::count(server);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -169,10 +152,10 @@ pub async fn serve(
         // ~440 KiB (tests/floods.rs).
         .writev(true)
         .max_buf_size(server.max_header_bytes)
-        // Header names as HTTP/1 clients have always seen them (`X-Rucio-Auth-Token`, which a
-        // seed's `sed` looks for): proxied responses keep the upstream's case (the upstream
-        // client records it), tokengate's own are written in their conventional case.
-        .title_case_headers(true)
+        // No title case: header names as HTTP/1 clients have always seen them
+        // (`X-Rucio-Auth-Token`, which a seed's `sed` looks for) come from the case each
+        // response carries (`connection::conventional_case` for tokengate's own, the upstream's
+        // for a proxied one); title-casing every name would cost every response.
         .keep_alive(true);
     builder
         .http2()
@@ -186,7 +169,6 @@ pub async fn serve(
         .header_read_timeout(None)
         .writev(true)
         .max_buf_size(server.max_header_bytes)
-        .title_case_headers(true)
         .keep_alive(true);
     let own_case = connection::conventional_case().await;
     let max_connections = server.max_connections;
@@ -266,7 +248,7 @@ pub async fn serve(
 
 /// One worker: a single-threaded runtime accepting on its copy of the listener.
 fn run_worker(index: usize, listener: std::net::TcpListener, shared: Arc<Shared>) {
-    WORKER.with(|w| w.set(index));
+    crate::worker::become_worker(index);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

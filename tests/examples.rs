@@ -413,9 +413,19 @@ fn the_readme_grid_proxy_recipe_gets_a_token_from_the_rucio_example() {
     assert_eq!(reply.status, 200, "{reply:?}\n{}", gate.log());
     assert_eq!(reply.header("x-rucio-auth-account"), Some("alice"));
     assert!(reply.header("x-rucio-auth-token").is_some(), "{reply:?}");
-    assert!(
+    // The exchange's log line may follow the answer by a moment.
+    let dn_logged = || {
         gate.log()
-            .contains("\"dn\":\"/C=CH/O=Example/OU=Users/CN=Alice Smith\""),
+            .contains("\"dn\":\"/C=CH/O=Example/OU=Users/CN=Alice Smith\"")
+    };
+    for _ in 0..100 {
+        if dn_logged() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        dn_logged(),
         "the identity is the user's DN, not the proxy's:\n{}",
         gate.log()
     );
@@ -525,6 +535,48 @@ fn echoed(reply: &CurlReply, name: &str) -> Option<String> {
     reply.json()["headers"][name].as_str().map(str::to_string)
 }
 
+/// The Rucio example on a free port in a folder with its certificates, before it is started.
+struct Rucio {
+    up: Upstream,
+    port: u16,
+    toml: String,
+    dir: tempfile::TempDir,
+    root: Cert,
+}
+
+/// `None` (the test skips, or fails in strict mode) without curl.
+fn rucio() -> Option<Rucio> {
+    if Command::new("curl").arg("--version").output().is_err() {
+        missing_tool("curl", "curl");
+        return None;
+    }
+    let up = Upstream::start();
+    let port = free_port();
+    let toml = adapt("rucio", port, "http://127.0.0.1:8080", up.port);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = example_certs(dir.path());
+    Some(Rucio {
+        up,
+        port,
+        toml,
+        dir,
+        root,
+    })
+}
+
+/// A user certificate with the DN the Rucio example maps, from `root`.
+fn alice(root: &Cert) -> Cert {
+    pki::user(
+        Dn::of(&[
+            ("C", "CH"),
+            ("O", "Example"),
+            ("OU", "Users"),
+            ("CN", "Alice Smith"),
+        ]),
+        root,
+    )
+}
+
 /// An error reply: its status and `{"error": message}`.
 fn assert_error(reply: &CurlReply, status: u16, message: &str) {
     assert_eq!(reply.status, status, "{reply:?}");
@@ -536,29 +588,22 @@ fn assert_error(reply: &CurlReply, status: u16, message: &str) {
 /// gets the account and the DN, never the token.
 #[tokio::test(flavor = "multi_thread")]
 async fn rucio_example_exchanges_a_certificate_and_serves_x_rucio_auth_token() {
-    if Command::new("curl").arg("--version").output().is_err() {
-        missing_tool("curl", "curl");
+    let Some(Rucio {
+        up: _up,
+        port,
+        toml,
+        dir,
+        root,
+    }) = rucio()
+    else {
         return;
-    }
-    let up = Upstream::start();
-    let port = free_port();
-    let toml = adapt("rucio", port, "http://127.0.0.1:8080", up.port);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let root = example_certs(dir.path());
+    };
     let dn = "/C=CH/O=Example/OU=Users/CN=Alice Smith";
     assert!(
         toml.contains(&format!("dn = \"{dn}\"")),
         "the example maps {dn}"
     );
-    let alice = pki::user(
-        Dn::of(&[
-            ("C", "CH"),
-            ("O", "Example"),
-            ("OU", "Users"),
-            ("CN", "Alice Smith"),
-        ]),
-        &root,
-    );
+    let alice = alice(&root);
     let client = (
         write_file(dir.path(), "alice.pem", &alice.pem()),
         write_file(dir.path(), "alice-key.pem", &alice.key_pem()),
@@ -626,24 +671,17 @@ const SEED_USE: &str =
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_rucio_seeds_curl_and_sed_line_prints_a_working_token() {
-    if Command::new("curl").arg("--version").output().is_err() {
-        missing_tool("curl", "curl");
+    let Some(Rucio {
+        up: _up,
+        port,
+        toml,
+        dir,
+        root,
+    }) = rucio()
+    else {
         return;
-    }
-    let up = Upstream::start();
-    let port = free_port();
-    let toml = adapt("rucio", port, "http://127.0.0.1:8080", up.port);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let root = example_certs(dir.path());
-    let alice = pki::user(
-        Dn::of(&[
-            ("C", "CH"),
-            ("O", "Example"),
-            ("OU", "Users"),
-            ("CN", "Alice Smith"),
-        ]),
-        &root,
-    );
+    };
+    let alice = alice(&root);
     let globus = dir.path().join(".globus");
     std::fs::create_dir_all(&globus).expect("mkdir .globus");
     write_file(&globus, "usercert.pem", &alice.pem());

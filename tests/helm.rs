@@ -2265,6 +2265,7 @@ config:
     upgrades: []
     maxInflight: 100
     maxIdleConnections: 8
+    preserveHeaderCase: false
   extraRoutes:
     - pathPrefix: /ws
       upgrades: [websocket]
@@ -2318,6 +2319,7 @@ config:
         ("route.0.upgrades", strings(&[])),
         ("route.0.max_inflight", 100.into()),
         ("route.0.max_idle_connections", 8.into()),
+        ("route.0.preserve_header_case", false.into()),
         ("route.1.upgrades", strings(&["websocket"])),
         ("route.1.max_inflight", 10.into()),
     ] {

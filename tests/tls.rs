@@ -344,7 +344,12 @@ async fn bad_handshakes_do_not_stop_the_server() {
     drop(s);
 
     assert!(gate.is_running(), "the gate died; log:\n{}", gate.log());
-    let trusted = tls_client_config(Some(&pki.ca_der), &[b"http/1.1"]);
+    assert_serves_tls(&gate, &pki, b"http/1.1").await;
+}
+
+/// A trusted client offering `alpn` gets its request through.
+async fn assert_serves_tls(gate: &Gate, pki: &Pki, alpn: &[u8]) {
+    let trusted = tls_client_config(Some(&pki.ca_der), &[alpn]);
     let stream = tls_connect(gate.port, trusted, "localhost")
         .await
         .expect("handshake");
@@ -444,24 +449,7 @@ async fn plain_http_on_the_tls_port_gets_a_plain_400_that_says_so() {
         "logged once for this client:\n{log}"
     );
     // The TLS port still serves TLS.
-    let stream = tls_connect(
-        gate.port,
-        tls_client_config(Some(&pki.ca_der), &[b"h2"]),
-        "localhost",
-    )
-    .await
-    .expect("handshake");
-    let resp = tls_request(
-        stream,
-        build(
-            "GET",
-            "/after",
-            &[("Host", "localhost"), ("auth-token", TOKEN)],
-            full(""),
-        ),
-    )
-    .await;
-    assert_eq!(resp.status, 200);
+    assert_serves_tls(&gate, &pki, b"h2").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -595,6 +583,10 @@ async fn http1_header_names_keep_the_upstreams_case_and_ours_are_conventional() 
         "[server]\nlisten = \"127.0.0.1:{port}\"\n{}\n{}",
         static_validator(&[(TOKEN, "alice", "ops")]),
         catch_all_route(up, "")
+            + &format!(
+                "[[route]]\npath_prefix = \"/lower\"\nupstream = \"http://127.0.0.1:{up}\"\n\
+                 preserve_header_case = false\n"
+            )
     ));
     let proxied = raw(
         gate.port,
@@ -612,8 +604,27 @@ async fn http1_header_names_keep_the_upstreams_case_and_ours_are_conventional() 
     ] {
         assert!(proxied.contains(name), "{name:?} in {proxied}");
     }
-    // What tokengate adds to a proxied response, and its own responses, in conventional case.
-    assert!(proxied.contains("\r\nX-Request-Id: "), "{proxied}");
+    // What tokengate adds to a proxied response is in lower case (no per-response title-casing).
+    assert!(proxied.contains("\r\nx-request-id: "), "{proxied}");
+    // A route that does not preserve the case: every name in lower case.
+    let lower = raw(
+        gate.port,
+        format!(
+            "GET /lower HTTP/1.1\r\nHost: x\r\nauth-token: {TOKEN}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
+    let lower = String::from_utf8_lossy(&lower).into_owned();
+    assert_eq!(raw_status(lower.as_bytes()), Some(200), "{lower}");
+    for name in [
+        "\r\nx-lower-case: a\r\n",
+        "\r\nx-mixed-case: b\r\n",
+        "\r\netag: ",
+    ] {
+        assert!(lower.contains(name), "{name:?} in {lower}");
+    }
     let own = raw(
         gate.port,
         b"GET /p HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
@@ -627,7 +638,16 @@ async fn http1_header_names_keep_the_upstreams_case_and_ours_are_conventional() 
         "\r\nContent-Type: application/json",
         "\r\nContent-Length: ",
         "\r\nX-Request-Id: ",
+        "\r\nDate: ",
     ] {
         assert!(own.contains(name), "{name:?} in {own}");
+    }
+    // Every name of an own answer: none left in lower case.
+    let head = own.split("\r\n\r\n").next().unwrap_or_default();
+    for line in head.lines().skip(1) {
+        assert!(
+            line.starts_with(|c: char| c.is_ascii_uppercase()),
+            "{line:?} in {own}"
+        );
     }
 }

@@ -235,7 +235,7 @@ fn time_cell(ms: Option<i64>, none: &str) -> String {
             let shown = shown_time(ms);
             format!(
                 "<time datetime=\"{}\">{}</time>",
-                crate::endpoints::rfc3339(ms),
+                crate::clock::rfc3339(ms),
                 shown.trim_end_matches(" UTC")
             )
         }
@@ -245,7 +245,7 @@ fn time_cell(ms: Option<i64>, none: &str) -> String {
 
 /// `2026-11-27 10:40 UTC`.
 fn shown_time(ms: i64) -> String {
-    let rfc = crate::endpoints::rfc3339(ms);
+    let rfc = crate::clock::rfc3339(ms);
     // `2026-11-27T10:40:05Z` → date and minutes.
     match (rfc.get(..10), rfc.get(11..16)) {
         (Some(date), Some(time)) => format!("{date} {time} UTC"),

@@ -49,9 +49,10 @@ pub(super) async fn drive<I>(
             let shared = Arc::clone(&shared);
             async move {
                 let mut response = proxy::handle(&gate, &peer, request).await;
-                // A proxied response carries the case of the upstream's header names; one of
-                // tokengate's own carries nothing yet.
-                if version != Version::HTTP_2 && response.extensions().is_empty() {
+                // tokengate's own answers get their header names' case; a proxied one keeps
+                // what the upstream client recorded (`preserve_header_case`) or is written in
+                // lower case, at no cost.
+                if version != Version::HTTP_2 && !response.body().is_proxied() {
                     *response.extensions_mut() = shared.own_case.clone();
                 }
                 Ok::<_, Infallible>(response.map(|body| TrackedBody {
@@ -141,9 +142,31 @@ async fn watch<F, E>(
     }
 }
 
-/// Header names whose conventional case is not their title case; the others are written in
-/// title case (`X-Rucio-Auth-Token`). Twice: a response may carry two challenges.
-const CONVENTIONAL_NAMES: &[&str] = &["WWW-Authenticate", "WWW-Authenticate", "ETag"];
+/// The header names tokengate's own responses carry, in their conventional case; hyper (which
+/// holds names in lower case) writes them so over HTTP/1. A name missing here is written in lower
+/// case. Some twice: a response may carry two.
+const CONVENTIONAL_NAMES: &[&str] = &[
+    "Allow",
+    "Cache-Control",
+    "Connection",
+    "Content-Length",
+    "Content-Security-Policy",
+    "Content-Type",
+    "Date",
+    "ExceptionClass",
+    "ExceptionMessage",
+    "Location",
+    "Referrer-Policy",
+    "Retry-After",
+    "WWW-Authenticate",
+    "WWW-Authenticate",
+    "X-Content-Type-Options",
+    "X-Request-Id",
+    "X-Rucio-Auth-Account",
+    "X-Rucio-Auth-Token",
+    "X-Rucio-Auth-Token-Expires",
+    "X-Tokengate-Uri",
+];
 
 /// Extensions that make hyper write [`CONVENTIONAL_NAMES`] in their case. hyper keeps a
 /// message's header case in an extension it makes only when it parses a message, so one is
@@ -164,7 +187,8 @@ pub(super) async fn conventional_case() -> http::Extensions {
     let mut head = String::from("GET / HTTP/1.1\r\nHost: tokengate\r\n");
     for name in CONVENTIONAL_NAMES {
         head.push_str(name);
-        head.push_str(": x\r\n");
+        // A value every one of these names accepts (Content-Length too).
+        head.push_str(": 0\r\n");
     }
     head.push_str("Connection: close\r\n\r\n");
     let write = async {
@@ -378,5 +402,23 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// hyper keeps the case it parsed only when the whole head parses: every name is recorded.
+    #[tokio::test]
+    async fn every_conventional_name_is_recorded() {
+        let extensions = conventional_case().await;
+        assert!(
+            !extensions.is_empty(),
+            "the in-memory request did not parse"
+        );
+        let mut response = http::Response::new(http_body_util::Empty::<Bytes>::new());
+        *response.extensions_mut() = extensions;
+        assert!(!response.extensions().is_empty());
     }
 }

@@ -295,8 +295,8 @@ unknown keys, wrong types and missing required keys.
 [[route]]
 path_prefix = {{ include "tokengate.str" (default $r.pathPrefix .pathPrefix) }}
 upstream = {{ include "tokengate.str" (default .upstream $r.upstream) }}
-{{- $toml := dict "auth" "auth" "preserveHost" "preserve_host" "timeout" "timeout" "upstreamCa" "upstream_ca" "upgrades" "upgrades" "maxInflight" "max_inflight" "maxIdleConnections" "max_idle_connections" }}
-{{- range $k := list "auth" "preserveHost" "timeout" "upstreamCa" "upgrades" "maxInflight" "maxIdleConnections" }}
+{{- $toml := dict "auth" "auth" "preserveHost" "preserve_host" "timeout" "timeout" "upstreamCa" "upstream_ca" "upgrades" "upgrades" "maxInflight" "max_inflight" "maxIdleConnections" "max_idle_connections" "preserveHeaderCase" "preserve_header_case" }}
+{{- range $k := list "auth" "preserveHost" "timeout" "upstreamCa" "upgrades" "maxInflight" "maxIdleConnections" "preserveHeaderCase" }}
 {{- if and (hasKey $r $k) (not (kindIs "invalid" (get $r $k))) (or (ne $k "upstreamCa") (get $r $k)) }}
 {{ get $toml $k }} = {{ include "tokengate.value" (get $r $k) }}
 {{- end }}
@@ -708,6 +708,7 @@ route:
   upgrades: [websocket]
   maxInflight: 1024
   maxIdleConnections: 64
+  preserveHeaderCase: true
   upstreamAuth:
     header: auth-token
     value: "{token}"
