@@ -16,8 +16,9 @@ use tokio::net::TcpListener;
 use subtle::ConstantTimeEq;
 
 use crate::endpoints::{bad_request, read_create_request, TokenService};
-use crate::error::{full, json_response, Body};
 use crate::proxy::SharedGate;
+use crate::response::json_response;
+use crate::upstream::{full, Body};
 
 /// What readiness depends on beyond the config being loaded.
 #[derive(Default)]
@@ -69,7 +70,7 @@ pub async fn serve(listener: TcpListener, state: AdminState) {
         .keep_alive_interval(header_read_timeout)
         .max_concurrent_streams(16);
     let builder = Arc::new(builder);
-    crate::server::accept_bounded(
+    crate::listener::accept_bounded(
         listener,
         ADMIN_CONNECTIONS,
         "admin",

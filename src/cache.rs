@@ -15,7 +15,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::config::CacheConfig;
-use crate::validate::{lifetime, BackendError, Identity, Verdict};
+use crate::identity::{BackendError, Identity};
+use crate::validate::{lifetime, Verdict};
 
 /// What waiters receive: the verdict, or that the backend could not be reached.
 type Outcome = Result<Verdict, BackendError>;

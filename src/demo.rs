@@ -15,9 +15,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
-use crate::config::{Config, StoreConfig, ValidatorConfig};
+use crate::config::{StoreConfig, ValidatorConfig};
 use crate::credential::Source;
-use crate::error::{json_response, Body};
+use crate::response::json_response;
+use crate::upstream::Body;
 
 /// The example config, built into the binary so the demo runs from any folder.
 pub const EXAMPLE_CONFIG: &str = include_str!("../config.example.toml");
@@ -36,7 +37,7 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), String> {
     let mut config = match config_path {
-        Some(path) => Config::load(path).map_err(|e| {
+        Some(path) => crate::gate::load(path).map_err(|e| {
             let hint = if e.message.contains("certificate") || e.message.contains("private key") {
                 "\n(test certificates for it: `tokengate pki --dir DIR`, DIR where the config \
                  looks for them)"
@@ -45,7 +46,7 @@ pub async fn run(
             };
             format!("{e}{hint}")
         })?,
-        None => Config::parse(Path::new("config.example.toml"), EXAMPLE_CONFIG)
+        None => crate::gate::parse(Path::new("config.example.toml"), EXAMPLE_CONFIG)
             .map_err(|e| e.to_string())?,
     };
     if let Some(listen) = listen {
@@ -76,7 +77,7 @@ pub async fn run(
             .await
             .map_err(|e| format!("token store: {e}"))?,
     );
-    let demo_hash = crate::validate::hash(DEMO_TOKEN);
+    let demo_hash = crate::identity::hash(DEMO_TOKEN);
     let static_demo = config.validators.iter().any(|v| match v {
         ValidatorConfig::Static(tokens) => tokens.iter().any(|t| t.sha256 == demo_hash),
         _ => false,
@@ -107,7 +108,7 @@ pub async fn run(
         "http"
     };
     // Bound here so that `--listen 127.0.0.1:0` prints the port the system chose.
-    let listener = crate::server::bind(config.server.listen).await?;
+    let listener = crate::listener::bind(config.server.listen).await?;
     let listen = listener.local_addr().map_err(|e| e.to_string())?;
     let base = format!("{scheme}://{listen}");
     let curl = match &config.server.tls {

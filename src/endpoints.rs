@@ -14,9 +14,11 @@ use crate::audit::{self, Actor, Event};
 use crate::cache::Cache;
 use crate::clock::rfc3339;
 use crate::config::{EndpointsConfig, TokensConfig};
-use crate::error::{full, json_response, Body, ProxyError};
+use crate::error::ProxyError;
+use crate::response::json_response;
 use crate::store::{Kind, Store, TokenRecord};
 use crate::token::{issue, Issue, IssueError};
+use crate::upstream::{full, Body};
 
 /// The largest JSON body a token request may have.
 const MAX_REQUEST_BODY: usize = 16 * 1024;
@@ -327,7 +329,7 @@ impl TokenService<'_> {
     /// Insight.io `revokeApiToken`: revokes the presented token; 200 whatever it was.
     pub async fn insight_revoke(&self, token: Option<&str>) -> Response<Body> {
         if let Some(token) = token {
-            let hash = crate::validate::hash(token);
+            let hash = crate::identity::hash(token);
             self.cache.evict(&hash);
             match self.store.revoke_hash(&hash, None).await {
                 Ok(Some(record)) => self.audit(Event::Revoked, &record),
@@ -358,7 +360,7 @@ pub async fn serve(
     service: &TokenService<'_>,
     endpoint: &Endpoint,
     method: &Method,
-    caller: &crate::validate::Identity,
+    caller: &crate::identity::Identity,
     presented: &str,
     body: hyper::body::Incoming,
     body_timeout: Duration,

@@ -1,12 +1,11 @@
 //! The one error type of the request path, and the one table that turns it into a response.
 //!
 //! Every step of the chain (`credential`, `validate`, `upstream`, ...) returns a [`ProxyError`];
-//! [`ProxyError::into_response`] is the only place that decides status codes and bodies, so the
-//! SPEC §4 table lives here and is locked by a unit test.
+//! this is the one table of their status codes and messages, locked by a unit test; `response`
+//! turns them into responses.
 
-pub use crate::body::{full, Body};
 use bytes::Bytes;
-use http::{header, HeaderValue, Response, StatusCode};
+use http::StatusCode;
 
 /// A boxed error, as body streams carry them.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -99,33 +98,6 @@ impl ProxyError {
             ProxyError::MethodNotAllowed => "Method not allowed",
         }
     }
-
-    /// The ready-made response: JSON body, and `WWW-Authenticate` when credentials are missing.
-    pub fn into_response(self) -> Response<Body> {
-        let mut response = json_response(self.status(), error_body(self.message()));
-        match self {
-            ProxyError::MissingCredentials => {
-                response.headers_mut().insert(
-                    header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Bearer realm=\"tokengate\""),
-                );
-            }
-            // The client may already have sent bytes for the tunnel: never read them as
-            // requests.
-            ProxyError::UpstreamBusy => {
-                response
-                    .headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            }
-            ProxyError::UpgradeRefused | ProxyError::BadRequest | ProxyError::RequestTimeout => {
-                response
-                    .headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
-            _ => {}
-        }
-        response
-    }
 }
 
 impl std::fmt::Display for ProxyError {
@@ -137,19 +109,8 @@ impl std::fmt::Display for ProxyError {
 impl std::error::Error for ProxyError {}
 
 /// `{"error":"<message>"}`, serialised once.
-fn error_body(message: &str) -> Bytes {
+pub fn error_body(message: &str) -> Bytes {
     Bytes::from(serde_json::json!({ "error": message }).to_string())
-}
-
-/// A response with a JSON body tokengate makes itself.
-pub fn json_response(status: StatusCode, body: Bytes) -> Response<Body> {
-    let mut response = Response::new(full(body));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
 }
 
 #[cfg(test)]
@@ -189,17 +150,5 @@ mod tests {
             assert_eq!(error.status().as_u16(), status, "{error:?}");
             assert_eq!(error.message(), message, "{error:?}");
         }
-    }
-
-    #[test]
-    fn missing_credentials_challenges() {
-        let response = ProxyError::MissingCredentials.into_response();
-        assert_eq!(
-            response.headers()[header::WWW_AUTHENTICATE],
-            "Bearer realm=\"tokengate\""
-        );
-        assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
-        let other = ProxyError::InvalidCredentials.into_response();
-        assert!(other.headers().get(header::WWW_AUTHENTICATE).is_none());
     }
 }

@@ -31,9 +31,9 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
 
 use crate::config::{JwtKeySource, JwtValidatorConfig};
-use crate::error::full;
+use crate::identity::{BackendError, Identity};
+use crate::upstream::full;
 use crate::upstream::HttpClient;
-use crate::validate::{BackendError, Identity};
 
 /// A token naming an unknown `kid` refetches the JWKS at most this often.
 pub const JWKS_MIN_INTERVAL: Duration = Duration::from_secs(10);
@@ -334,8 +334,8 @@ impl JwtValidator {
             .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
             .map(|since| UNIX_EPOCH + since);
         let mut identity = Identity::of(
-            crate::validate::principal(&subject, &subject, None),
-            crate::validate::ValidatedBy::Jwt,
+            crate::identity::principal(&subject, &subject, None),
+            crate::identity::ValidatedBy::Jwt,
         );
         // `exp` is required and was checked; without a readable one, nothing is cached.
         identity.expires = expires.or(Some(SystemTime::now()));

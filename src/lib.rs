@@ -13,7 +13,6 @@
 pub mod access_log;
 pub mod admin;
 pub mod audit;
-pub mod body;
 pub mod cache;
 pub mod clock;
 pub mod config;
@@ -21,18 +20,23 @@ pub mod credential;
 pub mod demo;
 pub mod endpoints;
 pub mod error;
+pub mod gate;
+pub mod identity;
 pub mod jwt;
 pub mod jwt_validator;
+pub mod listener;
 pub mod page;
 pub mod path;
 pub mod pki;
 pub mod proxy;
 pub mod reload;
+pub mod response;
 pub mod rewrite;
 pub mod rucio;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod template;
 pub mod tls;
 pub mod token;
 pub mod trace;
@@ -81,7 +85,7 @@ pub async fn run(
     config_path: Option<PathBuf>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
-    let listener = server::bind(config.server.listen).await?;
+    let listener = listener::bind(config.server.listen).await?;
     run_on(listener, config, config_path, shutdown).await
 }
 
@@ -123,7 +127,7 @@ pub async fn run_with_store(
     let metrics = telemetry::install();
     let admin_addr = config.admin.as_ref().map(|a| a.listen);
     let (usage, usage_marks) = tokio::sync::mpsc::channel(USAGE_QUEUE);
-    let gate = proxy::Gate::new(config, Arc::clone(&store), usage, None)?;
+    let gate = gate::assemble(config, Arc::clone(&store), usage, None)?;
     let gate: proxy::SharedGate = Arc::new(ArcSwap::from_pointee(gate));
     let health = Arc::new(admin::Health::default());
     let mut background = Vec::new();
@@ -131,7 +135,7 @@ pub async fn run_with_store(
         background.push(tokio::spawn(telemetry::upkeep(handle.clone())));
     }
     if let Some(admin_addr) = admin_addr {
-        let admin_listener = server::bind(admin_addr).await?;
+        let admin_listener = listener::bind(admin_addr).await?;
         let state = admin::AdminState {
             gate: Arc::clone(&gate),
             health: Arc::clone(&health),
@@ -145,7 +149,7 @@ pub async fn run_with_store(
             Some(tls) => Some(tokio_rustls::TlsAcceptor::from(tls::server_config(tls)?)),
             None => None,
         };
-        let verify_listener = server::bind(verify.listen).await?;
+        let verify_listener = listener::bind(verify.listen).await?;
         background.push(tokio::spawn(verify::serve(
             verify_listener,
             Arc::clone(&gate),
@@ -196,7 +200,7 @@ async fn follow_revocations(store: Arc<store::Store>, gate: proxy::SharedGate) {
                         telemetry::token_revoked();
                     }
                 }
-                store::StoreEvent::IssuedByCli(kind) => telemetry::token_issued(kind),
+                store::StoreEvent::IssuedByCli(kind) => telemetry::token_issued(kind.as_str()),
                 store::StoreEvent::Unknown => {
                     gate.cache()
                         .evict_where(|identity| identity.token_id.is_some());

@@ -208,7 +208,7 @@ fn main() -> ExitCode {
                 eprintln!("tokengate hash: the token is empty (give it as an argument or on standard input)");
                 return ExitCode::from(2);
             }
-            println!("{}", hex::encode(tokengate::validate::hash(&token)));
+            println!("{}", hex::encode(tokengate::identity::hash(&token)));
             ExitCode::SUCCESS
         }
         Command::Pki {
@@ -278,7 +278,7 @@ fn main() -> ExitCode {
 
 /// Loads a config; on error prints `PATH:LINE:COL: message` and gives exit status 2.
 fn load(path: &Path) -> Result<Config, ExitCode> {
-    Config::load(path).map_err(|e| {
+    tokengate::gate::load(path).map_err(|e| {
         eprintln!("{e}");
         ExitCode::from(2)
     })

@@ -2,7 +2,6 @@
 //! that is a straight chain of steps: route → extract credential → validate → rewrite →
 //! forward.
 
-use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
@@ -24,7 +23,8 @@ use crate::cache::{Cache, Provenance};
 use crate::config::{AuthMode, Config, RouteConfig};
 use crate::credential::{self, Source};
 use crate::endpoints::{self, Endpoint, TokenService};
-use crate::error::{Body, ProxyError};
+use crate::error::ProxyError;
+use crate::identity::Identity;
 use crate::page::{self, PageEndpoint};
 use crate::rewrite::{self, Boundary, Forwarding, Values};
 use crate::rucio::{self, RucioEndpoint};
@@ -32,8 +32,9 @@ use crate::store::{self, Store};
 use crate::telemetry::{AuthMetrics, AuthResult, RouteMetrics};
 use crate::token;
 use crate::trace;
+use crate::upstream::Body;
 use crate::upstream::{self, ClientBody, Pool};
-use crate::validate::{self, Identity, Validators, Verdict};
+use crate::validate::{Validators, Verdict};
 
 /// Everything the request path needs, built once from a config (and again on reload).
 pub struct Gate {
@@ -41,22 +42,22 @@ pub struct Gate {
     pub config: Config,
     /// The TLS acceptor of the main listener, when TLS is configured.
     pub acceptor: Option<TlsAcceptor>,
-    routes: Vec<Route>,
-    boundary: Boundary,
-    validators: Arc<Validators>,
-    cache: Arc<Cache>,
+    pub(crate) routes: Vec<Route>,
+    pub(crate) boundary: Boundary,
+    pub(crate) validators: Arc<Validators>,
+    pub(crate) cache: Arc<Cache>,
     pub(crate) auth_metrics: AuthMetrics,
     /// `route` metrics of tokengate's own endpoints, and of requests no route matched: made on
     /// first use, so endpoints that are off have no series.
-    own_metrics: [(&'static str, OnceLock<RouteMetrics>); OWN_ROUTES.len()],
+    pub(crate) own_metrics: [(&'static str, OnceLock<RouteMetrics>); OWN_ROUTES.len()],
     /// Where issued tokens live (shared by every gate generation).
     pub store: Arc<Store>,
-    usage: UsageSender,
+    pub(crate) usage: UsageSender,
     /// `[endpoints]` with `tokens_prefix` lower-cased, for the case-insensitive reading.
-    folded_endpoints: crate::config::EndpointsConfig,
+    pub(crate) folded_endpoints: crate::config::EndpointsConfig,
     /// Whether a prefix the gate matches has upper-case letters, so that even a lower-case path
     /// can pick another route when read case-insensitively.
-    fold_always: bool,
+    pub(crate) fold_always: bool,
 }
 
 /// What a path picks under one reading.
@@ -74,7 +75,7 @@ pub(crate) enum Target<'g> {
 const NO_ROUTE: &str = "-";
 
 /// `route` labels of what tokengate answers itself (`Endpoint::label`, `RucioEndpoint::label`).
-const OWN_ROUTES: [&str; 7] = [
+pub(crate) const OWN_ROUTES: [&str; 7] = [
     NO_ROUTE,
     "tokengate:tokens",
     "tokengate:page",
@@ -92,149 +93,13 @@ pub type SharedGate = Arc<ArcSwap<Gate>>;
 
 pub(crate) struct Route {
     pub(crate) config: RouteConfig,
-    pool: Arc<Pool>,
+    pub(crate) pool: Arc<Pool>,
     pub(crate) metrics: RouteMetrics,
 }
 
-/// What the connection knows about the client.
-#[derive(Debug, Clone)]
-pub struct Peer {
-    /// The client's address.
-    pub addr: SocketAddr,
-    /// Whether the connection is TLS.
-    pub tls: bool,
-    /// The verified client certificate, when the client presented one.
-    pub client: Option<Arc<ClientCert>>,
-    /// The client's address as a header value (`X-Forwarded-For`), made once per connection.
-    pub ip: HeaderValue,
-}
-
-impl Peer {
-    /// What the connection knows about a client at `addr`.
-    pub fn new(addr: SocketAddr, tls: bool, client: Option<Arc<ClientCert>>) -> Peer {
-        let ip = HeaderValue::try_from(addr.ip().to_string())
-            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-        Peer {
-            addr,
-            tls,
-            client,
-            ip,
-        }
-    }
-}
-
-/// The identity of a verified client certificate (or proxy chain): its end-entity DN, in both
-/// forms, computed once per connection.
-#[derive(Debug)]
-pub struct ClientCert {
-    /// `/C=CH/O=Example/CN=Alice`.
-    pub slash: String,
-    /// `CN=Alice,O=Example,C=CH`.
-    pub rfc2253: String,
-}
-
-impl ClientCert {
-    /// The DN of the verified chain `certs` (leaf first), or `None` without a certificate.
-    pub fn of_chain(certs: &[rustls_pki_types::CertificateDer<'_>]) -> Option<ClientCert> {
-        if certs.is_empty() {
-            return None;
-        }
-        let dn = |format| match crate::x509::end_entity_dn(certs, format) {
-            Ok(dn) => Some(dn),
-            Err(e) => {
-                tracing::warn!(error = %e, "verified client certificate without a usable DN");
-                None
-            }
-        };
-        Some(ClientCert {
-            slash: dn(crate::x509::DnFormat::Slash)?,
-            rfc2253: dn(crate::x509::DnFormat::Rfc2253)?,
-        })
-    }
-
-    /// The DN in `format`.
-    pub fn dn(&self, format: crate::x509::DnFormat) -> &str {
-        match format {
-            crate::x509::DnFormat::Slash => &self.slash,
-            crate::x509::DnFormat::Rfc2253 => &self.rfc2253,
-        }
-    }
-}
+pub use crate::identity::{ClientCert, Peer};
 
 impl Gate {
-    /// Builds the TLS acceptor, clients, validators and the cache for a config. The previous
-    /// gate's cache is kept when the validators and cache settings are unchanged, so a reload
-    /// does not send every client back to the validators.
-    pub fn new(
-        config: Config,
-        store: Arc<Store>,
-        usage: UsageSender,
-        previous: Option<&Gate>,
-    ) -> Result<Gate, String> {
-        let acceptor = match &config.server.tls {
-            Some(tls) => Some(TlsAcceptor::from(crate::tls::server_config(tls)?)),
-            None => None,
-        };
-        let default_client = upstream::client(None)?;
-        let mut routes = Vec::with_capacity(config.routes.len());
-        for route in &config.routes {
-            let tls = match (route.upstream.scheme_str(), &route.upstream_ca) {
-                (Some("https"), ca) => Some(upstream::tls_client_config(ca.as_deref())?),
-                _ => None,
-            };
-            let pool = Pool::new(
-                &route.upstream,
-                tls,
-                (route.max_inflight, route.max_idle_connections),
-                route.preserve_header_case,
-                crate::worker::count(&config.server),
-            )?;
-            routes.push(Route {
-                config: route.clone(),
-                pool: Arc::new(pool),
-                metrics: RouteMetrics::new(&route.path_prefix),
-            });
-        }
-        let validators = Arc::new(Validators::new(
-            &config.validators,
-            &default_client,
-            Arc::clone(&store),
-            config.tokens.jwt.clone(),
-        ));
-        let cache = match previous {
-            Some(p)
-                if p.config.validators == config.validators
-                    && p.config.cache == config.cache
-                    && same_jwt_key(&p.config, &config) =>
-            {
-                Arc::clone(&p.cache)
-            }
-            _ => Cache::new(&config.cache),
-        };
-        crate::telemetry::register(&config);
-        let auth_metrics = AuthMetrics::new(&auth_sources(&config));
-        let mut folded_endpoints = config.endpoints.clone();
-        folded_endpoints.tokens_prefix.make_ascii_lowercase();
-        let has_upper = |p: &str| p.bytes().any(|b| b.is_ascii_uppercase());
-        let fold_always = config.routes.iter().any(|r| has_upper(&r.path_prefix))
-            || has_upper(&config.endpoints.tokens_prefix)
-            || config.endpoints.insight;
-        Ok(Gate {
-            folded_endpoints,
-            fold_always,
-            boundary: Boundary::new(&config),
-            config,
-            acceptor,
-            routes,
-            validators,
-            cache,
-            auth_metrics,
-            own_metrics: OWN_ROUTES.map(|label| (label, OnceLock::new())),
-            store,
-            usage,
-        })
-    }
-
     /// Where last-use marks go (kept across reloads).
     pub fn usage(&self) -> UsageSender {
         self.usage.clone()
@@ -387,37 +252,6 @@ fn stricter<'g>(a: &'g Route, b: &'g Route) -> Result<&'g Route, ProxyError> {
     Ok(if rank(y.auth) > rank(x.auth) { b } else { a })
 }
 
-/// The `source` labels of `tokengate_auth_total` this config can produce.
-fn auth_sources(config: &Config) -> Vec<&'static str> {
-    let mut sources = vec!["cache", "store", "none"];
-    for validator in &config.validators {
-        let label = validator.kind();
-        if let Some(known) = crate::telemetry::AUTH_SOURCES.iter().find(|s| **s == label) {
-            if !sources.contains(known) {
-                sources.push(known);
-            }
-        }
-    }
-    let client_certificates = config
-        .server
-        .tls
-        .as_ref()
-        .is_some_and(|tls| tls.client_ca.is_some());
-    if config.x509.enabled || client_certificates {
-        sources.push("x509");
-    }
-    sources
-}
-
-/// Whether two configs sign and check JWT API keys with the same key.
-fn same_jwt_key(a: &Config, b: &Config) -> bool {
-    match (&a.tokens.jwt, &b.tokens.jwt) {
-        (None, None) => true,
-        (Some(a), Some(b)) => a.kid() == b.kid(),
-        _ => false,
-    }
-}
-
 /// What the access log line says about a request, filled in as the chain goes.
 #[derive(Default)]
 pub(crate) struct Outcome<'g> {
@@ -500,9 +334,9 @@ pub async fn handle(gate: &Gate, peer: &Peer, mut request: Request<Incoming>) ->
         let body = std::mem::replace(response.body_mut(), Body::Full(None));
         *response.body_mut() = match body {
             // A streamed body's line waits for its end, to count what was sent.
-            Body::Upstream(stream) if request.method != Method::HEAD => {
-                Body::Logged(crate::body::Logged::new(stream, access_log::pending(&line)))
-            }
+            Body::Upstream(stream) if request.method != Method::HEAD => Body::Logged(
+                crate::upstream::Logged::new(stream, access_log::pending(&line)),
+            ),
             body => {
                 let sent = match request.method {
                     Method::HEAD => 0,
@@ -728,7 +562,7 @@ async fn serve_page<'g>(
     let caller = match identify(gate, &parts, outcome).await {
         Ok(Some(found)) => Some(page::Caller {
             identity: found.identity,
-            credential: validate::hash(&found.token),
+            credential: crate::identity::hash(&found.token),
         }),
         // A verified client certificate signs in too.
         Ok(None) => match client_caller(gate, peer).await {
@@ -737,7 +571,7 @@ async fn serve_page<'g>(
                 outcome.auth = Some((AuthResult::Allowed, "x509"));
                 let dn = identity.dn.as_deref().unwrap_or_default();
                 Some(page::Caller {
-                    credential: validate::hash(&format!("x509:{dn}")),
+                    credential: crate::identity::hash(&format!("x509:{dn}")),
                     identity,
                 })
             }
@@ -966,7 +800,7 @@ async fn forward<'g>(
         tokio::spawn(relay_upgrade(client_upgrade, upstream_upgrade, slot));
         return Ok(Response::from_parts(
             parts,
-            crate::error::full(Bytes::new()),
+            crate::upstream::full(Bytes::new()),
         ));
     } else {
         rewrite::remove_hop_by_hop(response.headers_mut(), None);
@@ -1076,8 +910,8 @@ async fn client_caller(gate: &Gate, peer: &Peer) -> Result<Option<Arc<Identity>>
         })?;
     let account = accounts.first().map_or(dn, String::as_str);
     Ok(Some(Arc::new(Identity::of(
-        crate::validate::principal(dn, account, Some(dn)),
-        crate::validate::ValidatedBy::X509,
+        crate::identity::principal(dn, account, Some(dn)),
+        crate::identity::ValidatedBy::X509,
     ))))
 }
 
@@ -1087,7 +921,7 @@ async fn authenticate(
     token: &str,
     outcome: &mut Outcome<'_>,
 ) -> Result<Arc<Identity>, ProxyError> {
-    let key = validate::hash(token);
+    let key = crate::identity::hash(token);
     let validators = &gate.validators;
     let (verdict, provenance) = gate
         .cache

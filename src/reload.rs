@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::config::{Config, JwtKeySource, JwtValidatorConfig, ValidatorConfig};
-use crate::proxy::{Gate, SharedGate};
+use crate::proxy::SharedGate;
 
 /// How often the watched files are looked at.
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -119,13 +119,13 @@ fn restart_only_changes(current: &Config, next: &Config) -> Vec<&'static str> {
 /// Loads the config again and swaps in a new gate; on error keeps the old one.
 pub fn reload(path: &Path, gate: &SharedGate, why: &str) {
     let current = gate.load_full();
-    let result = Config::load(path)
+    let result = crate::gate::load(path)
         .map_err(|e| e.to_string())
         .and_then(|config| {
             if config.store != current.config.store {
                 tracing::warn!("[store] changed: takes effect after a restart");
             }
-            Gate::new(
+            crate::gate::assemble(
                 config,
                 Arc::clone(&current.store),
                 current.usage(),

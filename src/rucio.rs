@@ -11,11 +11,12 @@ use http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use serde_json::json;
 
 use crate::config::{TokenFormat, TokensConfig, X509Config};
-use crate::error::{full, json_response, Body};
-use crate::proxy::ClientCert;
+use crate::identity::ClientCert;
+use crate::identity::Identity;
+use crate::response::json_response;
 use crate::store::{Kind, Store};
 use crate::token::{issue, Issue};
-use crate::validate::Identity;
+use crate::upstream::{full, Body};
 
 /// A Rucio endpoint of the main listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -22,7 +22,8 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 use crate::admin::Health;
-use crate::proxy::{ClientCert, Gate, Peer, SharedGate};
+use crate::identity::{ClientCert, Peer};
+use crate::proxy::{Gate, SharedGate};
 
 mod connection;
 mod misdirected;
@@ -38,37 +39,6 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 /// HTTP/2 PING interval and the time a PING may go unanswered before the peer counts as dead.
 const H2_PING_INTERVAL: Duration = Duration::from_secs(20);
 const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// Binds a listener.
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| format!("cannot listen on {addr}: {e}"))
-}
-
-/// The accept loop of a side listener (admin, verify): at most `limit` connections at once
-/// (more wait in the backlog), each handed to `serve` with the permit it must hold until it
-/// ends; an accept error is logged and retried after a pause.
-pub async fn accept_bounded(
-    listener: TcpListener,
-    limit: usize,
-    what: &'static str,
-    mut serve: impl FnMut(tokio::net::TcpStream, SocketAddr, tokio::sync::OwnedSemaphorePermit),
-) {
-    let limit = Arc::new(tokio::sync::Semaphore::new(limit));
-    loop {
-        let Ok(permit) = Arc::clone(&limit).acquire_owned().await else {
-            return;
-        };
-        match listener.accept().await {
-            Ok((tcp, client)) => serve(tcp, client, permit),
-            Err(e) => {
-                tracing::warn!(listener = what, error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
 
 thread_local! {
     /// The gate this worker's requests use.
@@ -218,7 +188,7 @@ pub async fn serve(
             tick.tick().await;
             let gate = gate.load();
             gate.cache().purge_expired();
-            crate::validate::purge_principals();
+            crate::identity::purge_principals();
             crate::telemetry::cache_entries(gate.cache().len());
         }
     });

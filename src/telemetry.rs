@@ -243,10 +243,10 @@ pub fn cache_entries(entries: usize) {
     gauge!("tokengate_cache_entries").set(entries as f64);
 }
 
-/// Counts an issued token (on every surface: the servers' own, and the CLI's as the store's
-/// feed reports them).
-pub fn token_issued(kind: crate::store::Kind) {
-    counter!("tokengate_tokens_issued_total", "kind" => kind.as_str()).increment(1);
+/// Counts an issued token of `kind` (`api`, `x509`) on every surface: the servers' own, and the
+/// CLI's as the store's feed reports them.
+pub fn token_issued(kind: &'static str) {
+    counter!("tokengate_tokens_issued_total", "kind" => kind).increment(1);
 }
 
 /// Counts a revoked token (on every surface: the servers' own revocations, and the CLI's as

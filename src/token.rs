@@ -143,7 +143,7 @@ pub async fn issue(
     }
     let record = TokenRecord {
         id,
-        hash: crate::validate::hash(&token),
+        hash: crate::identity::hash(&token),
         subject: what.subject.to_string(),
         account: account.to_string(),
         name: what.name.to_string(),
@@ -154,7 +154,7 @@ pub async fn issue(
         last_used_ms: None,
     };
     store.insert(&record).await?;
-    crate::telemetry::token_issued(what.kind);
+    crate::telemetry::token_issued(what.kind.as_str());
     Ok((token, record))
 }
 

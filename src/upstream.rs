@@ -2,6 +2,7 @@
 //! way there (read timeout, typed errors), the one place that turns a failed exchange into a
 //! status, and the pooled client the validators use for their own calls.
 
+mod body;
 mod pool;
 
 use std::future::Future;
@@ -22,9 +23,10 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 use tokio::time::{Instant, Sleep};
 
+pub use body::{full, Body, Logged};
 pub use pool::{Pool, PooledBody, Slot, IDLE_TIMEOUT};
 
-use crate::error::{Body, BoxError, ProxyError};
+use crate::error::{BoxError, ProxyError};
 
 /// The pooled client validators use (introspection endpoints, JWKS).
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;

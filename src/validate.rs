@@ -3,181 +3,23 @@
 //! unavailable" unless a later one recognises the credential (fail closed).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use dashmap::DashMap;
-use http::{HeaderValue, Method, Request, StatusCode};
+use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Limited};
 
 use crate::config::{IntrospectConfig, StaticToken, ValidatorConfig};
-use crate::error::full;
+pub use crate::identity::{
+    hash, principal, purge_principals, BackendError, Identity, Principal, Usage, ValidatedBy,
+    USAGE_WRITE_INTERVAL_MS,
+};
 use crate::jwt::JwtKey;
 use crate::jwt_validator::JwtValidator;
 use crate::store::{Store, TokenRecord};
+use crate::upstream::full;
 use crate::upstream::HttpClient;
-
-/// Who a credential belongs to. Interned ([`principal`]): the many credentials of one person
-/// share one, so a cached credential costs little more than its own expiry and id.
-#[derive(Debug)]
-pub struct Principal {
-    /// Who the credential belongs to.
-    pub subject: String,
-    /// The account acted as.
-    pub account: String,
-    /// The certificate DN, when the credential came from a client certificate.
-    pub dn: Option<String>,
-    /// `subject` and `account` as header values, made once (`{subject}` and `{account}` in an
-    /// identity header then cost no allocation per request); `None` when they cannot be one.
-    subject_value: Option<HeaderValue>,
-    account_value: Option<HeaderValue>,
-}
-
-impl Principal {
-    /// `subject` as a header value.
-    pub fn subject_value(&self) -> Option<&HeaderValue> {
-        self.subject_value.as_ref()
-    }
-
-    /// `account` as a header value.
-    pub fn account_value(&self) -> Option<&HeaderValue> {
-        self.account_value.as_ref()
-    }
-}
-
-type PrincipalKey = (String, String, Option<String>);
-
-/// Every principal in use, so that equal ones are one allocation.
-fn principals() -> &'static DashMap<PrincipalKey, Arc<Principal>> {
-    static PRINCIPALS: OnceLock<DashMap<PrincipalKey, Arc<Principal>>> = OnceLock::new();
-    PRINCIPALS.get_or_init(DashMap::new)
-}
-
-/// The principal for `subject`, `account` and `dn`: the same allocation for equal ones.
-pub fn principal(subject: &str, account: &str, dn: Option<&str>) -> Arc<Principal> {
-    let key = (
-        subject.to_string(),
-        account.to_string(),
-        dn.map(str::to_string),
-    );
-    if let Some(found) = principals().get(&key) {
-        return Arc::clone(&found);
-    }
-    let made = Arc::new(Principal {
-        // Bytes, not text: a UTF-8 name is carried as sent (obs-text); CR, LF and other
-        // control characters cannot be, and `Template::render_checked` refuses them.
-        subject_value: HeaderValue::from_bytes(subject.as_bytes()).ok(),
-        account_value: HeaderValue::from_bytes(account.as_bytes()).ok(),
-        subject: key.0.clone(),
-        account: key.1.clone(),
-        dn: key.2.clone(),
-    });
-    Arc::clone(principals().entry(key).or_insert(made).value())
-}
-
-/// Forgets principals no identity uses any more (with the cache's periodic sweep).
-pub fn purge_principals() {
-    principals().retain(|_, p| Arc::strong_count(p) > 1);
-}
-
-/// A verified identity: who, and what this credential says about itself.
-#[derive(Debug, Clone)]
-pub struct Identity {
-    /// Who (shared by all of their credentials).
-    pub principal: Arc<Principal>,
-    /// The id of a token tokengate issued.
-    pub token_id: Option<Box<str>>,
-    /// Which validator recognised it (`static`, `introspect`, ...).
-    pub validator: ValidatedBy,
-    /// When the credential itself expires; the cache entry never outlives it.
-    pub expires: Option<SystemTime>,
-    /// For tokens tokengate issued: when their last use was last written back.
-    pub usage: Option<Arc<Usage>>,
-}
-
-/// Which validator recognised a credential (one byte in every cached identity).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ValidatedBy {
-    /// A token tokengate issued, found in the store.
-    Store,
-    /// A `static` validator.
-    Static,
-    /// An `introspect` validator.
-    Introspect,
-    /// A `jwt` validator, or a JWT API key tokengate signed.
-    Jwt,
-    /// A verified client certificate.
-    X509,
-}
-
-impl ValidatedBy {
-    /// The name in logs and the `source` metric label.
-    pub fn label(self) -> &'static str {
-        match self {
-            ValidatedBy::Store => "store",
-            ValidatedBy::Static => "static",
-            ValidatedBy::Introspect => "introspect",
-            ValidatedBy::Jwt => "jwt",
-            ValidatedBy::X509 => "x509",
-        }
-    }
-}
-
-impl std::ops::Deref for Identity {
-    type Target = Principal;
-
-    fn deref(&self) -> &Principal {
-        &self.principal
-    }
-}
-
-impl Identity {
-    /// An identity with no expiry, id or usage of its own (static tokens, introspection,
-    /// client certificates).
-    pub fn of(principal: Arc<Principal>, validator: ValidatedBy) -> Identity {
-        Identity {
-            principal,
-            token_id: None,
-            validator,
-            expires: None,
-            usage: None,
-        }
-    }
-}
-
-/// Last-use bookkeeping of an issued token, shared by every request that uses it, so the
-/// write-back happens at most once a minute per token without a lookup on the request path.
-#[derive(Debug)]
-pub struct Usage {
-    /// The token's hash.
-    pub hash: [u8; 32],
-    last_written_ms: AtomicI64,
-}
-
-/// At most one `lastUsed` write per token per this interval.
-pub const USAGE_WRITE_INTERVAL_MS: i64 = 60_000;
-
-impl Usage {
-    /// Bookkeeping for a token last written back at `last_used_ms`.
-    pub fn new(hash: [u8; 32], last_used_ms: Option<i64>) -> Usage {
-        Usage {
-            hash,
-            last_written_ms: AtomicI64::new(last_used_ms.unwrap_or(i64::MIN / 2)),
-        }
-    }
-
-    /// Whether a use at `now_ms` should be written back; true for one caller per interval.
-    pub fn due(&self, now_ms: i64) -> bool {
-        let last = self.last_written_ms.load(Ordering::Relaxed);
-        now_ms - last >= USAGE_WRITE_INTERVAL_MS
-            && self
-                .last_written_ms
-                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-    }
-}
 
 impl Identity {
     /// The identity behind an issued token.
@@ -200,19 +42,6 @@ pub enum Verdict {
     Allowed(Arc<Identity>),
     /// No validator recognises the credential.
     Denied,
-}
-
-/// A validator could not be reached or answered nonsense.
-#[derive(Debug, Clone)]
-pub struct BackendError(pub String);
-
-/// SHA-256 of a credential: the cache key and the static validator's key. Raw tokens are never
-/// kept.
-pub fn hash(token: &str) -> [u8; 32] {
-    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
-    let mut out = [0u8; 32];
-    out.copy_from_slice(digest.as_ref());
-    out
 }
 
 /// The validators, in order: the store (for tokens tokengate issued), then the configured ones.

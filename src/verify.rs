@@ -28,10 +28,11 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::access_log;
 use crate::config::{AuthMode, Ingress};
-use crate::error::{Body, ProxyError};
+use crate::error::ProxyError;
 use crate::proxy::{Gate, Outcome, SharedGate};
 use crate::rewrite::Values;
 use crate::telemetry::AuthResult;
+use crate::upstream::Body;
 
 /// Connections the decision listener serves at once; more wait in the accept backlog. An
 /// ingress keeps a few keep-alive connections per worker.
@@ -66,7 +67,7 @@ pub async fn serve(listener: TcpListener, gate: SharedGate, acceptor: Option<Tls
         .keep_alive_interval(server.idle_timeout)
         .max_concurrent_streams(server.max_concurrent_streams);
     let builder = Arc::new(builder);
-    crate::server::accept_bounded(listener, VERIFY_CONNECTIONS, "verify", |tcp, client, permit| {
+    crate::listener::accept_bounded(listener, VERIFY_CONNECTIONS, "verify", |tcp, client, permit| {
         let gate = Arc::clone(&gate);
         let builder = Arc::clone(&builder);
         let acceptor = acceptor.clone();
@@ -335,7 +336,7 @@ fn asked_by_ingress(headers: &mut HeaderMap, expected: &str) -> bool {
 }
 
 fn verify_token_required() -> Response<Body> {
-    let mut response = crate::error::json_response(
+    let mut response = crate::response::json_response(
         StatusCode::UNAUTHORIZED,
         bytes::Bytes::from_static(br#"{"error":"Verify token required"}"#),
     );
@@ -408,7 +409,7 @@ fn original_request(
 
 /// 200: the request may pass; `headers` are what the upstream should receive.
 fn allowed(headers: HeaderMap) -> Response<Body> {
-    let mut response = Response::new(crate::error::full(bytes::Bytes::new()));
+    let mut response = Response::new(crate::upstream::full(bytes::Bytes::new()));
     *response.headers_mut() = headers;
     response
         .headers_mut()

@@ -74,6 +74,7 @@ impl Grid {
             client_auth_required,
             proxy_certificates,
             alpn: vec![Alpn::Http2, Alpn::Http1],
+            at: Default::default(),
         })
         .expect("server config")
     }

@@ -22,10 +22,11 @@ use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_AL
 
 use crate::config::{Config, EndpointsConfig, TokensConfig};
 use crate::endpoints::{self, BadCreate, CreateRequest, TokenService};
-use crate::error::{full, Body, ProxyError};
+use crate::error::ProxyError;
+use crate::identity::Identity;
 use crate::store::TokenRecord;
 use crate::token::IssueError;
-use crate::validate::Identity;
+use crate::upstream::{full, Body};
 
 pub use csrf::Csrf;
 use render::{Lifetime, Notice, View};

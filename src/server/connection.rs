@@ -21,8 +21,10 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use super::{gate_for_request, Limits, Shared};
-use crate::error::{Body, BoxError};
-use crate::proxy::{self, Peer};
+use crate::error::BoxError;
+use crate::identity::Peer;
+use crate::proxy;
+use crate::upstream::Body;
 
 /// Serves HTTP on one connection, under its watchdog. Each request uses the gate in force when
 /// it arrives.

@@ -25,7 +25,8 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
-use crate::error::{Body, ProxyError};
+use super::Body;
+use crate::error::ProxyError;
 
 /// How long an idle upstream connection is kept.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);

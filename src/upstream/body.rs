@@ -9,8 +9,8 @@ use bytes::Bytes;
 use http_body_util::Limited;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 
+use super::{ClientBody, PooledBody};
 use crate::error::BoxError;
-use crate::upstream::{ClientBody, PooledBody};
 
 /// The body of every request tokengate sends upstream and every response it sends.
 pub enum Body {
