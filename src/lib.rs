@@ -14,6 +14,7 @@ pub mod access_log;
 pub mod admin;
 pub mod audit;
 pub mod cache;
+pub mod client_addr;
 pub mod clock;
 pub mod config;
 pub mod credential;

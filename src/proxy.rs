@@ -284,6 +284,9 @@ pub async fn handle(gate: &Gate, peer: &Peer, mut request: Request<Incoming>) ->
         version: request.version(),
         user_agent: request.headers().get(header::USER_AGENT).cloned(),
         host: request.headers().get(header::HOST).cloned(),
+        // Behind trusted proxies the client is read from X-Forwarded-For (else the peer's
+        // address, made once per connection).
+        client: client_address(gate, peer, request.headers()),
     });
     let mut outcome = Outcome::default();
     let mut response = match forward_request(gate, peer, request, &mut outcome).await {
@@ -321,7 +324,10 @@ pub async fn handle(gate: &Gate, peer: &Peer, mut request: Request<Incoming>) ->
             ignored: outcome.ignored,
             auth: outcome.auth.map(|(result, _)| result.label()),
             validator: outcome.auth.map(|(_, by)| by),
-            client: peer.ip.to_str().unwrap_or_default(),
+            client: request
+                .client
+                .as_deref()
+                .unwrap_or_else(|| peer.ip.to_str().unwrap_or_default()),
             duration,
             upstream: outcome.upstream,
             request_id: context.request_id.to_str().unwrap_or_default(),
@@ -373,7 +379,25 @@ struct LoggedRequest {
     version: http::Version,
     user_agent: Option<HeaderValue>,
     host: Option<HeaderValue>,
+    /// The client behind trusted proxies; `None`: the socket's peer.
+    client: Option<String>,
 }
+
+/// The real client address, when `[server] trusted_proxies` makes it differ from the peer's.
+pub(crate) fn client_address(
+    gate: &Gate,
+    peer: &Peer,
+    headers: &http::HeaderMap,
+) -> Option<String> {
+    let trusted = &gate.config.server.trusted_proxies;
+    if trusted.is_empty() {
+        return None;
+    }
+    let client = trusted.client(peer.addr.ip(), headers.get_all(&X_FORWARDED_FOR).iter());
+    (client != peer.addr.ip()).then(|| client.to_string())
+}
+
+static X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
 
 /// A header value as text for the log (bytes outside ASCII replaced).
 fn header_text(value: &HeaderValue) -> Cow<'_, str> {

@@ -161,6 +161,7 @@ pub async fn handle(
         return ProxyError::NoRoute.into_response();
     };
     let context = crate::trace::Context::take(request.headers_mut());
+    let real_client = ingress_client(gate, client.ip(), request.headers());
     let (parts, _body) = request.into_parts();
     let mut outcome = Outcome::default();
     let mut original = None;
@@ -190,7 +191,7 @@ pub async fn handle(
     }
     if access_log::enabled() {
         let identity = outcome.identity.as_deref();
-        let client_ip = client.ip().to_string();
+        let client_ip = real_client.to_string();
         let (method, uri, host) = match &original {
             Some(Original { method, uri, host }) => (method.as_str(), uri.path(), host.as_deref()),
             None => ("-", "-", None),
@@ -333,6 +334,27 @@ fn asked_by_ingress(headers: &mut HeaderMap, expected: &str) -> bool {
         return true;
     }
     false
+}
+
+/// The client the ingress asks about: from the ingress's `X-Forwarded-For` (or, without one,
+/// `X-Real-IP`) when the ingress is a trusted proxy, else the ingress itself.
+fn ingress_client(
+    gate: &Gate,
+    ingress: std::net::IpAddr,
+    headers: &http::HeaderMap,
+) -> std::net::IpAddr {
+    let trusted = &gate.config.server.trusted_proxies;
+    if trusted.is_empty() {
+        return ingress;
+    }
+    let forwarded = headers.get_all("x-forwarded-for");
+    if forwarded.iter().next().is_some() {
+        return trusted.client(ingress, forwarded.iter());
+    }
+    match headers.get("x-real-ip") {
+        Some(real) => trusted.client(ingress, std::iter::once(real)),
+        None => trusted.client(ingress, std::iter::empty()),
+    }
 }
 
 fn verify_token_required() -> Response<Body> {

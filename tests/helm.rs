@@ -2246,6 +2246,7 @@ config:
     workers: 2
     allowUnderscoresInHeaders: true
     stripHeaders: [X-Site-Role]
+    trustedProxies: [10.0.0.0/8]
   endpoints:
     selfService: false
     page: true
@@ -2299,6 +2300,7 @@ config:
         ("server.workers", 2.into()),
         ("server.allow_underscores_in_headers", true.into()),
         ("server.strip_headers", strings(&["X-Site-Role"])),
+        ("server.trusted_proxies", strings(&["10.0.0.0/8"])),
         ("server.tls.alpn", strings(&["h2"])),
         ("verify.listen", "0.0.0.0:9902".into()),
         ("verify.ingress", "traefik".into()),

@@ -2246,3 +2246,90 @@ upstream = "http://127.0.0.1:{up}"
     );
     assert_eq!(status_of(&b.url("/api/x"), Some(&token)).await, 401);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The real client address behind trusted proxies
+// ---------------------------------------------------------------------------------------------
+
+/// `curl` from local address `from` (any 127.x address reaches a 127.0.0.1 listener) with
+/// `headers`; the status.
+fn curl_from(from: &str, url: &str, headers: &[&str]) -> String {
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "-s",
+        "--max-time",
+        "10",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+    ])
+    .args(["--interface", from]);
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
+    let out = cmd.arg(url).output().expect("run curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `[server] trusted_proxies`: behind a trusted proxy the log's `client` is the first address
+/// outside the trusted networks, read right to left, so a forged left-most entry changes
+/// nothing; an untrusted peer's `X-Forwarded-For` is not read.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_client_address_is_read_behind_trusted_proxies_only() {
+    let up = Upstream::start();
+    let port = free_port();
+    let toml = plain_config(port, up.port).replacen(
+        "[server]\n",
+        "[server]\ntrusted_proxies = [\"127.0.0.2\", \"10.0.0.0/8\"]\n",
+        1,
+    );
+    let gate = Gate::start(&toml);
+    let token = format!("auth-token: {STATIC_TOKEN}");
+    let url = |p: &str| format!("http://127.0.0.1:{port}{p}");
+    // Through a trusted proxy (127.0.0.2) and a trusted hop (10.1.1.1) of its own; the client
+    // forged 6.6.6.6 in front.
+    let xff = "X-Forwarded-For: 6.6.6.6, 203.0.113.9, 10.1.1.1";
+    assert_eq!(
+        curl_from("127.0.0.2", &url("/trusted"), &[&token, xff]),
+        "200"
+    );
+    // The same header from an untrusted address is not believed.
+    assert_eq!(
+        curl_from("127.0.0.3", &url("/untrusted"), &[&token, xff]),
+        "200"
+    );
+    // A trusted proxy without the header: the proxy is the client.
+    assert_eq!(curl_from("127.0.0.2", &url("/bare"), &[&token]), "200");
+    let lines = gate.wait_access_line("/bare", Duration::from_secs(5)).await;
+    assert!(!lines.is_empty(), "{}", gate.log());
+    let client_of = |path: &str| {
+        gate.access_lines()
+            .into_iter()
+            .find(|l| l["path"] == path)
+            .map(|l| l["client"].as_str().unwrap_or_default().to_string())
+            .unwrap_or_else(|| panic!("no line for {path}:\n{}", gate.log()))
+    };
+    assert_eq!(client_of("/trusted"), "203.0.113.9");
+    assert_eq!(client_of("/untrusted"), "127.0.0.3");
+    assert_eq!(client_of("/bare"), "127.0.0.2");
+
+    // A bad network is a check error at its place.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = write_file(
+        dir.path(),
+        "bad.toml",
+        &plain_config(port, up.port).replacen(
+            "[server]\n",
+            "[server]\ntrusted_proxies = [\"10.0.0.0/33\"]\n",
+            1,
+        ),
+    );
+    let out = cli(&["check", "--config", &bad.to_string_lossy()]);
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(
+        said.contains("bad.toml:2:") && said.contains("trusted_proxies"),
+        "{said}"
+    );
+}

@@ -353,6 +353,13 @@ impl Checker<'_> {
                 .map_err(|_| self.at(name, "strip_headers: not a header name"))?;
             strip_headers.push(parsed);
         }
+        let mut trusted = Vec::new();
+        for network in raw.trusted_proxies.iter().flatten() {
+            trusted.push(
+                crate::client_addr::parse_network(network.get_ref())
+                    .map_err(|m| self.at(network, format!("trusted_proxies: {m}")))?,
+            );
+        }
         Ok(ServerConfig {
             listen,
             max_header_bytes,
@@ -370,6 +377,7 @@ impl Checker<'_> {
                 .transpose()?,
             allow_underscores_in_headers: raw.allow_underscores_in_headers.unwrap_or(false),
             strip_headers,
+            trusted_proxies: crate::client_addr::TrustedProxies::new(trusted),
             drain_timeout: self.duration(&raw.drain_timeout, Duration::from_secs(30))?,
             tls,
         })

@@ -243,8 +243,10 @@ pub struct ServerConfig {
     /// Forward request headers whose name has `_` (many frameworks read `X_Auth_User` as
     /// `X-Auth-User`, so by default they are dropped).
     pub allow_underscores_in_headers: bool,
-    /// More request headers removed on every route, beside SPEC §9's list (lower case).
+    /// More request headers removed on every route, beside the built-in list (lower case).
     pub strip_headers: Vec<http::HeaderName>,
+    /// Networks whose `X-Forwarded-For` is believed: the real client address.
+    pub trusted_proxies: crate::client_addr::TrustedProxies,
     /// How long SIGTERM waits for in-flight requests.
     pub drain_timeout: Duration,
     /// TLS; `None` serves plain HTTP.

@@ -44,6 +44,7 @@ pub(super) struct RawServer {
     pub(super) workers: Option<Spanned<i64>>,
     pub(super) allow_underscores_in_headers: Option<bool>,
     pub(super) strip_headers: Option<Vec<Spanned<String>>>,
+    pub(super) trusted_proxies: Option<Vec<Spanned<String>>>,
     pub(super) drain_timeout: Option<Spanned<String>>,
     pub(super) tls: Option<Spanned<RawTls>>,
 }

@@ -384,6 +384,9 @@ allow_underscores_in_headers = {{ $c.server.allowUnderscoresInHeaders }}
 {{- with $c.server.stripHeaders }}
 strip_headers = {{ . | toJson }}
 {{- end }}
+{{- with $c.server.trustedProxies }}
+trusted_proxies = {{ . | toJson }}
+{{- end }}
 drain_timeout = {{ include "tokengate.str" $c.server.drainTimeout }}
 {{- if .Values.tls.enabled }}
 
@@ -680,6 +683,7 @@ server:
   workers: 0
   allowUnderscoresInHeaders: false
   stripHeaders: []
+  trustedProxies: []
   drainTimeout: 30s
 endpoints:
   tokensPrefix: /_tokengate
