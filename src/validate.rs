@@ -241,13 +241,22 @@ impl Introspector {
             .header(http::header::ACCEPT, "application/json")
             .body(full(Bytes::new()))
             .map_err(|e| BackendError(format!("introspection request: {e}")))?;
+        // Waiting for a free call slot has its own bound; a call, once sent, keeps its slot
+        // until the validator answers or `timeout` has passed since it was sent. (Had one
+        // deadline covered both, a call that waited long would be cut off early and its slot
+        // handed on while the validator was still working on it: more than `max_concurrent`
+        // in flight there.) The validation runs in its own task (the cache's), so a caller
+        // that gives up does not cancel it.
+        let _slot = tokio::time::timeout(c.timeout, self.calls.acquire())
+            .await
+            .map_err(|_| {
+                BackendError(format!(
+                    "introspection endpoint {}: all {} call slots busy",
+                    c.url, c.max_concurrent
+                ))
+            })?
+            .map_err(|_| BackendError("introspection validator closed".into()))?;
         let call = async {
-            // Within the same timeout: waiting for a free call slot counts against it.
-            let _slot = self
-                .calls
-                .acquire()
-                .await
-                .map_err(|_| BackendError("introspection validator closed".into()))?;
             let response = self
                 .client
                 .request(request)

@@ -1617,6 +1617,110 @@ backend = "memory"
     );
 }
 
+/// An introspection endpoint that keeps working on a call after its caller hung up (as a real
+/// one does) and counts the calls it is working on; each takes `delay`.
+struct SlowValidator {
+    port: u16,
+    in_flight: Arc<AtomicUsize>,
+    most: Arc<AtomicUsize>,
+}
+
+impl SlowValidator {
+    async fn start(delay: Duration) -> SlowValidator {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let (count, peak) = (Arc::clone(&in_flight), Arc::clone(&most));
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (count, peak) = (Arc::clone(&count), Arc::clone(&peak));
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |_request| {
+                        let (count, peak) = (Arc::clone(&count), Arc::clone(&peak));
+                        // The work runs on, whatever happens to the connection.
+                        let work = tokio::spawn(async move {
+                            let now = count.fetch_add(1, Ordering::SeqCst) + 1;
+                            peak.fetch_max(now, Ordering::SeqCst);
+                            tokio::time::sleep(delay).await;
+                            count.fetch_sub(1, Ordering::SeqCst);
+                        });
+                        async move {
+                            let _ = work.await;
+                            Ok::<_, Infallible>(hyper::Response::new(http_body_util::Full::new(
+                                Bytes::from_static(br#"{"uid":"someone"}"#),
+                            )))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), service)
+                        .await;
+                });
+            }
+        });
+        SlowValidator {
+            port,
+            in_flight,
+            most,
+        }
+    }
+}
+
+/// `max_concurrent` bounds the calls actually in flight at the validator, also when callers
+/// queue for a slot for most of the timeout: waiting for a slot has its own bound, and a sent
+/// call keeps its slot for its whole `timeout` (with one deadline for both, a call that had
+/// waited long was cut off early and its slot handed on while the validator still worked on it).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_validator_never_has_more_than_max_concurrent_calls_in_flight() {
+    let validator = SlowValidator::start(Duration::from_millis(600)).await;
+    let up = Upstream::start();
+    let port = free_port();
+    let gate = Gate::start(&format!(
+        r#"[server]
+listen = "127.0.0.1:{port}"
+
+[store]
+backend = "memory"
+
+{introspect}max_concurrent = 2
+{route}"#,
+        introspect = introspect_validator(validator.port, "1s"),
+        route = catch_all_route(up.port, ""),
+    ));
+    // Callers arrive every 100 ms: each waits for a slot for a good part of its timeout.
+    let mut requests = Vec::new();
+    for i in 0..10 {
+        let url = gate.url("/x");
+        requests.push(tokio::spawn(async move {
+            let token = format!("legacy-secret-caller{i}");
+            get(&url, &[("auth-token", token.as_str())]).await.status
+        }));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut statuses = Vec::new();
+    for r in requests {
+        statuses.push(r.await.expect("request task").as_u16());
+    }
+    // Let the validator finish what it was given.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let most = validator.most.load(Ordering::SeqCst);
+    println!("statuses {statuses:?}; at most {most} calls in flight at the validator");
+    assert!(
+        most <= 2,
+        "{most} calls in flight at the validator (max_concurrent 2)"
+    );
+    assert_eq!(validator.in_flight.load(Ordering::SeqCst), 0);
+    // Those that got a slot were answered; those that waited past the bound got 503.
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 503),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.iter().filter(|s| **s == 200).count() >= 2,
+        "{statuses:?}"
+    );
+}
+
 /// A reload that replaces a route lets go of the old upstream's idle connections within a few
 /// seconds, even on workers no request reaches afterwards.
 #[tokio::test(flavor = "multi_thread")]
