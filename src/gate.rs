@@ -59,6 +59,19 @@ pub fn check(config: &Config) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// What `check` says about a config that works but probably not as meant.
+pub fn warnings(config: &Config) -> Vec<String> {
+    let mut said = Vec::new();
+    if config.verify.is_some() && config.server.trusted_proxies.is_empty() {
+        said.push(
+            "[verify] is set but [server] trusted_proxies is empty: every decision's client is \
+             the ingress's address (list the ingress's network to read X-Forwarded-For)"
+                .to_string(),
+        );
+    }
+    said
+}
+
 /// Builds the TLS acceptor, clients, validators and the cache for a config. The previous
 /// gate's cache is kept when the validators and cache settings are unchanged, so a reload does
 /// not send every client back to the validators.

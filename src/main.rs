@@ -181,7 +181,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => match load(&config) {
-            Ok(_) => {
+            Ok(checked) => {
+                for warning in tokengate::gate::warnings(&checked) {
+                    eprintln!("warning: {warning}");
+                }
                 println!("config ok");
                 ExitCode::SUCCESS
             }

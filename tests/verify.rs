@@ -508,3 +508,68 @@ async fn decision_connections_are_recycled() {
         "closed after {lived:?}: too early (5 x 1 s)"
     );
 }
+
+/// A trusted ingress's `X-Real-IP` (or `X-Forwarded-For`) names the client in the decision's
+/// access-log line; an untrusted one's does not; and `check` warns about a `[verify]` without
+/// `trusted_proxies`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trusted_ingress_names_the_client_and_check_warns_without_one() {
+    let up = Upstream::start();
+    let (port, vport) = (free_port(), free_port());
+    let trusting = config(port, vport, "traefik", "", up.port).replacen(
+        "[server]\n",
+        "[server]\ntrusted_proxies = [\"127.0.0.1\"]\n",
+        1,
+    );
+    let gate = Gate::start(&trusting);
+    let named = ask(
+        vport,
+        "/",
+        &[
+            ("x-forwarded-method", "GET"),
+            ("x-forwarded-uri", "/api/trusted"),
+            ("x-real-ip", "203.0.113.9"),
+            ("x-auth-token", TOKEN),
+        ],
+    )
+    .await;
+    assert_eq!(named.status, 200);
+    let lines = gate
+        .wait_access_line("/api/trusted", std::time::Duration::from_secs(5))
+        .await;
+    assert_eq!(lines[0]["client"], "203.0.113.9", "{}", gate.log());
+
+    // Without trusted_proxies the ingress is the client, and check says so.
+    let (port, vport) = (free_port(), free_port());
+    let plain = config(port, vport, "traefik", "", up.port);
+    let untrusting = Gate::start(&plain);
+    let unnamed = ask(
+        vport,
+        "/",
+        &[
+            ("x-forwarded-method", "GET"),
+            ("x-forwarded-uri", "/api/untrusted"),
+            ("x-real-ip", "203.0.113.9"),
+            ("x-auth-token", TOKEN),
+        ],
+    )
+    .await;
+    assert_eq!(unnamed.status, 200);
+    let lines = untrusting
+        .wait_access_line("/api/untrusted", std::time::Duration::from_secs(5))
+        .await;
+    assert_eq!(lines[0]["client"], "127.0.0.1", "{}", untrusting.log());
+    let out = cli(&[
+        "check",
+        "--config",
+        &untrusting.config_path.to_string_lossy(),
+    ]);
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("warning: [verify] is set but [server] trusted_proxies is empty"),
+        "{said}"
+    );
+    let out = cli(&["check", "--config", &gate.config_path.to_string_lossy()]);
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("warning"));
+}
