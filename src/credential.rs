@@ -225,6 +225,14 @@ fn extract_from<'p, 's>(
                             let token = percent_decode_str(value)
                                 .decode_utf8()
                                 .map_err(|_| ProxyError::InvalidCredentials)?;
+                            // What no header could carry is no token (as for header sources):
+                            // it could not be presented to a validator either.
+                            if !token
+                                .bytes()
+                                .all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
+                            {
+                                return Err(ProxyError::InvalidCredentials);
+                            }
                             offer(token, source)?;
                         }
                     }

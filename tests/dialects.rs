@@ -857,3 +857,33 @@ async fn x_forwarded_for_keeps_every_incoming_line() {
         .unwrap_or_default();
     assert_eq!(xff.replace(" | ", ", "), "10.0.0.1, 10.0.0.2, 127.0.0.1");
 }
+
+/// A percent-decoded query credential that no header could carry (a control character, a
+/// non-ASCII byte) is an invalid credential (401), never "backend unavailable" (503) because
+/// it cannot be presented to an introspection endpoint; the endpoint is not asked.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_query_credential_a_header_cannot_carry_is_invalid_not_unavailable() {
+    let up = Upstream::start();
+    let port = free_port();
+    let gate = Gate::start(&format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\n[credentials]\nsources = [\"query:api_key\"]\n{}\n{}",
+        introspect_validator(up.port, "2s"),
+        catch_all_route(up.port, "")
+    ));
+    for bad in [
+        "legacy-secret-alice%0A",
+        "legacy-secret-%00alice",
+        "legacy-secret-al%C3%A9",
+    ] {
+        get(&gate.url(&format!("/x?api_key={bad}")), &[])
+            .await
+            .assert_error(401, "Invalid credentials");
+    }
+    assert_eq!(
+        up.whoami_calls(),
+        0,
+        "the introspection endpoint was not asked"
+    );
+    let ok = get(&gate.url("/x?api_key=legacy-secret-alice"), &[]).await;
+    assert_eq!(ok.status, 200);
+}
