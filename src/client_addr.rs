@@ -163,6 +163,24 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// Whatever a client writes into X-Forwarded-For (any bytes a header may hold): no
+        /// panic, and an untrusted peer's header is never believed.
+        #[test]
+        fn any_forwarded_for_is_read_without_panic(raw in proptest::collection::vec(
+            proptest::collection::vec(0x20u8..0x7f, 0..64), 0..4)
+        ) {
+            let t = proxies(&["10.0.0.0/8", "::1"]);
+            let values: Vec<HeaderValue> = raw
+                .iter()
+                .filter_map(|v| HeaderValue::from_bytes(v).ok())
+                .collect();
+            let _ = t.client("10.9.9.9".parse().unwrap(), values.iter());
+            let untrusted: IpAddr = "198.51.100.1".parse().unwrap();
+            proptest::prop_assert_eq!(t.client(untrusted, values.iter()), untrusted);
+        }
+    }
+
     #[test]
     fn networks_parse_or_say_why() {
         assert_eq!(

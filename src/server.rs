@@ -89,8 +89,6 @@ struct Shared {
     builder: auto::Builder<TokioExecutor>,
     /// HTTP/1.1 only: TLS connections that did not negotiate `h2`.
     http1: hyper::server::conn::http1::Builder,
-    /// Given to tokengate's own HTTP/1 responses: their header names in conventional case.
-    own_case: http::Extensions,
     limits: Limits,
     connections: Arc<Semaphore>,
     /// Becomes true on SIGTERM: stop accepting, close idle connections, finish in-flight ones.
@@ -140,7 +138,7 @@ pub async fn serve(
         .writev(true)
         .max_buf_size(server.max_header_bytes)
         .keep_alive(true);
-    let own_case = connection::conventional_case().await;
+    connection::record_conventional_case().await;
     let max_connections = server.max_connections;
     let connections = Arc::new(Semaphore::new(max_connections));
     let (drain_tx, drain) = watch::channel(false);
@@ -149,7 +147,6 @@ pub async fn serve(
         gate: Arc::clone(&gate),
         builder,
         http1,
-        own_case,
         limits: Limits {
             header_read: server.header_read_timeout,
             idle: server.idle_timeout,

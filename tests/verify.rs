@@ -522,43 +522,19 @@ async fn a_trusted_ingress_names_the_client_and_check_warns_without_one() {
         1,
     );
     let gate = Gate::start(&trusting);
-    let named = ask(
-        vport,
-        "/",
-        &[
-            ("x-forwarded-method", "GET"),
-            ("x-forwarded-uri", "/api/trusted"),
-            ("x-real-ip", "203.0.113.9"),
-            ("x-auth-token", TOKEN),
-        ],
-    )
-    .await;
-    assert_eq!(named.status, 200);
-    let lines = gate
-        .wait_access_line("/api/trusted", std::time::Duration::from_secs(5))
-        .await;
-    assert_eq!(lines[0]["client"], "203.0.113.9", "{}", gate.log());
+    assert_eq!(
+        decided_client(&gate, vport, "/api/trusted").await,
+        "203.0.113.9"
+    );
 
     // Without trusted_proxies the ingress is the client, and check says so.
     let (port, vport) = (free_port(), free_port());
     let plain = config(port, vport, "traefik", "", up.port);
     let untrusting = Gate::start(&plain);
-    let unnamed = ask(
-        vport,
-        "/",
-        &[
-            ("x-forwarded-method", "GET"),
-            ("x-forwarded-uri", "/api/untrusted"),
-            ("x-real-ip", "203.0.113.9"),
-            ("x-auth-token", TOKEN),
-        ],
-    )
-    .await;
-    assert_eq!(unnamed.status, 200);
-    let lines = untrusting
-        .wait_access_line("/api/untrusted", std::time::Duration::from_secs(5))
-        .await;
-    assert_eq!(lines[0]["client"], "127.0.0.1", "{}", untrusting.log());
+    assert_eq!(
+        decided_client(&untrusting, vport, "/api/untrusted").await,
+        "127.0.0.1"
+    );
     let out = cli(&[
         "check",
         "--config",
@@ -572,4 +548,26 @@ async fn a_trusted_ingress_names_the_client_and_check_warns_without_one() {
     );
     let out = cli(&["check", "--config", &gate.config_path.to_string_lossy()]);
     assert!(!String::from_utf8_lossy(&out.stderr).contains("warning"));
+}
+
+/// The access log's `client` of a Traefik-shaped decision for `uri` whose ingress says the
+/// client is 203.0.113.9 (`X-Real-IP`).
+async fn decided_client(gate: &Gate, vport: u16, uri: &str) -> String {
+    let decided = ask(
+        vport,
+        "/",
+        &[
+            ("x-forwarded-method", "GET"),
+            ("x-forwarded-uri", uri),
+            ("x-real-ip", "203.0.113.9"),
+            ("x-auth-token", TOKEN),
+        ],
+    )
+    .await;
+    assert_eq!(decided.status, 200);
+    let lines = gate
+        .wait_access_line(uri, std::time::Duration::from_secs(5))
+        .await;
+    assert!(!lines.is_empty(), "{}", gate.log());
+    lines[0]["client"].as_str().unwrap_or_default().to_string()
 }

@@ -41,21 +41,22 @@ pub(super) async fn drive<I>(
     let addr = peer.addr;
     let peer = Arc::new(peer);
     let service = {
-        let shared = Arc::clone(shared);
+        let gate = Arc::clone(&shared.gate);
         let state = Arc::clone(&state);
         service_fn(move |request: Request<Incoming>| {
             let version = request.version();
             let in_flight = InFlight::begin(&state, version);
-            let gate = gate_for_request(&shared.gate);
+            let gate = gate_for_request(&gate);
             let peer = Arc::clone(&peer);
-            let shared = Arc::clone(&shared);
             async move {
                 let mut response = proxy::handle(&gate, &peer, request).await;
                 // tokengate's own answers get their header names' case; a proxied one keeps
                 // what the upstream client recorded (`preserve_header_case`) or is written in
                 // lower case, at no cost.
                 if version != Version::HTTP_2 && !response.body().is_proxied() {
-                    *response.extensions_mut() = shared.own_case.clone();
+                    if let Some(case) = OWN_CASE.get() {
+                        *response.extensions_mut() = case.clone();
+                    }
                 }
                 Ok::<_, Infallible>(response.map(|body| TrackedBody {
                     inner: body,
@@ -169,6 +170,16 @@ const CONVENTIONAL_NAMES: &[&str] = &[
     "X-Rucio-Auth-Token-Expires",
     "X-Tokengate-Uri",
 ];
+
+/// [`conventional_case`], made once when the server starts ([`record_conventional_case`]).
+static OWN_CASE: std::sync::OnceLock<http::Extensions> = std::sync::OnceLock::new();
+
+/// Makes [`conventional_case`]'s extensions, once, for every connection's own answers.
+pub(super) async fn record_conventional_case() {
+    if OWN_CASE.get().is_none() {
+        let _ = OWN_CASE.set(conventional_case().await);
+    }
+}
 
 /// Extensions that make hyper write [`CONVENTIONAL_NAMES`] in their case. hyper keeps a
 /// message's header case in an extension it makes only when it parses a message, so one is
