@@ -60,6 +60,9 @@ pub struct Line<'a> {
     /// Without a credential: a known dialect the request used that the config does not accept
     /// (written only when set).
     pub ignored: Option<&'static str>,
+    /// The limit that answered 429 (`failed_auth`, `subject`, `token`, `client`; written only
+    /// when set).
+    pub limit: Option<&'static str>,
     /// `allowed`, `denied`, `missing`, `error`.
     pub auth: Option<&'a str>,
     /// Who decided (`cache`, a validator, `x509`, `none`).
@@ -298,6 +301,9 @@ fn format_line(out: &mut Vec<u8>, line: &Line<'_>, format: Format) {
             if line.ignored.is_some() {
                 plain(out, b",\"ignored\":", line.ignored);
             }
+            if line.limit.is_some() {
+                plain(out, b",\"limit\":", line.limit);
+            }
             plain(out, b",\"auth\":", line.auth);
             plain(out, b",\"validator\":", line.validator);
             plain(out, b",\"client\":", Some(line.client));
@@ -319,7 +325,7 @@ fn format_line(out: &mut Vec<u8>, line: &Line<'_>, format: Format) {
             let _ = write!(
                 out,
                 "  INFO access: method={} path={} status={} route={} subject={} source={} \
-                 auth={} validator={} client={} duration_ms=",
+                 auth={} validator={} client={}",
                 line.method,
                 line.path.escape_debug(),
                 line.status,
@@ -333,6 +339,10 @@ fn format_line(out: &mut Vec<u8>, line: &Line<'_>, format: Format) {
             if let Some(ignored) = line.ignored {
                 let _ = write!(out, " ignored={ignored}");
             }
+            if let Some(limit) = line.limit {
+                let _ = write!(out, " limit={limit}");
+            }
+            out.extend_from_slice(b" duration_ms=");
             millis(out, Some(line.duration));
             out.extend_from_slice(b" upstream_ms=");
             millis(out, line.upstream);
@@ -467,6 +477,7 @@ mod tests {
             subject: Some("al\\ice"),
             source: None,
             ignored: None,
+            limit: None,
             auth: Some("allowed"),
             validator: Some("cache"),
             client: "127.0.0.1",

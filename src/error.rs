@@ -17,6 +17,8 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// (`BackendUnavailable`), or the upstream (`UpstreamUnavailable`, `UpstreamTimeout`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProxyError {
+    /// Over a rate limit, or the failed-credential limit (SPEC §11).
+    TooManyRequests(Refusal),
     /// No credential on a route with `auth = "required"`.
     MissingCredentials,
     /// A credential no validator recognises, expired or revoked.
@@ -54,6 +56,19 @@ pub enum ProxyError {
     UpgradeRefused,
 }
 
+/// Which limit refused a request, and when to come back: what a 429 says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    /// The limit's name (`failed_auth`, `subject`, `token`, `client`).
+    pub limit: &'static str,
+    /// Seconds until the bucket has a token again (at least 1).
+    pub retry_after: u32,
+    /// The limit's quota: `quota` requests per `window` seconds.
+    pub quota: u32,
+    /// The limit's window, in seconds (at least 1).
+    pub window: u32,
+}
+
 impl ProxyError {
     /// The status code of the SPEC §4 table.
     pub fn status(self) -> StatusCode {
@@ -74,6 +89,7 @@ impl ProxyError {
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -96,6 +112,7 @@ impl ProxyError {
             ProxyError::NoRoute => "No route",
             ProxyError::BadRequest => "Bad request",
             ProxyError::MethodNotAllowed => "Method not allowed",
+            ProxyError::TooManyRequests(_) => "Too many requests",
         }
     }
 }
@@ -145,6 +162,16 @@ mod tests {
             ),
             (ProxyError::JsonRequired, 415, "JSON body required"),
             (ProxyError::UpgradeRefused, 502, "Upstream unavailable"),
+            (
+                ProxyError::TooManyRequests(Refusal {
+                    limit: "client",
+                    retry_after: 1,
+                    quota: 1,
+                    window: 1,
+                }),
+                429,
+                "Too many requests",
+            ),
         ];
         for (error, status, message) in table {
             assert_eq!(error.status().as_u16(), status, "{error:?}");

@@ -10,7 +10,8 @@ use std::sync::{Arc, OnceLock};
 use tokio_rustls::TlsAcceptor;
 
 use crate::cache::Cache;
-use crate::config::{Config, ConfigError, JwtKeySource, ValidatorConfig};
+use crate::config::{Config, ConfigError, JwtKeySource, LimitKind, ValidatorConfig};
+use crate::limits::{Limiter, SharedState};
 use crate::proxy::{Gate, Route, UsageSender, OWN_ROUTES};
 use crate::rewrite::Boundary;
 use crate::store::Store;
@@ -86,6 +87,7 @@ pub fn assemble(
         None => None,
     };
     let default_client = upstream::client(None)?;
+    let limits = Limits::new(&config, &store, previous);
     let mut routes = Vec::with_capacity(config.routes.len());
     for route in &config.routes {
         let tls = match (route.upstream.scheme_str(), &route.upstream_ca) {
@@ -103,6 +105,7 @@ pub fn assemble(
             config: route.clone(),
             pool: Arc::new(pool),
             metrics: RouteMetrics::new(&route.path_prefix),
+            limits: limits.route(route),
         });
     }
     let validators = Arc::new(Validators::new(
@@ -110,6 +113,7 @@ pub fn assemble(
         &default_client,
         Arc::clone(&store),
         config.tokens.jwt.clone(),
+        limits.failed_auth.clone(),
     ));
     let cache = match previous {
         Some(p)
@@ -142,7 +146,94 @@ pub fn assemble(
         own_metrics: OWN_ROUTES.map(|label| (label, OnceLock::new())),
         store,
         usage,
+        limits,
     })
+}
+
+/// The gate's limits: built here, kept across reloads when unchanged (like the cache), so a
+/// reload neither forgives a client nor punishes one.
+pub struct Limits {
+    /// `[limits] failed_auth`, per client.
+    pub(crate) failed_auth: Option<Arc<Limiter>>,
+    /// Every route's, by route prefix, in config order.
+    routes: Vec<(String, Vec<Arc<Limiter>>)>,
+    /// Whether Redis holds the buckets (`[limits] shared`).
+    shared: Option<Arc<SharedState>>,
+}
+
+impl Limits {
+    fn new(config: &Config, store: &Arc<Store>, previous: Option<&Gate>) -> Limits {
+        let before = previous
+            .map(|p| &p.limits)
+            .filter(|_| previous.is_some_and(|p| p.config.limits == config.limits));
+        let shared = config.limits.shared.then(|| match before.and_then(|b| b.shared.as_ref()) {
+            Some(state) => Arc::clone(state),
+            None => SharedState::new(Arc::clone(store)),
+        });
+        let make = |kind, bucket, name: String| {
+            Arc::new(Limiter::new(
+                kind,
+                bucket,
+                &config.limits,
+                shared.as_ref().map(|s| (s, name)),
+            ))
+        };
+        let failed_auth = match before.and_then(|b| b.failed_auth.as_ref()) {
+            Some(kept) => Some(Arc::clone(kept)),
+            None => config
+                .limits
+                .failed_auth
+                .map(|bucket| make(LimitKind::FailedAuth, bucket, "failed_auth".into())),
+        };
+        let routes = config
+            .routes
+            .iter()
+            .map(|route| {
+                let kept = before
+                    .and_then(|b| b.routes.iter().find(|(p, _)| *p == route.path_prefix))
+                    .map(|(_, l)| l.as_slice())
+                    .unwrap_or_default();
+                let limiters = route
+                    .rate_limits
+                    .iter()
+                    .enumerate()
+                    .map(|(i, limit)| match kept.get(i) {
+                        Some(k) if k.kind() == limit.per && k.config() == limit.bucket => {
+                            Arc::clone(k)
+                        }
+                        _ => make(
+                            limit.per,
+                            limit.bucket,
+                            format!("route:{}:{i}", route.path_prefix),
+                        ),
+                    })
+                    .collect();
+                (route.path_prefix.clone(), limiters)
+            })
+            .collect();
+        Limits {
+            failed_auth,
+            routes,
+            shared,
+        }
+    }
+
+    /// A route's limiters.
+    fn route(&self, route: &crate::config::RouteConfig) -> Vec<Arc<Limiter>> {
+        self.routes
+            .iter()
+            .find(|(p, _)| *p == route.path_prefix)
+            .map(|(_, l)| l.clone())
+            .unwrap_or_default()
+    }
+
+    /// Drops every bucket that has refilled (periodically, off the request path).
+    pub fn purge(&self) {
+        let routes = self.routes.iter().flat_map(|(_, l)| l);
+        for limiter in self.failed_auth.iter().chain(routes) {
+            limiter.purge();
+        }
+    }
 }
 
 /// The `source` labels of `tokengate_auth_total` this config can produce.

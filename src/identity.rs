@@ -24,6 +24,8 @@ pub struct Principal {
     /// identity header then cost no allocation per request); `None` when they cannot be one.
     subject_value: Option<HeaderValue>,
     account_value: Option<HeaderValue>,
+    /// The subject's key in per-subject rate limits: 128 bits of its SHA-256, made once.
+    subject_key: u128,
 }
 
 impl Principal {
@@ -35,6 +37,11 @@ impl Principal {
     /// `account` as a header value.
     pub fn account_value(&self) -> Option<&HeaderValue> {
         self.account_value.as_ref()
+    }
+
+    /// The subject as per-subject buckets know it (equal subjects, equal keys).
+    pub fn subject_key(&self) -> u128 {
+        self.subject_key
     }
 }
 
@@ -61,6 +68,7 @@ pub fn principal(subject: &str, account: &str, dn: Option<&str>) -> Arc<Principa
         // control characters cannot be, and `Template::render_checked` refuses them.
         subject_value: HeaderValue::from_bytes(subject.as_bytes()).ok(),
         account_value: HeaderValue::from_bytes(account.as_bytes()).ok(),
+        subject_key: key_of(&hash(subject)),
         subject: key.0.clone(),
         account: key.1.clone(),
         dn: key.2.clone(),
@@ -181,6 +189,14 @@ pub fn hash(token: &str) -> [u8; 32] {
     let mut out = [0u8; 32];
     out.copy_from_slice(digest.as_ref());
     out
+}
+
+/// 128 bits of a SHA-256 (a credential's or a subject's): their key in the rate limits'
+/// buckets, where a collision is as likely as guessing the hash.
+pub fn key_of(hash: &[u8; 32]) -> u128 {
+    let mut half = [0u8; 16];
+    half.copy_from_slice(&hash[..16]);
+    u128::from_be_bytes(half)
 }
 
 /// What the connection knows about the client.

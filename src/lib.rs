@@ -25,6 +25,7 @@ pub mod gate;
 pub mod identity;
 pub mod jwt;
 pub mod jwt_validator;
+pub mod limits;
 pub mod listener;
 pub mod page;
 pub mod path;

@@ -20,11 +20,12 @@ use tokio::sync::mpsc;
 use crate::access_log;
 use crate::audit::Actor;
 use crate::cache::{Cache, Provenance};
-use crate::config::{AuthMode, Config, RouteConfig};
+use crate::config::{AuthMode, Config, LimitKind, RouteConfig};
 use crate::credential::{self, Source};
 use crate::endpoints::{self, Endpoint, TokenService};
 use crate::error::ProxyError;
 use crate::identity::Identity;
+use crate::limits::Limiter;
 use crate::page::{self, PageEndpoint};
 use crate::rewrite::{self, Boundary, Forwarding, Values};
 use crate::rucio::{self, RucioEndpoint};
@@ -62,6 +63,8 @@ pub struct Gate {
     /// Whether a prefix the gate matches has upper-case letters, so that even a lower-case path
     /// can pick another route when read case-insensitively.
     pub(crate) fold_always: bool,
+    /// The failed-credential and rate limits' buckets.
+    pub(crate) limits: crate::gate::Limits,
 }
 
 /// What a path picks under one reading.
@@ -99,6 +102,39 @@ pub(crate) struct Route {
     pub(crate) config: RouteConfig,
     pub(crate) pool: Arc<Pool>,
     pub(crate) metrics: RouteMetrics,
+    /// The route's `[[route.rate_limit]]`s, as its config lists them.
+    pub(crate) limits: Vec<Arc<Limiter>>,
+}
+
+impl Route {
+    /// The route's per-client limits: asked before the credential is looked at, so that a
+    /// client over its limit costs no validation.
+    pub(crate) async fn limit_client(&self, outcome: &mut Outcome<'_>) -> Result<(), ProxyError> {
+        for limit in &self.limits {
+            if limit.kind() == LimitKind::Client {
+                let key = crate::limits::client_key(outcome.client);
+                limit.take(key).await.map_err(|r| outcome.limited(r))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The route's per-subject and per-credential limits, for a verified caller.
+    pub(crate) async fn limit_caller(
+        &self,
+        caller: &Caller<'_, '_>,
+        outcome: &mut Outcome<'_>,
+    ) -> Result<(), ProxyError> {
+        for limit in &self.limits {
+            let key = match limit.kind() {
+                LimitKind::Subject => caller.identity.principal.subject_key(),
+                LimitKind::Token => crate::identity::key_of(&caller.key),
+                LimitKind::Client | LimitKind::FailedAuth => continue,
+            };
+            limit.take(key).await.map_err(|r| outcome.limited(r))?;
+        }
+        Ok(())
+    }
 }
 
 pub use crate::identity::{ClientCert, Peer};
@@ -132,6 +168,11 @@ impl Gate {
     /// The validation cache.
     pub fn cache(&self) -> &Arc<Cache> {
         &self.cache
+    }
+
+    /// The limits' buckets.
+    pub fn limits(&self) -> &crate::gate::Limits {
+        &self.limits
     }
 
     /// Closes this worker's upstream connections that have been idle too long.
@@ -244,7 +285,8 @@ fn stricter<'g>(a: &'g Route, b: &'g Route) -> Result<&'g Route, ProxyError> {
         && x.upstream_auth == y.upstream_auth
         && x.identity_headers == y.identity_headers
         && x.preserve_host == y.preserve_host
-        && x.upgrades == y.upgrades;
+        && x.upgrades == y.upgrades
+        && x.rate_limits == y.rate_limits;
     if !alike {
         return Err(ProxyError::BadRequest);
     }
@@ -257,7 +299,6 @@ fn stricter<'g>(a: &'g Route, b: &'g Route) -> Result<&'g Route, ProxyError> {
 }
 
 /// What the access log line says about a request, filled in as the chain goes.
-#[derive(Default)]
 pub(crate) struct Outcome<'g> {
     pub(crate) route: Option<&'g Route>,
     endpoint: Option<&'static str>,
@@ -267,7 +308,43 @@ pub(crate) struct Outcome<'g> {
     pub(crate) ignored: Option<&'static str>,
     /// The decision, and who made it (`cache` or the validator).
     pub(crate) auth: Option<(AuthResult, &'static str)>,
+    /// The limit that answered 429.
+    pub(crate) limit: Option<&'static str>,
+    /// The client address (behind trusted proxies, the one they name): the key of per-client
+    /// limits and of the failed-credential limit.
+    pub(crate) client: std::net::IpAddr,
     upstream: Option<std::time::Duration>,
+}
+
+impl Outcome<'_> {
+    /// Nothing known yet but who the client is.
+    pub(crate) fn new(client: std::net::IpAddr) -> Self {
+        Outcome {
+            route: None,
+            endpoint: None,
+            identity: None,
+            source: None,
+            ignored: None,
+            auth: None,
+            limit: None,
+            client,
+            upstream: None,
+        }
+    }
+
+    /// The `route` label of the request's metrics.
+    pub(crate) fn route_label(&self) -> &str {
+        self.route
+            .map(|r| r.metrics.label())
+            .or(self.endpoint)
+            .unwrap_or(NO_ROUTE)
+    }
+
+    /// A 429 from `limit`, named in the log line and counted.
+    pub(crate) fn limited(&mut self, refusal: crate::error::Refusal) -> ProxyError {
+        self.limit = Some(refusal.limit);
+        ProxyError::TooManyRequests(refusal)
+    }
 }
 
 /// Handles one request: the inner chain, then one access-log line, whatever happened.
@@ -276,6 +353,9 @@ pub async fn handle(gate: &Gate, peer: &Peer, mut request: Request<Incoming>) ->
     #[cfg(debug_assertions)]
     panic_on_request_for_tests(request.uri().path());
     let context = trace::Context::take(request.headers_mut());
+    // Behind trusted proxies the client is read from X-Forwarded-For, once: for the log, the
+    // per-client limits and the failed-credential limit.
+    let client = client_address(gate, peer, request.headers());
     // What the log line needs of the request once it has been handed on (header and path
     // bytes are shared with the request, not copied).
     let logged = access_log::enabled().then(|| LoggedRequest {
@@ -284,11 +364,10 @@ pub async fn handle(gate: &Gate, peer: &Peer, mut request: Request<Incoming>) ->
         version: request.version(),
         user_agent: request.headers().get(header::USER_AGENT).cloned(),
         host: request.headers().get(header::HOST).cloned(),
-        // Behind trusted proxies the client is read from X-Forwarded-For (else the peer's
-        // address, made once per connection).
-        client: client_address(gate, peer, request.headers()),
+        // The peer's address as text is made once per connection.
+        client: (client != peer.addr.ip()).then(|| client.to_string()),
     });
-    let mut outcome = Outcome::default();
+    let mut outcome = Outcome::new(client);
     let mut response = match forward_request(gate, peer, request, &mut outcome).await {
         Ok(response) => response,
         Err(error) => gate.error_response(error),
@@ -307,6 +386,9 @@ pub async fn handle(gate: &Gate, peer: &Peer, mut request: Request<Incoming>) ->
     if let Some((result, by)) = outcome.auth {
         gate.auth_metrics.record(result, by);
     }
+    if let Some(limit) = outcome.limit {
+        crate::telemetry::limited(outcome.route_label(), limit);
+    }
     if let Some(request) = &logged {
         let identity = outcome.identity.as_deref();
         let user_agent = request.user_agent.as_ref().map(header_text);
@@ -319,6 +401,7 @@ pub async fn handle(gate: &Gate, peer: &Peer, mut request: Request<Incoming>) ->
                 .route
                 .map(|r| r.config.path_prefix.as_str())
                 .or(outcome.endpoint),
+            limit: outcome.limit,
             subject: identity.map(|i| i.subject.as_str()),
             source: outcome.source,
             ignored: outcome.ignored,
@@ -383,18 +466,18 @@ struct LoggedRequest {
     client: Option<String>,
 }
 
-/// The real client address, when `[server] trusted_proxies` makes it differ from the peer's.
+/// The real client address: the peer's, unless `[server] trusted_proxies` says to read it
+/// from `X-Forwarded-For`.
 pub(crate) fn client_address(
     gate: &Gate,
     peer: &Peer,
     headers: &http::HeaderMap,
-) -> Option<String> {
+) -> std::net::IpAddr {
     let trusted = &gate.config.server.trusted_proxies;
     if trusted.is_empty() {
-        return None;
+        return peer.addr.ip();
     }
-    let client = trusted.client(peer.addr.ip(), headers.get_all(&X_FORWARDED_FOR).iter());
-    (client != peer.addr.ip()).then(|| client.to_string())
+    trusted.client(peer.addr.ip(), headers.get_all(&X_FORWARDED_FOR).iter())
 }
 
 static X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
@@ -512,6 +595,7 @@ async fn forward<'g>(
         .map(|c| c.dn(gate.config.x509.dn_format));
     let mut token_for_identity = None;
     let mut upstream_credential = None;
+    route.limit_client(outcome).await?;
     let identity = if route.config.auth == AuthMode::None {
         None
     } else {
@@ -521,9 +605,11 @@ async fn forward<'g>(
                 return Err(ProxyError::MissingCredentials);
             }
             None => None,
-            Some(Caller {
-                identity, token, ..
-            }) => {
+            Some(caller) => {
+                route.limit_caller(&caller, outcome).await?;
+                let Caller {
+                    identity, token, ..
+                } = caller;
                 if let Some((_, template)) = &route.config.upstream_auth {
                     upstream_credential = template
                         .render_checked(&Values {
@@ -623,6 +709,8 @@ async fn forward<'g>(
 pub(crate) struct Caller<'p, 'g> {
     pub(crate) identity: Arc<Identity>,
     pub(crate) token: Cow<'p, str>,
+    /// The credential's SHA-256 (its cache key).
+    pub(crate) key: [u8; 32],
     source: &'g Source,
 }
 
@@ -642,7 +730,8 @@ pub(crate) async fn identify<'p, 'g>(
         outcome.auth = Some((AuthResult::Denied, "store"));
         return Err(ProxyError::InvalidCredentials);
     }
-    let identity = authenticate(gate, &credential.token, outcome).await?;
+    let key = crate::identity::hash(&credential.token);
+    let identity = authenticate(gate, &credential.token, key, outcome).await?;
     if let Some(usage) = &identity.usage {
         let now = store::now_ms();
         if usage.due(now) {
@@ -653,24 +742,26 @@ pub(crate) async fn identify<'p, 'g>(
     Ok(Some(Caller {
         identity,
         token: credential.token,
+        key,
         source: credential.source,
     }))
 }
 
-/// Cache, then validators: the identity behind a credential.
+/// Cache, then validators: the identity behind a credential (`key`, its hash).
 async fn authenticate(
     gate: &Gate,
     token: &str,
+    key: [u8; 32],
     outcome: &mut Outcome<'_>,
 ) -> Result<Arc<Identity>, ProxyError> {
-    let key = crate::identity::hash(token);
     let validators = &gate.validators;
+    let client = crate::limits::client_key(outcome.client);
     let (verdict, provenance) = gate
         .cache
         .get_or_validate(key, || {
             let validators = Arc::clone(validators);
             let token = token.to_string();
-            async move { validators.validate(&token, &key).await }
+            async move { validators.validate(&token, &key, client).await }
         })
         .await;
     match verdict {
@@ -690,6 +781,8 @@ async fn authenticate(
             outcome.auth = Some((AuthResult::Denied, by));
             Err(ProxyError::InvalidCredentials)
         }
+        // Over the failed-credential limit: no validator was asked, so no decision to count.
+        Ok(Verdict::Throttled(refusal)) => Err(outcome.limited(refusal)),
         Err(_) => {
             outcome.auth = Some((AuthResult::Error, gate.validators.decided_by(token, true)));
             Err(ProxyError::BackendUnavailable)

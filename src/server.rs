@@ -185,6 +185,7 @@ pub async fn serve(
             tick.tick().await;
             let gate = gate.load();
             gate.cache().purge_expired();
+            gate.limits().purge();
             crate::identity::purge_principals();
             crate::telemetry::cache_entries(gate.cache().len());
         }

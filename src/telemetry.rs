@@ -98,6 +98,14 @@ fn describe() {
         "Entries in the validation cache."
     );
     describe_counter!("tokengate_tokens_issued_total", "Tokens issued, by kind.");
+    describe_counter!(
+        "tokengate_limited_total",
+        "Requests answered 429, by route and limit (failed_auth, subject, token, client)."
+    );
+    describe_gauge!(
+        "tokengate_limits_shared",
+        "1 for where the rate-limit buckets are kept now: state=\"redis\" (shared) or \"local\" (Redis unreachable)."
+    );
     describe_counter!("tokengate_tokens_revoked_total", "Tokens revoked.");
     describe_counter!(
         "tokengate_tls_handshake_errors_total",
@@ -143,6 +151,11 @@ impl RouteMetrics {
         }
     }
 
+    /// The `route` label.
+    pub fn label(&self) -> &str {
+        &self.route
+    }
+
     /// Records one answered request.
     pub fn request(&self, status: u16, duration: Duration, upstream: Option<Duration>) {
         let slot = usize::from(status).wrapping_sub(100);
@@ -157,6 +170,11 @@ impl RouteMetrics {
             self.upstream.record(upstream.as_secs_f64());
         }
     }
+}
+
+/// Counts a 429 (`tokengate_limited_total{route,limit}`).
+pub fn limited(route: &str, limit: &'static str) {
+    counter!("tokengate_limited_total", "route" => route.to_string(), "limit" => limit).increment(1);
 }
 
 /// An authentication decision (`result` label).

@@ -163,16 +163,17 @@ pub async fn handle(
     let context = crate::trace::Context::take(request.headers_mut());
     let real_client = ingress_client(gate, client.ip(), request.headers());
     let (parts, _body) = request.into_parts();
-    let mut outcome = Outcome::default();
+    let mut outcome = Outcome::new(real_client);
     let mut original = None;
     let mut response = match decide(gate, verify, parts, &mut outcome, &mut original).await {
         Ok(response) => response,
         Err(error) => gate.error_response(error),
     };
+    // nginx's auth_request takes only 2xx, 401 and 403; anything else is a 500 to the client.
     if verify.ingress == Ingress::Nginx
         && matches!(
             response.status(),
-            StatusCode::BAD_REQUEST | StatusCode::NOT_FOUND
+            StatusCode::BAD_REQUEST | StatusCode::NOT_FOUND | StatusCode::TOO_MANY_REQUESTS
         )
     {
         *response.status_mut() = StatusCode::FORBIDDEN;
@@ -188,6 +189,9 @@ pub async fn handle(
     }
     if let Some((result, by)) = outcome.auth {
         gate.auth_metrics.record(result, by);
+    }
+    if let Some(limit) = outcome.limit {
+        crate::telemetry::limited(outcome.route_label(), limit);
     }
     if access_log::enabled() {
         let identity = outcome.identity.as_deref();
@@ -205,6 +209,7 @@ pub async fn handle(
                     .route
                     .map(|r| r.config.path_prefix.as_str())
                     .or(Some("tokengate:verify")),
+                limit: outcome.limit,
                 subject: identity.map(|i| i.subject.as_str()),
                 source: outcome.source,
                 ignored: outcome.ignored,
@@ -270,11 +275,15 @@ async fn decide<'g>(
         gate.boundary().forwarded_path_and_query(&uri),
     );
     parts.uri = uri;
+    route.limit_client(outcome).await?;
     if route.config.auth == AuthMode::None {
         return Ok(allowed(headers));
     }
     let caller = match crate::proxy::identify(gate, &parts, outcome).await? {
-        Some(caller) => caller,
+        Some(caller) => {
+            route.limit_caller(&caller, outcome).await?;
+            caller
+        }
         None if route.config.auth == AuthMode::Required => {
             outcome.auth = Some((AuthResult::Missing, "none"));
             return Err(ProxyError::MissingCredentials);

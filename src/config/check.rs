@@ -164,6 +164,7 @@ impl Checker<'_> {
             max_entries: self.positive(&raw.cache.max_entries, 1_000_000)?,
         };
         let store = self.store(&raw.store)?;
+        let limits = self.limits(&raw.limits, &store)?;
         let tokens = self.tokens(&raw.tokens)?;
         let x509 = match &raw.x509 {
             Some(x) => self.x509(x, &server)?,
@@ -217,7 +218,99 @@ impl Checker<'_> {
             tokens,
             endpoints,
             x509,
+            limits,
             origin: self.path.to_owned(),
+        })
+    }
+
+    /// `[limits]`: the failed-credential bucket, the memory bound, sharing through Redis.
+    pub(super) fn limits(
+        &self,
+        raw: &RawLimits,
+        store: &StoreConfig,
+    ) -> Result<LimitsConfig, ConfigError> {
+        let defaults = LimitsConfig::default();
+        let burst = match &raw.failed_auth_burst {
+            None => 10,
+            Some(b) => self.burst(b)?,
+        };
+        let failed_auth = match &raw.failed_auth {
+            None => defaults.failed_auth,
+            Some(rate) => parse_rate(rate.get_ref())
+                .map_err(|m| self.at(rate, m))?
+                .map(|(count, period)| BucketConfig {
+                    count,
+                    period,
+                    burst,
+                }),
+        };
+        let shared = raw.shared.as_ref().is_some_and(|s| *s.get_ref());
+        if let Some(s) = raw.shared.as_ref().filter(|s| *s.get_ref()) {
+            if !matches!(store, StoreConfig::Redis { .. }) {
+                return Err(self.at(
+                    s,
+                    "shared = true keeps the buckets in Redis: it needs [store] backend = \"redis\"",
+                ));
+            }
+        }
+        Ok(LimitsConfig {
+            failed_auth,
+            max_tracked: self.positive(&raw.max_tracked, defaults.max_tracked)?,
+            shared,
+        })
+    }
+
+    /// A bucket's `burst`: 1 or more (a bucket that holds nothing would refuse everything).
+    fn burst(&self, value: &Spanned<i64>) -> Result<u32, ConfigError> {
+        u32::try_from(*value.get_ref())
+            .ok()
+            .filter(|b| *b > 0)
+            .ok_or_else(|| self.at(value, "burst must be a number from 1 to 4294967295"))
+    }
+
+    /// One `[[route.rate_limit]]` of a route with `auth`.
+    fn rate_limit(
+        &self,
+        raw: &Spanned<RawRateLimit>,
+        auth: AuthMode,
+    ) -> Result<RateLimitConfig, ConfigError> {
+        let r = raw.get_ref();
+        let per = match r.per.get_ref().as_str() {
+            "subject" => LimitKind::Subject,
+            "token" => LimitKind::Token,
+            "client" => LimitKind::Client,
+            other => {
+                return Err(self.at(
+                    &r.per,
+                    format!("per must be \"subject\", \"token\" or \"client\", not {other:?}"),
+                ))
+            }
+        };
+        if auth == AuthMode::None && per != LimitKind::Client {
+            return Err(self.at(
+                &r.per,
+                "a route with auth = \"none\" has no subject or token to count: use per = \"client\"",
+            ));
+        }
+        let (count, period) = parse_rate(r.rate.get_ref())
+            .map_err(|m| self.at(&r.rate, m))?
+            .ok_or_else(|| {
+                self.at(
+                    &r.rate,
+                    "a rate limit's rate cannot be \"0\" (remove the [[route.rate_limit]] instead)",
+                )
+            })?;
+        let burst = match &r.burst {
+            None => count,
+            Some(b) => self.burst(b)?,
+        };
+        Ok(RateLimitConfig {
+            per,
+            bucket: BucketConfig {
+                count,
+                period,
+                burst,
+            },
         })
     }
 
@@ -862,6 +955,11 @@ impl Checker<'_> {
                 Some(v) => return Err(self.at(v, "must be 0 or more")),
             },
             preserve_header_case: r.preserve_header_case.unwrap_or(true),
+            rate_limits: r
+                .rate_limit
+                .iter()
+                .map(|l| self.rate_limit(l, auth))
+                .collect::<Result<_, _>>()?,
         })
     }
 }

@@ -130,6 +130,8 @@ pub struct Config {
     pub endpoints: EndpointsConfig,
     /// `[x509]`.
     pub x509: X509Config,
+    /// `[limits]`: abuse control for the whole process.
+    pub limits: LimitsConfig,
     /// The file this config was read from, as given (for error messages).
     pub origin: PathBuf,
 }
@@ -461,6 +463,104 @@ pub struct RouteConfig {
     pub max_idle_connections: usize,
     /// HTTP/1 responses keep the case of the upstream's header names (else lower case).
     pub preserve_header_case: bool,
+    /// `[[route.rate_limit]]`, in the order written; every one applies.
+    pub rate_limits: Vec<RateLimitConfig>,
+}
+
+/// A token bucket: `count` tokens come back every `period`, and it holds at most `burst`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BucketConfig {
+    /// Tokens per `period` (at least 1).
+    pub count: u32,
+    /// The period of `count` (longer than 0).
+    pub period: Duration,
+    /// The most tokens the bucket holds: requests allowed at once after a quiet spell.
+    pub burst: u32,
+}
+
+/// What a bucket counts for: whose requests share it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LimitKind {
+    /// Invalid credentials per client address (`[limits] failed_auth`).
+    FailedAuth,
+    /// Requests per verified subject.
+    Subject,
+    /// Requests per credential.
+    Token,
+    /// Requests per client address.
+    Client,
+}
+
+impl LimitKind {
+    /// The name in the access log, the `limit` metric label and the `RateLimit` headers.
+    pub fn label(self) -> &'static str {
+        match self {
+            LimitKind::FailedAuth => "failed_auth",
+            LimitKind::Subject => "subject",
+            LimitKind::Token => "token",
+            LimitKind::Client => "client",
+        }
+    }
+}
+
+/// One `[[route.rate_limit]]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimitConfig {
+    /// Whose requests share a bucket (`per`): `subject`, `token` or `client`.
+    pub per: LimitKind,
+    /// The bucket (`rate` and `burst`).
+    pub bucket: BucketConfig,
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitsConfig {
+    /// Invalid credentials per client address before it gets 429 without a validator being
+    /// asked; `None` (`failed_auth = "0"`): unlimited.
+    pub failed_auth: Option<BucketConfig>,
+    /// The most buckets of each kind held at once (memory bound).
+    pub max_tracked: usize,
+    /// Keep the buckets in the Redis store, shared by every replica.
+    pub shared: bool,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            failed_auth: Some(BucketConfig {
+                count: 20,
+                period: Duration::from_secs(60),
+                burst: 10,
+            }),
+            max_tracked: 100_000,
+            shared: false,
+        }
+    }
+}
+
+/// Parses a rate, `"N/PERIOD"` (`"100/1s"`, `"20/1m"`, `"1000/1h"`): `None` for `"0"` (off).
+pub fn parse_rate(text: &str) -> Result<Option<(u32, Duration)>, String> {
+    let text = text.trim();
+    if text == "0" {
+        return Ok(None);
+    }
+    let wrong = || format!("invalid rate {text:?}: expected N/PERIOD, e.g. \"100/1s\" or \"20/1m\"");
+    let (count, period) = text.split_once('/').ok_or_else(wrong)?;
+    let count: u32 = count.trim().parse().map_err(|_| wrong())?;
+    let period = period.trim();
+    // "100/s" reads as "100/1s".
+    let period = if period.starts_with(|c: char| c.is_ascii_digit()) {
+        parse_duration(period).map_err(|_| wrong())?
+    } else {
+        parse_duration(&format!("1{period}")).map_err(|_| wrong())?
+    };
+    if count == 0 || period.is_zero() {
+        return Err(format!("invalid rate {text:?}: N and PERIOD must be more than 0 (\"0\" turns the limit off)"));
+    }
+    if period > Duration::from_secs(24 * 3600) {
+        return Err(format!("invalid rate {text:?}: the period is at most a day"));
+    }
+    Ok(Some((count, period)))
 }
 
 /// `serve --listen`: the main listener's address, whatever the file says (on reload too).

@@ -28,6 +28,25 @@ pub(super) struct RawConfig {
     pub(super) validators: Vec<Spanned<RawValidator>>,
     #[serde(default, rename = "route")]
     pub(super) routes: Vec<Spanned<RawRoute>>,
+    #[serde(default)]
+    pub(super) limits: RawLimits,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLimits {
+    pub(super) failed_auth: Option<Spanned<String>>,
+    pub(super) failed_auth_burst: Option<Spanned<i64>>,
+    pub(super) max_tracked: Option<Spanned<i64>>,
+    pub(super) shared: Option<Spanned<bool>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRateLimit {
+    pub(super) per: Spanned<String>,
+    pub(super) rate: Spanned<String>,
+    pub(super) burst: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -187,6 +206,8 @@ pub(super) struct RawRoute {
     pub(super) max_inflight: Option<Spanned<i64>>,
     pub(super) max_idle_connections: Option<Spanned<i64>>,
     pub(super) preserve_header_case: Option<bool>,
+    #[serde(default)]
+    pub(super) rate_limit: Vec<Spanned<RawRateLimit>>,
 }
 
 #[derive(Deserialize)]

@@ -235,6 +235,23 @@ impl Store {
         }
     }
 
+    /// One step of a shared token bucket (`[limits] shared`, GCRA as `limits` keeps it): take a
+    /// token (`take`) or give one back, atomically in Redis, on Redis's clock. `Ok(Err(µs))`:
+    /// refused, the bucket has a token again in that long. `(interval, tolerance)` in µs. Only
+    /// the Redis store keeps buckets.
+    pub async fn bucket(
+        &self,
+        limit: &str,
+        key: u128,
+        (interval, tolerance): (u64, u64),
+        take: bool,
+    ) -> Result<Result<(), u64>, StoreError> {
+        match self {
+            Store::Redis(r) => r.bucket(limit, key, interval, tolerance, take).await,
+            _ => Err(StoreError("shared limits need the redis store".into())),
+        }
+    }
+
     /// Whether the store answers (readiness).
     pub async fn ping(&self) -> Result<(), StoreError> {
         match self {

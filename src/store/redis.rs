@@ -113,6 +113,34 @@ pub const REDIS_SUBSCRIPTION_SILENCE: Duration = Duration::from_secs(15);
 /// The heartbeat message (not a token hash, so receivers pass it over).
 pub(super) const REDIS_HEARTBEAT_MESSAGE: &str = "heartbeat";
 
+/// GCRA in Redis, as `limits::Buckets` keeps it locally: the key holds the moment (µs, Redis's
+/// clock) the bucket is full again, and expires then (a full bucket is no bucket). ARGV: the
+/// interval and the tolerance (µs), 1 to take a token or -1 to give one back. Returns
+/// `{1, 0}` (taken) or `{0, µs to wait}`. Lua numbers are doubles: µs since 1970 fit in 53 bits.
+const BUCKET_SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local full_at = tonumber(redis.call('GET', KEYS[1]) or '0')
+if full_at < now then full_at = now end
+local later
+if tonumber(ARGV[3]) < 0 then
+  later = full_at - interval
+else
+  later = full_at + interval
+  if later - now > tolerance then
+    return {0, later - now - tolerance}
+  end
+end
+if later <= now then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], string.format('%d', later), 'PX', math.ceil((later - now) / 1000))
+end
+return {1, 0}
+";
+
 impl RedisStore {
     pub(super) async fn open(url: &Secret, prefix: &str) -> Result<RedisStore, StoreError> {
         let client = ::redis::Client::open(url.expose())
@@ -302,6 +330,31 @@ impl RedisStore {
             .invoke_async::<()>(&mut c)
             .await?;
         Ok(())
+    }
+
+    /// `Store::bucket`: one script, so two replicas never both take the last token.
+    pub(super) async fn bucket(
+        &self,
+        limit: &str,
+        key: u128,
+        interval: u64,
+        tolerance: u64,
+        take: bool,
+    ) -> Result<Result<(), u64>, StoreError> {
+        static SCRIPT: std::sync::OnceLock<::redis::Script> = std::sync::OnceLock::new();
+        let script = SCRIPT.get_or_init(|| ::redis::Script::new(BUCKET_SCRIPT));
+        let mut c = self.connection.clone();
+        let (allowed, wait): (i64, i64) = script
+            .key(format!("{}l:{limit}:{key:032x}", self.prefix))
+            .arg(interval)
+            .arg(tolerance)
+            .arg(if take { 1 } else { -1 })
+            .invoke_async(&mut c)
+            .await?;
+        Ok(match allowed {
+            1 => Ok(()),
+            _ => Err(u64::try_from(wait).unwrap_or(0)),
+        })
     }
 
     pub(super) async fn ping(&self) -> Result<(), StoreError> {

@@ -18,8 +18,14 @@ pub use crate::identity::{
 use crate::jwt::JwtKey;
 use crate::jwt_validator::JwtValidator;
 use crate::store::{Store, TokenRecord};
+use crate::error::Refusal;
+use crate::limits::{Key, Limiter};
 use crate::upstream::full;
 use crate::upstream::HttpClient;
+
+mod slots;
+
+use slots::FairSlots;
 
 impl Identity {
     /// The identity behind an issued token.
@@ -42,6 +48,9 @@ pub enum Verdict {
     Allowed(Arc<Identity>),
     /// No validator recognises the credential.
     Denied,
+    /// Not asked: the client is over its failed-credential limit (`[limits] failed_auth`), and
+    /// the credential needed a call to a remote validator. Never cached.
+    Throttled(Refusal),
 }
 
 /// The validators, in order: the store (for tokens tokengate issued), then the configured ones.
@@ -49,6 +58,9 @@ pub struct Validators {
     store: Arc<Store>,
     jwt: Option<Arc<JwtKey>>,
     list: Vec<Validator>,
+    /// The failed-credential buckets, per client: consulted before a call to a remote
+    /// validator (introspection), never for what is checked locally.
+    failed_auth: Option<Arc<Limiter>>,
 }
 
 enum Validator {
@@ -84,8 +96,8 @@ struct Introspector {
     client: HttpClient,
     /// Calls in flight at once (`max_concurrent`; each holds a connection): a flood of
     /// distinct credentials waits here, within the validator's timeout, instead of opening a
-    /// socket each.
-    calls: tokio::sync::Semaphore,
+    /// socket each; the slots go round-robin by client.
+    calls: FairSlots,
 }
 
 /// The most of an introspection response that is read.
@@ -93,12 +105,14 @@ const INTROSPECT_BODY_LIMIT: usize = 64 * 1024;
 
 impl Validators {
     /// Builds the validators of the config.
-    /// `jwt`: the key of JWT API keys, when configured (`[tokens] jwt_key`).
+    /// `jwt`: the key of JWT API keys, when configured (`[tokens] jwt_key`); `failed_auth`: the
+    /// failed-credential limit.
     pub fn new(
         configs: &[ValidatorConfig],
         client: &HttpClient,
         store: Arc<Store>,
         jwt: Option<Arc<JwtKey>>,
+        failed_auth: Option<Arc<Limiter>>,
     ) -> Validators {
         let list = configs
             .iter()
@@ -108,7 +122,7 @@ impl Validators {
                     Validator::Introspect(Box::new(Introspector {
                         config: config.clone(),
                         client: client.clone(),
-                        calls: tokio::sync::Semaphore::new(config.max_concurrent),
+                        calls: FairSlots::new(config.max_concurrent),
                     }))
                 }
                 ValidatorConfig::Jwt(config) => {
@@ -116,11 +130,21 @@ impl Validators {
                 }
             })
             .collect();
-        Validators { store, jwt, list }
+        Validators {
+            store,
+            jwt,
+            list,
+            failed_auth,
+        }
     }
 
-    /// Asks each validator in turn.
-    pub async fn validate(&self, token: &str, key: &[u8; 32]) -> Result<Verdict, BackendError> {
+    /// Asks each validator in turn, for a credential `client` presented.
+    pub async fn validate(
+        &self,
+        token: &str,
+        key: &[u8; 32],
+        client: Key,
+    ) -> Result<Verdict, BackendError> {
         // A `tg_` token is ours: only the store can vouch for it (its checksum was checked
         // before the cache).
         if crate::token::is_ours(token) {
@@ -135,14 +159,31 @@ impl Validators {
             };
         }
         let mut failure = None;
+        // A token taken from the client's failed-credential bucket before the first remote
+        // call: the call counts as failed until it succeeds (then it is given back), so a
+        // burst of concurrent requests cannot all reach the validator before one fails.
+        let mut taken = None;
         for validator in &self.list {
             let answer = match validator {
                 Validator::Static(map) => Ok(map.get(key).cloned()),
-                Validator::Introspect(i) => i.introspect(token, key).await,
+                Validator::Introspect(i) => {
+                    if let (Some(limit), None) = (&self.failed_auth, taken) {
+                        if let Err(refusal) = limit.take(client).await {
+                            return Ok(Verdict::Throttled(refusal));
+                        }
+                        taken = Some(limit);
+                    }
+                    i.introspect(token, key, client).await
+                }
                 Validator::Jwt(j) => j.validate(token).await,
             };
             match answer {
-                Ok(Some(identity)) => return Ok(Verdict::Allowed(identity)),
+                Ok(Some(identity)) => {
+                    if let Some(limit) = taken {
+                        limit.refund(client).await;
+                    }
+                    return Ok(Verdict::Allowed(identity));
+                }
                 Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(error = %e.0, "validator unavailable");
@@ -224,6 +265,7 @@ impl Introspector {
         &self,
         token: &str,
         key: &[u8; 32],
+        client: Key,
     ) -> Result<Option<Arc<Identity>>, BackendError> {
         let c = &self.config;
         let values = crate::rewrite::Values {
@@ -246,16 +288,13 @@ impl Introspector {
         // deadline covered both, a call that waited long would be cut off early and its slot
         // handed on while the validator was still working on it: more than `max_concurrent`
         // in flight there.) The validation runs in its own task (the cache's), so a caller
-        // that gives up does not cancel it.
-        let _slot = tokio::time::timeout(c.timeout, self.calls.acquire())
-            .await
-            .map_err(|_| {
-                BackendError(format!(
-                    "introspection endpoint {}: all {} call slots busy",
-                    c.url, c.max_concurrent
-                ))
-            })?
-            .map_err(|_| BackendError("introspection validator closed".into()))?;
+        // that gives up does not cancel it. Slots go round-robin by client address.
+        let _slot = self.calls.acquire(client, c.timeout).await.ok_or_else(|| {
+            BackendError(format!(
+                "introspection endpoint {}: all {} call slots busy",
+                c.url, c.max_concurrent
+            ))
+        })?;
         let call = async {
             let response = self
                 .client
@@ -323,6 +362,7 @@ impl Introspector {
 pub fn lifetime(verdict: &Verdict, ttl: Duration, negative_ttl: Duration) -> Duration {
     match verdict {
         Verdict::Denied => negative_ttl,
+        Verdict::Throttled(_) => Duration::ZERO,
         Verdict::Allowed(identity) => match identity.expires {
             None => ttl,
             Some(at) => at
