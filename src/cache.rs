@@ -16,10 +16,10 @@ use tokio::time::Instant;
 
 use crate::config::CacheConfig;
 use crate::identity::{BackendError, Identity};
-use crate::validate::{lifetime, Verdict};
+use crate::validate::{lifetime, Failure, Verdict};
 
-/// What waiters receive: the verdict, or that the backend could not be reached.
-type Outcome = Result<Verdict, BackendError>;
+/// What waiters receive: the verdict, or why there is none (not cached).
+type Outcome = Result<Verdict, Failure>;
 
 /// One entry: 16 bytes beside its 32-byte key (a million entries are a lot of buckets).
 enum Slot {
@@ -73,6 +73,16 @@ impl Cache {
         })
     }
 
+    /// The cached verdict for `key`, if there is a live one.
+    pub fn cached(&self, key: &[u8; 32]) -> Option<Verdict> {
+        match self.map.get(key).as_deref() {
+            Some(Slot::Ready { verdict, expires }) if *expires > self.now() => {
+                Some(verdict.clone())
+            }
+            _ => None,
+        }
+    }
+
     /// The verdict for `key`: cached, or from `validate` (called at most once for concurrent
     /// misses of the same key). Backend errors are not cached.
     pub async fn get_or_validate<F, Fut>(
@@ -104,7 +114,7 @@ impl Cache {
                         // Our validation already ran and vanished (see below): give up.
                         self.map.remove(&key);
                         let gone = BackendError("validation did not complete".into());
-                        return (Err(gone), Provenance::Validated);
+                        return (Err(gone.into()), Provenance::Validated);
                     };
                     self.spawn_validation(key, tx, validate());
                     rx

@@ -10,8 +10,8 @@ use std::sync::{Arc, OnceLock};
 use tokio_rustls::TlsAcceptor;
 
 use crate::cache::Cache;
-use crate::config::{Config, ConfigError, JwtKeySource, LimitKind, ValidatorConfig};
-use crate::limits::{Limiter, SharedState};
+use crate::config::{AuthMode, Config, ConfigError, JwtKeySource, LimitKind, ValidatorConfig};
+use crate::limits::Limits;
 use crate::proxy::{Gate, Route, UsageSender, OWN_ROUTES};
 use crate::rewrite::Boundary;
 use crate::store::Store;
@@ -87,7 +87,12 @@ pub fn assemble(
         None => None,
     };
     let default_client = upstream::client(None)?;
-    let limits = Limits::new(&config, &store, previous);
+    // Kept across reloads when `[limits]` is unchanged, like the cache: a reload neither
+    // forgives a client nor punishes one.
+    let kept = previous
+        .filter(|p| p.config.limits == config.limits)
+        .map(|p| &p.limits);
+    let limits = Limits::new(&config, &store, kept);
     let mut routes = Vec::with_capacity(config.routes.len());
     for route in &config.routes {
         let tls = match (route.upstream.scheme_str(), &route.upstream_ca) {
@@ -101,10 +106,17 @@ pub fn assemble(
             route.preserve_header_case,
             crate::worker::count(&config.server),
         )?;
+        let metrics = RouteMetrics::new(&route.path_prefix);
+        // The limits a route can answer 429 with read 0 before the first.
+        let failed_auth = config.limits.failed_auth.is_some() && route.auth != AuthMode::None;
+        let kinds = route.rate_limits.iter().map(|l| l.per);
+        for kind in kinds.chain(failed_auth.then_some(LimitKind::FailedAuth)) {
+            metrics.limited(kind.label());
+        }
         routes.push(Route {
             config: route.clone(),
             pool: Arc::new(pool),
-            metrics: RouteMetrics::new(&route.path_prefix),
+            metrics,
             limits: limits.route(route),
         });
     }
@@ -148,92 +160,6 @@ pub fn assemble(
         usage,
         limits,
     })
-}
-
-/// The gate's limits: built here, kept across reloads when unchanged (like the cache), so a
-/// reload neither forgives a client nor punishes one.
-pub struct Limits {
-    /// `[limits] failed_auth`, per client.
-    pub(crate) failed_auth: Option<Arc<Limiter>>,
-    /// Every route's, by route prefix, in config order.
-    routes: Vec<(String, Vec<Arc<Limiter>>)>,
-    /// Whether Redis holds the buckets (`[limits] shared`).
-    shared: Option<Arc<SharedState>>,
-}
-
-impl Limits {
-    fn new(config: &Config, store: &Arc<Store>, previous: Option<&Gate>) -> Limits {
-        let before = previous
-            .map(|p| &p.limits)
-            .filter(|_| previous.is_some_and(|p| p.config.limits == config.limits));
-        let shared = config.limits.shared.then(|| match before.and_then(|b| b.shared.as_ref()) {
-            Some(state) => Arc::clone(state),
-            None => SharedState::new(Arc::clone(store)),
-        });
-        let make = |kind, bucket, name: String| {
-            Arc::new(Limiter::new(
-                kind,
-                bucket,
-                &config.limits,
-                shared.as_ref().map(|s| (s, name)),
-            ))
-        };
-        let failed_auth = match before.and_then(|b| b.failed_auth.as_ref()) {
-            Some(kept) => Some(Arc::clone(kept)),
-            None => config
-                .limits
-                .failed_auth
-                .map(|bucket| make(LimitKind::FailedAuth, bucket, "failed_auth".into())),
-        };
-        let routes = config
-            .routes
-            .iter()
-            .map(|route| {
-                let kept = before
-                    .and_then(|b| b.routes.iter().find(|(p, _)| *p == route.path_prefix))
-                    .map(|(_, l)| l.as_slice())
-                    .unwrap_or_default();
-                let limiters = route
-                    .rate_limits
-                    .iter()
-                    .enumerate()
-                    .map(|(i, limit)| match kept.get(i) {
-                        Some(k) if k.kind() == limit.per && k.config() == limit.bucket => {
-                            Arc::clone(k)
-                        }
-                        _ => make(
-                            limit.per,
-                            limit.bucket,
-                            format!("route:{}:{i}", route.path_prefix),
-                        ),
-                    })
-                    .collect();
-                (route.path_prefix.clone(), limiters)
-            })
-            .collect();
-        Limits {
-            failed_auth,
-            routes,
-            shared,
-        }
-    }
-
-    /// A route's limiters.
-    fn route(&self, route: &crate::config::RouteConfig) -> Vec<Arc<Limiter>> {
-        self.routes
-            .iter()
-            .find(|(p, _)| *p == route.path_prefix)
-            .map(|(_, l)| l.clone())
-            .unwrap_or_default()
-    }
-
-    /// Drops every bucket that has refilled (periodically, off the request path).
-    pub fn purge(&self) {
-        let routes = self.routes.iter().flat_map(|(_, l)| l);
-        for limiter in self.failed_auth.iter().chain(routes) {
-            limiter.purge();
-        }
-    }
 }
 
 /// The `source` labels of `tokengate_auth_total` this config can produce.

@@ -20,9 +20,96 @@ use std::time::Duration;
 use dashmap::DashMap;
 use tokio::time::Instant;
 
-use crate::config::{BucketConfig, LimitKind, LimitsConfig};
+use crate::config::{BucketConfig, Config, LimitKind, LimitsConfig, RouteConfig};
 use crate::error::Refusal;
 use crate::store::Store;
+
+/// Every limit of a gate: the failed-credential one and each route's.
+pub struct Limits {
+    /// `[limits] failed_auth`, per client.
+    pub(crate) failed_auth: Option<Arc<Limiter>>,
+    /// Every route's, by route prefix, in config order.
+    routes: Vec<(String, Vec<Arc<Limiter>>)>,
+    /// Whether Redis holds the buckets (`[limits] shared`).
+    shared: Option<Arc<SharedState>>,
+}
+
+impl Limits {
+    /// The limits of `config`; those of `before` (the previous gate's, for the same `[limits]`)
+    /// whose settings are unchanged are kept, buckets and all.
+    pub fn new(config: &Config, store: &Arc<Store>, before: Option<&Limits>) -> Limits {
+        let shared = config
+            .limits
+            .shared
+            .then(|| match before.and_then(|b| b.shared.as_ref()) {
+                Some(state) => Arc::clone(state),
+                None => SharedState::new(Arc::clone(store)),
+            });
+        let make = |kind, bucket, name: String| {
+            Arc::new(Limiter::new(
+                kind,
+                bucket,
+                &config.limits,
+                shared.as_ref().map(|s| (s, name)),
+            ))
+        };
+        let failed_auth = match before.and_then(|b| b.failed_auth.as_ref()) {
+            Some(kept) => Some(Arc::clone(kept)),
+            None => config
+                .limits
+                .failed_auth
+                .map(|bucket| make(LimitKind::FailedAuth, bucket, "failed_auth".into())),
+        };
+        let routes = config
+            .routes
+            .iter()
+            .map(|route| {
+                let kept = before
+                    .and_then(|b| b.routes.iter().find(|(p, _)| *p == route.path_prefix))
+                    .map(|(_, l)| l.as_slice())
+                    .unwrap_or_default();
+                let limiters = route
+                    .rate_limits
+                    .iter()
+                    .enumerate()
+                    .map(|(i, limit)| match kept.get(i) {
+                        Some(k) if k.kind() == limit.per && k.config() == limit.bucket => {
+                            Arc::clone(k)
+                        }
+                        _ => make(
+                            limit.per,
+                            limit.bucket,
+                            format!("route:{}:{i}", route.path_prefix),
+                        ),
+                    })
+                    .collect();
+                (route.path_prefix.clone(), limiters)
+            })
+            .collect();
+        Limits {
+            failed_auth,
+            routes,
+            shared,
+        }
+    }
+
+    /// A route's limiters.
+    pub fn route(&self, route: &RouteConfig) -> Vec<Arc<Limiter>> {
+        self.routes
+            .iter()
+            .find(|(p, _)| *p == route.path_prefix)
+            .map(|(_, l)| l.clone())
+            .unwrap_or_default()
+    }
+
+    /// Drops every bucket that has refilled (periodically, off the request path).
+    pub fn purge(&self) {
+        let routes = self.routes.iter().flat_map(|(_, l)| l);
+        for limiter in self.failed_auth.iter().chain(routes) {
+            limiter.purge();
+        }
+    }
+}
 
 /// One limit: a bucket per key, all alike.
 pub struct Limiter {
@@ -104,6 +191,18 @@ impl Limiter {
                 let _ = Box::pin(shared.step(self, key, false)).await;
             }
         }
+    }
+
+    /// The refusal a take would get now, without taking (this process's buckets; `None` with
+    /// shared buckets, whose state is in Redis).
+    pub fn empty(&self, key: Key) -> Option<Refusal> {
+        if self.shared.is_some() {
+            return None;
+        }
+        let now = self.now();
+        let full_at = *self.buckets.map.get(&key)?;
+        let ahead = full_at.max(now).saturating_add(self.interval) - now;
+        (ahead > self.tolerance).then(|| self.refusal(ahead - self.tolerance))
     }
 
     /// [`Limiter::take`] on this process's buckets.
@@ -305,12 +404,10 @@ impl Shared {
             && u64::try_from(crate::clock::now_ms()).unwrap_or(0)
                 < state.retry_at_ms.load(Ordering::Relaxed);
         if !away {
-            let call = state.store.bucket(
-                &self.name,
-                key,
-                (limiter.interval, limiter.tolerance),
-                take,
-            );
+            let call =
+                state
+                    .store
+                    .bucket(&self.name, key, (limiter.interval, limiter.tolerance), take);
             match tokio::time::timeout(SHARED_TIMEOUT, call).await {
                 Ok(Ok(answer)) => {
                     state.recovered();
@@ -323,9 +420,7 @@ impl Shared {
         if take {
             limiter.take_local(key)
         } else {
-            limiter
-                .buckets
-                .refund(key, limiter.now(), limiter.interval);
+            limiter.buckets.refund(key, limiter.now(), limiter.interval);
             Ok(())
         }
     }
@@ -404,7 +499,10 @@ mod tests {
     fn clients_are_keyed_per_address_and_ipv6_per_64() {
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         assert_ne!(client_key(ip("127.0.0.2")), client_key(ip("127.0.0.3")));
-        assert_eq!(client_key(ip("127.0.0.2")), client_key(ip("::ffff:127.0.0.2")));
+        assert_eq!(
+            client_key(ip("127.0.0.2")),
+            client_key(ip("::ffff:127.0.0.2"))
+        );
         assert_eq!(
             client_key(ip("2001:db8:1:2::1")),
             client_key(ip("2001:db8:1:2:ffff::9"))

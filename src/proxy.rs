@@ -35,7 +35,7 @@ use crate::token;
 use crate::trace;
 use crate::upstream::Body;
 use crate::upstream::{self, ClientBody, Pool};
-use crate::validate::{Validators, Verdict};
+use crate::validate::{Failure, Validators, Verdict};
 
 mod own;
 
@@ -64,7 +64,7 @@ pub struct Gate {
     /// can pick another route when read case-insensitively.
     pub(crate) fold_always: bool,
     /// The failed-credential and rate limits' buckets.
-    pub(crate) limits: crate::gate::Limits,
+    pub(crate) limits: crate::limits::Limits,
 }
 
 /// What a path picks under one reading.
@@ -131,7 +131,11 @@ impl Route {
                 LimitKind::Token => crate::identity::key_of(&caller.key),
                 LimitKind::Client | LimitKind::FailedAuth => continue,
             };
-            limit.take(key).await.map_err(|r| outcome.limited(r))?;
+            if let Err(refusal) = limit.take(key).await {
+                // The log line says who was held back.
+                outcome.identity = Some(Arc::clone(&caller.identity));
+                return Err(outcome.limited(refusal));
+            }
         }
         Ok(())
     }
@@ -171,7 +175,7 @@ impl Gate {
     }
 
     /// The limits' buckets.
-    pub fn limits(&self) -> &crate::gate::Limits {
+    pub fn limits(&self) -> &crate::limits::Limits {
         &self.limits
     }
 
@@ -332,14 +336,6 @@ impl Outcome<'_> {
         }
     }
 
-    /// The `route` label of the request's metrics.
-    pub(crate) fn route_label(&self) -> &str {
-        self.route
-            .map(|r| r.metrics.label())
-            .or(self.endpoint)
-            .unwrap_or(NO_ROUTE)
-    }
-
     /// A 429 from `limit`, named in the log line and counted.
     pub(crate) fn limited(&mut self, refusal: crate::error::Refusal) -> ProxyError {
         self.limit = Some(refusal.limit);
@@ -377,17 +373,16 @@ pub async fn handle(gate: &Gate, peer: &Peer, mut request: Request<Incoming>) ->
         .insert(trace::X_REQUEST_ID.clone(), context.request_id.clone());
     let duration = start.elapsed();
     let status = response.status().as_u16();
-    match outcome.route {
-        Some(route) => route.metrics.request(status, duration, outcome.upstream),
-        None => gate
-            .own_metrics(outcome.endpoint)
-            .request(status, duration, None),
+    let metrics = match outcome.route {
+        Some(route) => &route.metrics,
+        None => gate.own_metrics(outcome.endpoint),
+    };
+    metrics.request(status, duration, outcome.upstream);
+    if let Some(limit) = outcome.limit.and_then(|l| metrics.limited(l)) {
+        limit.increment(1);
     }
     if let Some((result, by)) = outcome.auth {
         gate.auth_metrics.record(result, by);
-    }
-    if let Some(limit) = outcome.limit {
-        crate::telemetry::limited(outcome.route_label(), limit);
     }
     if let Some(request) = &logged {
         let identity = outcome.identity.as_deref();
@@ -756,14 +751,22 @@ async fn authenticate(
 ) -> Result<Arc<Identity>, ProxyError> {
     let validators = &gate.validators;
     let client = crate::limits::client_key(outcome.client);
-    let (verdict, provenance) = gate
-        .cache
-        .get_or_validate(key, || {
-            let validators = Arc::clone(validators);
-            let token = token.to_string();
-            async move { validators.validate(&token, &key, client).await }
-        })
-        .await;
+    let (verdict, provenance) = match gate.cache.cached(&key) {
+        Some(verdict) => (Ok(verdict), Provenance::Cache),
+        None => {
+            // A client over its failed-credential limit is refused before a validation starts.
+            if let Some(refusal) = validators.throttled(token, &key, client) {
+                return Err(outcome.limited(refusal));
+            }
+            gate.cache
+                .get_or_validate(key, || {
+                    let validators = Arc::clone(validators);
+                    let token = token.to_string();
+                    async move { validators.validate(&token, &key, client).await }
+                })
+                .await
+        }
+    };
     match verdict {
         Ok(Verdict::Allowed(identity)) => {
             let by = match provenance {
@@ -782,8 +785,8 @@ async fn authenticate(
             Err(ProxyError::InvalidCredentials)
         }
         // Over the failed-credential limit: no validator was asked, so no decision to count.
-        Ok(Verdict::Throttled(refusal)) => Err(outcome.limited(refusal)),
-        Err(_) => {
+        Err(Failure::Throttled(refusal)) => Err(outcome.limited(refusal)),
+        Err(Failure::Backend(_)) => {
             outcome.auth = Some((AuthResult::Error, gate.validators.decided_by(token, true)));
             Err(ProxyError::BackendUnavailable)
         }

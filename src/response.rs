@@ -26,7 +26,9 @@ impl ProxyError {
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
-            ProxyError::TooManyRequests(refusal) => refusal_headers(response.headers_mut(), refusal),
+            ProxyError::TooManyRequests(refusal) => {
+                refusal_headers(response.headers_mut(), refusal)
+            }
             ProxyError::UpgradeRefused | ProxyError::BadRequest | ProxyError::RequestTimeout => {
                 response
                     .headers_mut()

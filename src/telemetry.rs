@@ -134,7 +134,12 @@ pub struct RouteMetrics {
     requests: Box<[OnceLock<Counter>]>,
     duration: Histogram,
     upstream: Histogram,
+    /// `tokengate_limited_total{route,limit}`, one per limit of [`LIMITS`].
+    limited: [OnceLock<Counter>; LIMITS.len()],
 }
+
+/// The `limit` labels of `tokengate_limited_total`.
+pub const LIMITS: [&str; 4] = ["failed_auth", "subject", "token", "client"];
 
 /// Status codes 100..=599 have a slot each.
 const STATUS_SLOTS: usize = 500;
@@ -148,12 +153,16 @@ impl RouteMetrics {
             requests: (0..STATUS_SLOTS).map(|_| OnceLock::new()).collect(),
             duration: histogram!("tokengate_request_duration_seconds", "route" => label.clone()),
             upstream: histogram!("tokengate_upstream_duration_seconds", "route" => label),
+            limited: Default::default(),
         }
     }
 
-    /// The `route` label.
-    pub fn label(&self) -> &str {
-        &self.route
+    /// The route's `tokengate_limited_total` for `limit` (registered, at 0, on first use).
+    pub fn limited(&self, limit: &str) -> Option<&Counter> {
+        let slot = LIMITS.iter().position(|l| *l == limit)?;
+        Some(self.limited[slot].get_or_init(|| {
+            counter!("tokengate_limited_total", "route" => self.route.to_string(), "limit" => LIMITS[slot])
+        }))
     }
 
     /// Records one answered request.
@@ -170,11 +179,6 @@ impl RouteMetrics {
             self.upstream.record(upstream.as_secs_f64());
         }
     }
-}
-
-/// Counts a 429 (`tokengate_limited_total{route,limit}`).
-pub fn limited(route: &str, limit: &'static str) {
-    counter!("tokengate_limited_total", "route" => route.to_string(), "limit" => limit).increment(1);
 }
 
 /// An authentication decision (`result` label).

@@ -186,12 +186,12 @@ pub async fn handle(
     let status = response.status().as_u16();
     if let Some(route) = outcome.route {
         route.metrics.request(status, duration, None);
+        if let Some(limit) = outcome.limit.and_then(|l| route.metrics.limited(l)) {
+            limit.increment(1);
+        }
     }
     if let Some((result, by)) = outcome.auth {
         gate.auth_metrics.record(result, by);
-    }
-    if let Some(limit) = outcome.limit {
-        crate::telemetry::limited(outcome.route_label(), limit);
     }
     if access_log::enabled() {
         let identity = outcome.identity.as_deref();

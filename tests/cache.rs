@@ -211,13 +211,14 @@ async fn a_token_that_stopped_being_valid_is_rejected_after_ttl() {
         .assert_error(401, "Invalid credentials");
 }
 
-/// Sends each token once; returns how many introspection calls that caused.
+/// Sends each token once; returns how many introspection calls that caused. Every four
+/// tokens come from another loopback address, so that the failed-credential limit (10 per
+/// address) does not answer for the cache.
 async fn round(gate: &Gate, up: &Upstream, tokens: &[String], expect: u16) -> usize {
     let before = up.whoami_calls();
-    let client = client();
-    for token in tokens {
+    for (i, token) in tokens.iter().enumerate() {
         let resp = send_with(
-            &client,
+            &client_from(&format!("127.0.3.{}", i / 4 + 1)),
             build("GET", &gate.url("/m"), &[("auth-token", token)], full("")),
         )
         .await;
@@ -286,10 +287,13 @@ async fn a_flood_of_unknown_tokens_does_not_stall_a_cached_user() {
         200
     );
     up.set_whoami_delay(1000);
-    let client = client();
+    // From 15 addresses, 10 each: under the failed-credential limit, so all 150 are in flight.
+    let clients: Vec<Client> = (1..=15)
+        .map(|n| client_from(&format!("127.0.1.{n}")))
+        .collect();
     let mut flood = tokio::task::JoinSet::new();
     for i in 0..150 {
-        let client = client.clone();
+        let client = clients[i % clients.len()].clone();
         let url = gate.url("/f");
         flood.spawn(async move {
             let token = format!("flood-{i}");

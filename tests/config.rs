@@ -262,6 +262,73 @@ fn bad_values_are_errors_with_their_location() {
     );
 }
 
+/// `[limits]` and `[[route.rate_limit]]`: every bad value is named at its place.
+#[test]
+fn bad_limits_are_errors_with_their_location() {
+    let port = free_port();
+    let route = |extra: &str| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n[[route]]\npath_prefix = \"/\"\nupstream = \"http://127.0.0.1:1\"\n{extra}"
+        )
+    };
+    // Line 6 onwards is `extra`.
+    let cases: [(&str, usize, &str); 9] = [
+        (
+            "[[route.rate_limit]]\nper = \"user\"\nrate = \"1/1s\"\n",
+            7,
+            "per must be",
+        ),
+        (
+            "[[route.rate_limit]]\nper = \"client\"\nrate = \"fast\"\n",
+            8,
+            "invalid rate",
+        ),
+        (
+            "[[route.rate_limit]]\nper = \"client\"\nrate = \"0\"\n",
+            8,
+            "cannot be \"0\"",
+        ),
+        (
+            "[[route.rate_limit]]\nper = \"client\"\nrate = \"5/0s\"\n",
+            8,
+            "more than 0",
+        ),
+        (
+            "[[route.rate_limit]]\nper = \"client\"\nrate = \"1/1s\"\nburst = 0\n",
+            9,
+            "burst",
+        ),
+        (
+            "[[route.rate_limit]]\nper = \"client\"\nrate = \"1/1s\"\nwindow = 3\n",
+            9,
+            "window",
+        ),
+        (
+            "auth = \"none\"\n[[route.rate_limit]]\nper = \"subject\"\nrate = \"1/1s\"\n",
+            8,
+            "per = \"client\"",
+        ),
+        ("[limits]\nfailed_auth = \"twenty\"\n", 7, "invalid rate"),
+        ("[limits]\nshared = true\n", 7, "backend = \"redis\""),
+    ];
+    for (extra, line, says) in cases {
+        let message = assert_rejected_at(&route(extra), line);
+        assert!(message.contains(says), "{message:?} should say {says:?}");
+    }
+    // Good ones pass, "0" turns the failed-credential limit off.
+    let dir = tempfile::tempdir().unwrap();
+    let good = route(
+        "[[route.rate_limit]]\nper = \"token\"\nrate = \"100/s\"\n[[route.rate_limit]]\nper = \"client\"\nrate = \"5/1m\"\nburst = 20\n\n[limits]\nfailed_auth = \"0\"\nmax_tracked = 500\n",
+    );
+    let out = check(&write_file(dir.path(), "good.toml", &good));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn max_body_bytes_accepts_strings_and_integers() {
     for value in ["\"0\"", "0", "1048576", "\"1048576\""] {

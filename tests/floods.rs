@@ -1587,9 +1587,14 @@ backend = "memory"
     let mut requests = Vec::new();
     for i in 0..CREDENTIALS {
         let url = gate.url("/x");
+        // Ten from each address: a validation in progress counts against the address's
+        // failed-credential bucket (10) until it succeeds.
+        let from = format!("127.0.2.{}", i / 10 + 1);
         requests.push(tokio::spawn(async move {
             let token = format!("legacy-secret-user{i}");
-            get(&url, &[("auth-token", token.as_str())]).await.status
+            get_from(&from, &url, &[("auth-token", token.as_str())])
+                .await
+                .status
         }));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;

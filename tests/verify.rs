@@ -571,3 +571,58 @@ async fn decided_client(gate: &Gate, vport: u16, uri: &str) -> String {
     assert!(!lines.is_empty(), "{}", gate.log());
     lines[0]["client"].as_str().unwrap_or_default().to_string()
 }
+
+/// Decisions apply the route's rate limits: a subject over its limit is refused with Traefik's
+/// 429 and `Retry-After`; for nginx's `auth_request` (which passes on only 401 and 403) with
+/// 403.
+#[tokio::test(flavor = "multi_thread")]
+async fn decisions_apply_the_routes_rate_limits() {
+    let up = Upstream::start();
+    for (ingress, uri_header, over) in [
+        ("traefik", "x-forwarded-uri", 429),
+        ("nginx", "x-original-uri", 403),
+    ] {
+        let vport = free_port();
+        let _gate = Gate::start(&format!(
+            r#"[server]
+listen = "127.0.0.1:{port}"
+
+[verify]
+listen = "127.0.0.1:{vport}"
+ingress = "{ingress}"
+
+{static_v}
+[[route]]
+path_prefix = "/api"
+upstream = "http://127.0.0.1:{up}"
+[[route.rate_limit]]
+per = "subject"
+rate = "2/1h"
+"#,
+            port = free_port(),
+            up = up.port,
+            static_v = static_validator(&[(TOKEN, "alice", "ops"), (OTHER, "bob", "dev")]),
+        ));
+        let question = |token: &'static str| {
+            [
+                ("x-forwarded-method", "GET"),
+                ("x-original-method", "GET"),
+                (uri_header, "/api/files"),
+                ("x-auth-token", token),
+            ]
+        };
+        for _ in 0..2 {
+            assert_eq!(
+                ask(vport, "/", &question(TOKEN)).await.status,
+                200,
+                "{ingress}"
+            );
+        }
+        let refused = ask(vport, "/", &question(TOKEN)).await;
+        assert_eq!(refused.status, over, "{ingress}");
+        if over == 429 {
+            assert_eq!(refused.header("retry-after").as_deref(), Some("1800"));
+        }
+        assert_eq!(ask(vport, "/", &question(OTHER)).await.status, 200, "bob");
+    }
+}

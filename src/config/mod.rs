@@ -544,7 +544,8 @@ pub fn parse_rate(text: &str) -> Result<Option<(u32, Duration)>, String> {
     if text == "0" {
         return Ok(None);
     }
-    let wrong = || format!("invalid rate {text:?}: expected N/PERIOD, e.g. \"100/1s\" or \"20/1m\"");
+    let wrong =
+        || format!("invalid rate {text:?}: expected N/PERIOD, e.g. \"100/1s\" or \"20/1m\"");
     let (count, period) = text.split_once('/').ok_or_else(wrong)?;
     let count: u32 = count.trim().parse().map_err(|_| wrong())?;
     let period = period.trim();
@@ -555,10 +556,14 @@ pub fn parse_rate(text: &str) -> Result<Option<(u32, Duration)>, String> {
         parse_duration(&format!("1{period}")).map_err(|_| wrong())?
     };
     if count == 0 || period.is_zero() {
-        return Err(format!("invalid rate {text:?}: N and PERIOD must be more than 0 (\"0\" turns the limit off)"));
+        return Err(format!(
+            "invalid rate {text:?}: N and PERIOD must be more than 0 (\"0\" turns the limit off)"
+        ));
     }
     if period > Duration::from_secs(24 * 3600) {
-        return Err(format!("invalid rate {text:?}: the period is at most a day"));
+        return Err(format!(
+            "invalid rate {text:?}: the period is at most a day"
+        ));
     }
     Ok(Some((count, period)))
 }

@@ -11,15 +11,15 @@ use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Limited};
 
 use crate::config::{IntrospectConfig, StaticToken, ValidatorConfig};
+use crate::error::Refusal;
 pub use crate::identity::{
     hash, principal, purge_principals, BackendError, Identity, Principal, Usage, ValidatedBy,
     USAGE_WRITE_INTERVAL_MS,
 };
 use crate::jwt::JwtKey;
 use crate::jwt_validator::JwtValidator;
-use crate::store::{Store, TokenRecord};
-use crate::error::Refusal;
 use crate::limits::{Key, Limiter};
+use crate::store::{Store, TokenRecord};
 use crate::upstream::full;
 use crate::upstream::HttpClient;
 
@@ -48,9 +48,22 @@ pub enum Verdict {
     Allowed(Arc<Identity>),
     /// No validator recognises the credential.
     Denied,
+}
+
+/// Why a validation has no verdict (never cached).
+#[derive(Debug, Clone)]
+pub enum Failure {
+    /// A validator or the store could not be reached (fail closed).
+    Backend(BackendError),
     /// Not asked: the client is over its failed-credential limit (`[limits] failed_auth`), and
-    /// the credential needed a call to a remote validator. Never cached.
+    /// the credential needed a call to a remote validator.
     Throttled(Refusal),
+}
+
+impl From<BackendError> for Failure {
+    fn from(e: BackendError) -> Failure {
+        Failure::Backend(e)
+    }
 }
 
 /// The validators, in order: the store (for tokens tokengate issued), then the configured ones.
@@ -144,17 +157,17 @@ impl Validators {
         token: &str,
         key: &[u8; 32],
         client: Key,
-    ) -> Result<Verdict, BackendError> {
+    ) -> Result<Verdict, Failure> {
         // A `tg_` token is ours: only the store can vouch for it (its checksum was checked
         // before the cache).
         if crate::token::is_ours(token) {
-            return self.issued(key, ValidatedBy::Store).await;
+            return Ok(self.issued(key, ValidatedBy::Store).await?);
         }
         // A JWT API key of ours: signature, algorithm, issuer and expiry first (a forged or
         // expired key never reaches the store), then the store says whether it was revoked.
         if let Some(jwt) = self.jwt.as_ref().filter(|k| k.recognises(token)) {
             return match jwt.verify(token) {
-                Some(_) => self.issued(key, ValidatedBy::Jwt).await,
+                Some(_) => Ok(self.issued(key, ValidatedBy::Jwt).await?),
                 None => Ok(Verdict::Denied),
             };
         }
@@ -169,7 +182,7 @@ impl Validators {
                 Validator::Introspect(i) => {
                     if let (Some(limit), None) = (&self.failed_auth, taken) {
                         if let Err(refusal) = limit.take(client).await {
-                            return Ok(Verdict::Throttled(refusal));
+                            return Err(Failure::Throttled(refusal));
                         }
                         taken = Some(limit);
                     }
@@ -192,13 +205,33 @@ impl Validators {
             }
         }
         match failure {
-            Some(e) => Err(e),
+            Some(e) => Err(Failure::Backend(e)),
             None => Ok(Verdict::Denied),
         }
     }
 }
 
 impl Validators {
+    /// The failed-credential limit's refusal for `client`, when validating `token` would need a
+    /// remote call (an `introspect` validator would be asked before any local one recognised
+    /// it) and the client's bucket is empty: checked before a validation is started, so that a
+    /// throttled client costs no validation task. (The token is taken in the validation.)
+    pub fn throttled(&self, token: &str, key: &[u8; 32], client: Key) -> Option<Refusal> {
+        let limit = self.failed_auth.as_ref()?;
+        if crate::token::is_ours(token) || self.jwt.as_ref().is_some_and(|k| k.recognises(token)) {
+            return None;
+        }
+        for validator in &self.list {
+            match validator {
+                Validator::Static(map) if map.contains_key(key) => return None,
+                Validator::Jwt(_) if crate::jwt_validator::looks_like_jwt(token) => return None,
+                Validator::Introspect(_) => return limit.empty(client),
+                _ => {}
+            }
+        }
+        None
+    }
+
     /// Which validator turned `token` down (or failed on it), for the `source` label of
     /// `tokengate_auth_total`: the store for `tg_` tokens, `jwt` for JWT API keys of ours and
     /// for JWTs when a jwt validator is configured, the first validator that could have been
@@ -362,7 +395,6 @@ impl Introspector {
 pub fn lifetime(verdict: &Verdict, ttl: Duration, negative_ttl: Duration) -> Duration {
     match verdict {
         Verdict::Denied => negative_ttl,
-        Verdict::Throttled(_) => Duration::ZERO,
         Verdict::Allowed(identity) => match identity.expires {
             None => ttl,
             Some(at) => at

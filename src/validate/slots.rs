@@ -136,7 +136,14 @@ mod tests {
                 drop(slot);
             }));
             // Queued in this order.
-            while slots.lock().waiting.values().map(VecDeque::len).sum::<usize>() <= i {
+            while slots
+                .lock()
+                .waiting
+                .values()
+                .map(VecDeque::len)
+                .sum::<usize>()
+                <= i
+            {
                 tokio::task::yield_now().await;
             }
         }

@@ -212,7 +212,10 @@ impl Gate {
             .append(true)
             .open(&log_path)
             .expect("open log");
-        let mut cmd = Command::new(BIN);
+        // TOKENGATE_TEST_BIN: another build of the binary (the release one, for the load tests
+        // that are `#[ignore]`d because a debug build takes minutes for them).
+        let bin = std::env::var_os("TOKENGATE_TEST_BIN").unwrap_or_else(|| BIN.into());
+        let mut cmd = Command::new(bin);
         cmd.arg("serve")
             .arg("--config")
             .arg(&config_path)
@@ -1018,6 +1021,23 @@ pub type Client = hyper_util::client::legacy::Client<
 
 pub fn client() -> Client {
     hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// A client whose connections come from `ip` (any 127.x.y.z reaches a 127.0.0.1 listener):
+/// another client address, for per-client limits.
+pub fn client_from(ip: &str) -> Client {
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_local_address(Some(ip.parse().expect("an address")));
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(connector)
+}
+
+/// `GET url` from the client address `ip`.
+pub async fn get_from(ip: &str, url: &str, headers: &[(&str, &str)]) -> Resp {
+    send_with(
+        &client_from(ip),
+        build("GET", url, headers, full(Bytes::new())),
+    )
+    .await
 }
 
 pub fn full(body: impl Into<Bytes>) -> BoxBody<Bytes, Infallible> {
