@@ -214,7 +214,10 @@ impl Gate {
             .expect("open log");
         // TOKENGATE_TEST_BIN: another build of the binary (the release one, for the load tests
         // that are `#[ignore]`d because a debug build takes minutes for them).
-        let bin = std::env::var_os("TOKENGATE_TEST_BIN").unwrap_or_else(|| BIN.into());
+        // A relative path is read from the repository root (the process starts in `dir`).
+        let bin = std::env::var_os("TOKENGATE_TEST_BIN")
+            .map(|b| Path::new(env!("CARGO_MANIFEST_DIR")).join(b))
+            .unwrap_or_else(|| BIN.into());
         let mut cmd = Command::new(bin);
         cmd.arg("serve")
             .arg("--config")
