@@ -60,6 +60,8 @@ pub struct Line<'a> {
     /// Without a credential: a known dialect the request used that the config does not accept
     /// (written only when set).
     pub ignored: Option<&'static str>,
+    /// The rule that answered 403 (`deny[0]`, `no allow`; written only when set).
+    pub rule: Option<&'a str>,
     /// The limit that answered 429 (`failed_auth`, `subject`, `token`, `client`; written only
     /// when set).
     pub limit: Option<&'static str>,
@@ -304,6 +306,9 @@ fn format_line(out: &mut Vec<u8>, line: &Line<'_>, format: Format) {
             if line.limit.is_some() {
                 plain(out, b",\"limit\":", line.limit);
             }
+            if line.rule.is_some() {
+                text(out, b",\"rule\":", line.rule);
+            }
             plain(out, b",\"auth\":", line.auth);
             plain(out, b",\"validator\":", line.validator);
             plain(out, b",\"client\":", Some(line.client));
@@ -341,6 +346,9 @@ fn format_line(out: &mut Vec<u8>, line: &Line<'_>, format: Format) {
             }
             if let Some(limit) = line.limit {
                 let _ = write!(out, " limit={limit}");
+            }
+            if let Some(rule) = line.rule {
+                let _ = write!(out, " rule={rule:?}");
             }
             out.extend_from_slice(b" duration_ms=");
             millis(out, Some(line.duration));
@@ -478,6 +486,7 @@ mod tests {
             source: None,
             ignored: None,
             limit: None,
+            rule: None,
             auth: Some("allowed"),
             validator: Some("cache"),
             client: "127.0.0.1",

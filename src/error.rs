@@ -19,6 +19,8 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub enum ProxyError {
     /// Over a rate limit, or the failed-credential limit (SPEC §11).
     TooManyRequests(Refusal),
+    /// A valid credential that the route's rules do not let through (SPEC §10).
+    Forbidden,
     /// No credential on a route with `auth = "required"`.
     MissingCredentials,
     /// A credential no validator recognises, expired or revoked.
@@ -83,7 +85,9 @@ impl ProxyError {
             ProxyError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::UpstreamUnavailable | ProxyError::UpgradeRefused => StatusCode::BAD_GATEWAY,
             ProxyError::Disabled => StatusCode::NOT_FOUND,
-            ProxyError::TokensCannotMint | ProxyError::CrossOrigin => StatusCode::FORBIDDEN,
+            ProxyError::TokensCannotMint | ProxyError::CrossOrigin | ProxyError::Forbidden => {
+                StatusCode::FORBIDDEN
+            }
             ProxyError::JsonRequired => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -113,6 +117,7 @@ impl ProxyError {
             ProxyError::BadRequest => "Bad request",
             ProxyError::MethodNotAllowed => "Method not allowed",
             ProxyError::TooManyRequests(_) => "Too many requests",
+            ProxyError::Forbidden => "Forbidden",
         }
     }
 }
@@ -161,6 +166,7 @@ mod tests {
                 "Tokens cannot mint tokens",
             ),
             (ProxyError::JsonRequired, 415, "JSON body required"),
+            (ProxyError::Forbidden, 403, "Forbidden"),
             (ProxyError::UpgradeRefused, 502, "Upstream unavailable"),
             (
                 ProxyError::TooManyRequests(Refusal {

@@ -113,6 +113,9 @@ pub fn assemble(
         for kind in kinds.chain(failed_auth.then_some(LimitKind::FailedAuth)) {
             metrics.limited(kind.label());
         }
+        if !route.deny.is_empty() || !route.allow.is_empty() {
+            metrics.forbidden();
+        }
         routes.push(Route {
             config: route.clone(),
             pool: Arc::new(pool),
@@ -126,11 +129,15 @@ pub fn assemble(
         Arc::clone(&store),
         config.tokens.jwt.clone(),
         limits.failed_auth.clone(),
+        &config.claim_names(),
     ));
     let cache = match previous {
         Some(p)
             if p.config.validators == config.validators
                 && p.config.cache == config.cache
+                // Cached identities keep only the claims the config used: a rule on a claim
+                // they lack would never match (a deny rule would not apply).
+                && p.config.claim_names() == config.claim_names()
                 && same_jwt_key(&p.config, &config) =>
         {
             Arc::clone(&p.cache)

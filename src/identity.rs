@@ -94,6 +94,28 @@ pub struct Identity {
     pub expires: Option<SystemTime>,
     /// For tokens tokengate issued: when their last use was last written back.
     pub usage: Option<Arc<Usage>>,
+    /// Groups, scopes and the claims the config uses (route rules, `{claim:NAME}`); `None`
+    /// when the validator found none, so such a credential costs one pointer.
+    pub facts: Option<Box<Facts>>,
+}
+
+/// What a validator says about a credential beyond who it is: what route rules (SPEC §10) and
+/// placeholders read. Kept in the cached identity; rules are evaluated on every request.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Facts {
+    /// Groups (a static token's `groups`, a JWT's `groups_claim`, an introspection answer's).
+    pub groups: Vec<Box<str>>,
+    /// Scopes (a static token's `scopes`, a JWT's `scope` / `scp`, an issued token's).
+    pub scopes: Vec<Box<str>>,
+    /// The claims the config names, by dotted path: their values as text (an array's each).
+    pub claims: Vec<(Box<str>, Vec<Box<str>>)>,
+}
+
+impl Facts {
+    /// `None` when there is nothing to keep.
+    pub fn boxed(self) -> Option<Box<Facts>> {
+        (self != Facts::default()).then(|| Box::new(self))
+    }
 }
 
 /// Which validator recognised a credential (one byte in every cached identity).
@@ -142,8 +164,94 @@ impl Identity {
             validator,
             expires: None,
             usage: None,
+            facts: None,
         }
     }
+
+    /// The credential's groups.
+    pub fn groups(&self) -> &[Box<str>] {
+        self.facts.as_deref().map_or(&[], |f| &f.groups)
+    }
+
+    /// The credential's scopes.
+    pub fn scopes(&self) -> &[Box<str>] {
+        self.facts.as_deref().map_or(&[], |f| &f.scopes)
+    }
+
+    /// The values of the claim at dotted path `name`, when the credential had it.
+    pub fn claim(&self, name: &str) -> Option<&[Box<str>]> {
+        let facts = self.facts.as_deref()?;
+        facts
+            .claims
+            .iter()
+            .find(|(n, _)| &**n == name)
+            .map(|(_, v)| v.as_slice())
+    }
+}
+
+/// The values at dotted path `path` (`realm_access.roles`) of a JSON document, as text: a
+/// string as it is, a number or boolean written out, an array's each (its strings, numbers and
+/// booleans); `None` when absent, null, an object or an empty array.
+pub fn json_values(doc: &serde_json::Value, path: &str) -> Option<Vec<Box<str>>> {
+    let mut at = doc;
+    for part in path.split('.') {
+        at = at.as_object()?.get(part)?;
+    }
+    values_of(at)
+}
+
+/// A JSON value as text values: a string, number or boolean as one, an array's each of those;
+/// `None` for null, an object or an empty array.
+pub fn values_of(at: &serde_json::Value) -> Option<Vec<Box<str>>> {
+    fn text(v: &serde_json::Value) -> Option<Box<str>> {
+        match v {
+            serde_json::Value::String(s) => Some(s.as_str().into()),
+            serde_json::Value::Number(n) => Some(n.to_string().into()),
+            serde_json::Value::Bool(b) => Some(b.to_string().into()),
+            _ => None,
+        }
+    }
+    let values: Vec<Box<str>> = match at {
+        serde_json::Value::Array(items) => items.iter().filter_map(text).collect(),
+        other => text(other).into_iter().collect(),
+    };
+    (!values.is_empty()).then_some(values)
+}
+
+/// Facts from a JSON document (a JWT's claims, an introspection answer): groups at
+/// `groups_path`, scopes from `scopes_path` (a space-separated string or an array), and the
+/// `claims` the config names.
+pub fn facts_of(
+    doc: &serde_json::Value,
+    groups_path: Option<&str>,
+    scopes_paths: &[&str],
+    claims: &[String],
+) -> Option<Box<Facts>> {
+    let groups = groups_path
+        .and_then(|p| json_values(doc, p))
+        .unwrap_or_default();
+    let scopes = scopes_paths
+        .iter()
+        .find_map(|p| json_values(doc, p))
+        .map(|values| {
+            values
+                .iter()
+                .flat_map(|v| v.split(' '))
+                .filter(|s| !s.is_empty())
+                .map(Box::from)
+                .collect()
+        })
+        .unwrap_or_default();
+    let claims = claims
+        .iter()
+        .filter_map(|name| Some((name.as_str().into(), json_values(doc, name)?)))
+        .collect();
+    Facts {
+        groups,
+        scopes,
+        claims,
+    }
+    .boxed()
 }
 
 /// Last-use bookkeeping of an issued token, shared by every request that uses it, so the

@@ -179,8 +179,11 @@ fn parse_jwks(body: &[u8]) -> Result<Vec<VerifyKey>, String> {
 /// The `jwt` validator.
 pub struct JwtValidator {
     issuer: Option<String>,
-    audience: Option<String>,
+    audience: Vec<String>,
     subject_claim: String,
+    groups_claim: Option<String>,
+    /// The claims the config uses (route rules, `{claim:NAME}`), kept in the identity.
+    claims: Vec<String>,
     keys: Keys,
 }
 
@@ -217,8 +220,13 @@ impl JwksState {
 }
 
 impl JwtValidator {
-    /// The validator of a `[[validator]] type = "jwt"` table; `client` fetches the JWKS.
-    pub fn new(config: &JwtValidatorConfig, client: &HttpClient) -> JwtValidator {
+    /// The validator of a `[[validator]] type = "jwt"` table; `client` fetches the JWKS;
+    /// `claims`: the claims the config uses.
+    pub fn new(
+        config: &JwtValidatorConfig,
+        client: &HttpClient,
+        claims: &[String],
+    ) -> JwtValidator {
         crate::jwt::install_provider();
         let keys = match &config.keys {
             JwtKeySource::Jwks(url) => Keys::Jwks(Box::new({
@@ -252,6 +260,8 @@ impl JwtValidator {
             issuer: config.issuer.clone(),
             audience: config.audience.clone(),
             subject_claim: config.subject_claim.clone(),
+            groups_claim: config.groups_claim.clone(),
+            claims: claims.to_vec(),
             keys,
         }
     }
@@ -305,12 +315,12 @@ impl JwtValidator {
             v.set_issuer(&[issuer]);
             v.required_spec_claims.insert("iss".into());
         }
-        match &self.audience {
-            Some(audience) => {
-                v.set_audience(&[audience]);
-                v.required_spec_claims.insert("aud".into());
-            }
-            None => v.validate_aud = false,
+        if self.audience.is_empty() {
+            v.validate_aud = false;
+        } else {
+            // `aud` (a string or a list) must hold one of them.
+            v.set_audience(&self.audience);
+            v.required_spec_claims.insert("aud".into());
         }
         v
     }
@@ -339,6 +349,14 @@ impl JwtValidator {
         );
         // `exp` is required and was checked; without a readable one, nothing is cached.
         identity.expires = expires.or(Some(SystemTime::now()));
+        // Groups, scopes (`scope`: space-separated; `scp`: a list) and the claims rules use.
+        let doc = Value::Object(claims.clone());
+        identity.facts = crate::identity::facts_of(
+            &doc,
+            self.groups_claim.as_deref(),
+            &["scope", "scp"],
+            &self.claims,
+        );
         Some(Arc::new(identity))
     }
 }
@@ -509,8 +527,10 @@ mod tests {
         crate::jwt::install_provider();
         JwtValidator {
             issuer: Some("https://idp.example".into()),
-            audience: None,
+            audience: Vec::new(),
             subject_claim: "sub".into(),
+            groups_claim: None,
+            claims: Vec::new(),
             keys: Keys::Fixed(vec![VerifyKey {
                 kid: None,
                 key: DecodingKey::from_secret(secret),
@@ -564,8 +584,10 @@ mod tests {
         let client = crate::upstream::client(None).unwrap();
         let validator = JwtValidator {
             issuer: None,
-            audience: None,
+            audience: Vec::new(),
             subject_claim: "sub".into(),
+            groups_claim: None,
+            claims: Vec::new(),
             keys: Keys::Jwks(Box::new(Jwks {
                 url: "http://127.0.0.1:9/jwks".parse().unwrap(),
                 client,

@@ -13,6 +13,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod audit;
+pub mod authorize;
 pub mod cache;
 pub mod client_addr;
 pub mod clock;

@@ -107,6 +107,40 @@ pub(crate) struct Route {
 }
 
 impl Route {
+    /// The route's rules (SPEC §10), evaluated on every request, cached credential or not: a
+    /// refusal is 403, and the log line names the rule. A preflight that passes is held only
+    /// by deny rules.
+    pub(crate) fn authorize<'g>(
+        &'g self,
+        parts: &http::request::Parts,
+        caller: Option<&Caller<'_, '_>>,
+        preflight: bool,
+        outcome: &mut Outcome<'g>,
+    ) -> Result<(), ProxyError> {
+        let config = &self.config;
+        if config.deny.is_empty() && (config.allow.is_empty() || preflight) {
+            return Ok(());
+        }
+        let ask = crate::authorize::Ask {
+            method: &parts.method,
+            path: parts.uri.path(),
+            identity: caller.map(|c| &*c.identity),
+            source: caller.map(|c| c.source),
+            client: outcome.client,
+        };
+        let decided = if preflight {
+            crate::authorize::deny_only(config, &ask)
+        } else {
+            crate::authorize::authorize(config, &ask)
+        };
+        decided.map_err(|rule| {
+            outcome.rule = Some(rule);
+            // The log line says who was refused.
+            outcome.identity = caller.map(|c| Arc::clone(&c.identity));
+            ProxyError::Forbidden
+        })
+    }
+
     /// The route's per-client limits: asked before the credential is looked at, so that a
     /// client over its limit costs no validation.
     pub(crate) async fn limit_client(&self, outcome: &mut Outcome<'_>) -> Result<(), ProxyError> {
@@ -314,6 +348,8 @@ pub(crate) struct Outcome<'g> {
     pub(crate) auth: Option<(AuthResult, &'static str)>,
     /// The limit that answered 429.
     pub(crate) limit: Option<&'static str>,
+    /// The rule that answered 403.
+    pub(crate) rule: Option<&'g str>,
     /// The client address (behind trusted proxies, the one they name): the key of per-client
     /// limits and of the failed-credential limit.
     pub(crate) client: std::net::IpAddr,
@@ -331,6 +367,7 @@ impl Outcome<'_> {
             ignored: None,
             auth: None,
             limit: None,
+            rule: None,
             client,
             upstream: None,
         }
@@ -381,6 +418,9 @@ pub async fn handle(gate: &Gate, peer: &Peer, mut request: Request<Incoming>) ->
     if let Some(limit) = outcome.limit.and_then(|l| metrics.limited(l)) {
         limit.increment(1);
     }
+    if outcome.rule.is_some() {
+        metrics.forbidden().increment(1);
+    }
     if let Some((result, by)) = outcome.auth {
         gate.auth_metrics.record(result, by);
     }
@@ -397,6 +437,7 @@ pub async fn handle(gate: &Gate, peer: &Peer, mut request: Request<Incoming>) ->
                 .map(|r| r.config.path_prefix.as_str())
                 .or(outcome.endpoint),
             limit: outcome.limit,
+            rule: outcome.rule,
             subject: identity.map(|i| i.subject.as_str()),
             source: outcome.source,
             ignored: outcome.ignored,
@@ -591,41 +632,51 @@ async fn forward<'g>(
     let mut token_for_identity = None;
     let mut upstream_credential = None;
     route.limit_client(outcome).await?;
-    let identity = if route.config.auth == AuthMode::None {
-        None
-    } else {
-        match identify(gate, &parts, outcome).await? {
-            None if route.config.auth == AuthMode::Required => {
+    // A CORS preflight on a `preflight = "pass"` route goes on without a credential (and
+    // without a body or an upgrade); only deny rules can stop it.
+    let preflight = route.config.preflight_passes && is_preflight(&parts);
+    if preflight && (upgrade.is_some() || has_body(&parts)) {
+        return Err(ProxyError::BadRequest);
+    }
+    let caller = match route.config.auth {
+        _ if preflight => None,
+        AuthMode::None => None,
+        auth => match identify(gate, &parts, outcome).await? {
+            None if auth == AuthMode::Required => {
                 outcome.auth = Some((AuthResult::Missing, "none"));
                 return Err(ProxyError::MissingCredentials);
             }
-            None => None,
-            Some(caller) => {
-                route.limit_caller(&caller, outcome).await?;
-                let Caller {
-                    identity, token, ..
-                } = caller;
-                if let Some((_, template)) = &route.config.upstream_auth {
-                    upstream_credential = template
-                        .render_checked(&Values {
-                            token: Some(&token),
-                            identity: Some(&identity),
-                            source: outcome.source,
-                            client_dn,
-                        })
-                        .map_err(|_| unrenderable(outcome))?;
-                }
-                // Rare: an identity header made from the credential itself.
-                if route
-                    .config
-                    .identity_headers
-                    .iter()
-                    .any(|(_, t)| t.uses_token())
-                {
-                    token_for_identity = Some(token.into_owned());
-                }
-                Some(identity)
+            caller => caller,
+        },
+    };
+    route.authorize(&parts, caller.as_ref(), preflight, outcome)?;
+    let identity = match caller {
+        None => None,
+        Some(caller) => {
+            route.limit_caller(&caller, outcome).await?;
+            let Caller {
+                identity, token, ..
+            } = caller;
+            if let Some((_, template)) = &route.config.upstream_auth {
+                upstream_credential = template
+                    .render_checked(&Values {
+                        token: Some(&token),
+                        identity: Some(&identity),
+                        source: outcome.source,
+                        client_dn,
+                    })
+                    .map_err(|_| unrenderable(outcome))?;
             }
+            // Rare: an identity header made from the credential itself.
+            if route
+                .config
+                .identity_headers
+                .iter()
+                .any(|(_, t)| t.uses_token())
+            {
+                token_for_identity = Some(token.into_owned());
+            }
+            Some(identity)
         }
     };
 
@@ -791,6 +842,24 @@ async fn authenticate(
             Err(ProxyError::BackendUnavailable)
         }
     }
+}
+
+/// A CORS preflight: `OPTIONS` with `Origin` and `Access-Control-Request-Method`.
+fn is_preflight(parts: &http::request::Parts) -> bool {
+    parts.method == Method::OPTIONS
+        && parts.headers.contains_key(header::ORIGIN)
+        && parts
+            .headers
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+}
+
+/// Whether the request says it has a body.
+fn has_body(parts: &http::request::Parts) -> bool {
+    parts.headers.contains_key(header::TRANSFER_ENCODING)
+        || parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0")
 }
 
 /// The request's `Content-Length`, when it declares one.

@@ -99,6 +99,10 @@ fn describe() {
     );
     describe_counter!("tokengate_tokens_issued_total", "Tokens issued, by kind.");
     describe_counter!(
+        "tokengate_forbidden_total",
+        "Requests answered 403 by a route's rules, by route."
+    );
+    describe_counter!(
         "tokengate_limited_total",
         "Requests answered 429, by route and limit (failed_auth, subject, token, client)."
     );
@@ -136,6 +140,8 @@ pub struct RouteMetrics {
     upstream: Histogram,
     /// `tokengate_limited_total{route,limit}`, one per limit of [`LIMITS`].
     limited: [OnceLock<Counter>; LIMITS.len()],
+    /// `tokengate_forbidden_total{route}`.
+    forbidden: OnceLock<Counter>,
 }
 
 /// The `limit` labels of `tokengate_limited_total`.
@@ -154,7 +160,15 @@ impl RouteMetrics {
             duration: histogram!("tokengate_request_duration_seconds", "route" => label.clone()),
             upstream: histogram!("tokengate_upstream_duration_seconds", "route" => label),
             limited: Default::default(),
+            forbidden: OnceLock::new(),
         }
+    }
+
+    /// The route's `tokengate_forbidden_total` (registered, at 0, on first use).
+    pub fn forbidden(&self) -> &Counter {
+        self.forbidden.get_or_init(
+            || counter!("tokengate_forbidden_total", "route" => self.route.to_string()),
+        )
     }
 
     /// The route's `tokengate_limited_total` for `limit` (registered, at 0, on first use).

@@ -1,6 +1,8 @@
 //! Header-value templates with placeholders (`{token}`, `{subject}`, `{account}`, `{dn}`,
-//! `{token_id}`, `{source}`): parsed once when the config is read, rendered per request from the
+//! `{token_id}`, `{source}`, `{groups}`, `{scopes}`, `{claim:NAME}`): parsed once when the config is read, rendered per request from the
 //! verified identity. Data and a pure function, so the config can hold them.
+
+use std::borrow::Cow;
 
 use http::HeaderValue;
 
@@ -22,6 +24,12 @@ enum Piece {
     Dn,
     TokenId,
     Source,
+    /// Comma-separated.
+    Groups,
+    /// Comma-separated.
+    Scopes,
+    /// A claim's values (dotted path), comma-separated.
+    Claim(String),
 }
 
 impl std::fmt::Debug for Template {
@@ -36,6 +44,9 @@ impl std::fmt::Debug for Template {
                 Piece::Dn => "{dn}",
                 Piece::TokenId => "{token_id}",
                 Piece::Source => "{source}",
+                Piece::Groups => "{groups}",
+                Piece::Scopes => "{scopes}",
+                Piece::Claim(_) => "{claim:…}",
             })?;
         }
         Ok(())
@@ -73,10 +84,22 @@ impl Template {
                 "dn" => Piece::Dn,
                 "token_id" => Piece::TokenId,
                 "source" => Piece::Source,
+                "groups" => Piece::Groups,
+                "scopes" => Piece::Scopes,
+                claim if claim.starts_with("claim:") => {
+                    let path = &claim["claim:".len()..];
+                    if path.is_empty() || path.split('.').any(str::is_empty) {
+                        return Err(format!(
+                            "{{{name}}} needs a claim path, e.g. {{claim:realm_access.roles}}"
+                        ));
+                    }
+                    Piece::Claim(path.to_string())
+                }
                 _ => {
                     return Err(format!(
                         "unknown placeholder {{{name}}}: expected {{token}}, {{subject}}, \
-                         {{account}}, {{dn}}, {{token_id}} or {{source}}"
+                         {{account}}, {{dn}}, {{token_id}}, {{source}}, {{groups}}, {{scopes}} \
+                         or {{claim:NAME}}"
                     ))
                 }
             };
@@ -109,6 +132,14 @@ impl Template {
         self.pieces.contains(&Piece::Token)
     }
 
+    /// The claims (`{claim:NAME}`) the template reads.
+    pub fn claim_names(&self) -> impl Iterator<Item = &str> {
+        self.pieces.iter().filter_map(|p| match p {
+            Piece::Claim(name) => Some(name.as_str()),
+            _ => None,
+        })
+    }
+
     /// The rendered header value; `None` when a placeholder has no value here, the result is
     /// empty, or it cannot be a header value (the header is then not set).
     pub fn render(&self, values: &Values<'_>) -> Option<HeaderValue> {
@@ -119,9 +150,16 @@ impl Template {
     /// is empty (the header is then not set); `Err` when the values are there but cannot be a
     /// header value (a subject with CR/LF): the request must not go on without the header.
     pub fn render_checked(&self, values: &Values<'_>) -> Result<Option<HeaderValue>, Unrenderable> {
-        fn value_of<'v>(piece: &'v Piece, values: &Values<'v>) -> Option<&'v str> {
+        fn joined(list: &[Box<str>]) -> Option<Cow<'_, str>> {
+            match list {
+                [] => None,
+                [one] => Some(Cow::Borrowed(one)),
+                many => Some(Cow::Owned(many.join(","))),
+            }
+        }
+        fn value_of<'v>(piece: &'v Piece, values: &Values<'v>) -> Option<Cow<'v, str>> {
             let identity = values.identity;
-            match piece {
+            let borrowed = match piece {
                 Piece::Literal(l) => Some(l.as_str()),
                 Piece::Token => values.token,
                 Piece::Subject => identity.map(|i| i.subject.as_str()),
@@ -129,7 +167,11 @@ impl Template {
                 Piece::Dn => identity.and_then(|i| i.dn.as_deref()).or(values.client_dn),
                 Piece::TokenId => identity.and_then(|i| i.token_id.as_deref()),
                 Piece::Source => values.source,
-            }
+                Piece::Groups => return identity.and_then(|i| joined(i.groups())),
+                Piece::Scopes => return identity.and_then(|i| joined(i.scopes())),
+                Piece::Claim(name) => return identity.and_then(|i| joined(i.claim(name)?)),
+            };
+            borrowed.map(Cow::Borrowed)
         }
         let value = if let [piece] = self.pieces.as_slice() {
             match (piece, values.identity) {
@@ -152,7 +194,7 @@ impl Template {
             for piece in &self.pieces {
                 match value_of(piece, values) {
                     None => return Ok(None),
-                    Some(value) => text.push_str(value),
+                    Some(value) => text.push_str(&value),
                 }
             }
             HeaderValue::from_bytes(text.as_bytes()).map_err(|_| Unrenderable)?

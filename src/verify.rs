@@ -189,6 +189,9 @@ pub async fn handle(
         if let Some(limit) = outcome.limit.and_then(|l| route.metrics.limited(l)) {
             limit.increment(1);
         }
+        if outcome.rule.is_some() {
+            route.metrics.forbidden().increment(1);
+        }
     }
     if let Some((result, by)) = outcome.auth {
         gate.auth_metrics.record(result, by);
@@ -210,6 +213,7 @@ pub async fn handle(
                     .map(|r| r.config.path_prefix.as_str())
                     .or(Some("tokengate:verify")),
                 limit: outcome.limit,
+                rule: outcome.rule,
                 subject: identity.map(|i| i.subject.as_str()),
                 source: outcome.source,
                 ignored: outcome.ignored,
@@ -276,11 +280,14 @@ async fn decide<'g>(
     );
     parts.uri = uri;
     route.limit_client(outcome).await?;
+    // The route's rules, with the method the ingress names.
     if route.config.auth == AuthMode::None {
+        route.authorize(&parts, None, false, outcome)?;
         return Ok(allowed(headers));
     }
     let caller = match crate::proxy::identify(gate, &parts, outcome).await? {
         Some(caller) => {
+            route.authorize(&parts, Some(&caller), false, outcome)?;
             route.limit_caller(&caller, outcome).await?;
             caller
         }
@@ -288,7 +295,10 @@ async fn decide<'g>(
             outcome.auth = Some((AuthResult::Missing, "none"));
             return Err(ProxyError::MissingCredentials);
         }
-        None => return Ok(allowed(headers)),
+        None => {
+            route.authorize(&parts, None, false, outcome)?;
+            return Ok(allowed(headers));
+        }
     };
     let values = Values {
         token: Some(&caller.token),

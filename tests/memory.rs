@@ -106,6 +106,7 @@ fn a_cached_credential_costs_at_most_200_bytes() {
         validator: ValidatedBy::Store,
         expires: Some(SystemTime::now() + Duration::from_secs(86_400)),
         usage: None,
+        facts: None,
     });
     println!("{per_entry} bytes per cached issued token ({ENTRIES} entries)");
     assert!(

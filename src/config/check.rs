@@ -260,6 +260,154 @@ impl Checker<'_> {
         })
     }
 
+    /// A route's `[[route.deny]]` or `[[route.allow]]` tables (`kind`), on a route with `auth`.
+    fn rules(
+        &self,
+        raw: &[Spanned<RawRule>],
+        kind: &str,
+        auth: AuthMode,
+    ) -> Result<Vec<Rule>, ConfigError> {
+        let mut rules = Vec::new();
+        for (i, spanned) in raw.iter().enumerate() {
+            let r = spanned.get_ref();
+            let texts = |list: &Option<Vec<Spanned<String>>>, key: &str| match list {
+                None => Ok(None),
+                Some(list) if list.is_empty() => Err(self.at(
+                    spanned,
+                    format!("{key} = [] matches nothing: remove the key, or list values"),
+                )),
+                Some(list) => Ok(Some(list.iter().map(|v| v.get_ref().clone()).collect())),
+            };
+            let each =
+                |list: &Option<Vec<Spanned<String>>>,
+                 key: &str,
+                 check: &dyn Fn(&Spanned<String>) -> Result<(), ConfigError>| {
+                    if let Some(list) = list {
+                        for value in list {
+                            check(value)?;
+                        }
+                    }
+                    texts(list, key)
+                };
+            let methods = each(&r.methods, "methods", &|m| {
+                http::Method::from_bytes(m.get_ref().as_bytes())
+                    .map(drop)
+                    .map_err(|_| {
+                        self.at(
+                            m,
+                            format!(
+                                "{:?} is not an HTTP method (a token such as \"GET\")",
+                                m.get_ref()
+                            ),
+                        )
+                    })
+            })?
+            .map(|list: Vec<String>| {
+                list.iter()
+                    .map(|m| {
+                        http::Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+                            .expect("checked")
+                    })
+                    .collect()
+            });
+            let paths = each(&r.paths, "paths", &|p| {
+                let path = p.get_ref();
+                let normal = path.starts_with('/')
+                    && crate::path::normalize(path).ok().as_deref() == Some(path.as_str())
+                    && crate::path::reads_alike(path);
+                if normal {
+                    Ok(())
+                } else {
+                    Err(self.at(p, "a rule's path must be a normalised path starting with '/' (no '//', dot segments, '%', ';', space or segment ending in '.')"))
+                }
+            })?
+            .map(|list: Vec<String>| {
+                list.into_iter()
+                    .map(|p| match p.trim_end_matches('/') {
+                        "" => "/".to_string(),
+                        trimmed => trimmed.to_string(),
+                    })
+                    .collect()
+            });
+            let sources = match &r.sources {
+                None => None,
+                Some(list) => {
+                    let mut parsed = Vec::new();
+                    for s in list {
+                        parsed.push(match s.get_ref().as_str() {
+                            "x509" => RuleSource::X509,
+                            text => {
+                                RuleSource::Dialect(Source::parse(text).map_err(|m| self.at(s, m))?)
+                            }
+                        });
+                    }
+                    texts(&r.sources, "sources")?;
+                    Some(parsed)
+                }
+            };
+            let clients = match &r.clients {
+                None => None,
+                Some(list) => {
+                    texts(&r.clients, "clients")?;
+                    Some(
+                        list.iter()
+                            .map(|c| {
+                                crate::client_addr::parse_network(c.get_ref())
+                                    .map_err(|m| self.at(c, format!("clients: {m}")))
+                            })
+                            .collect::<Result<Vec<_>, _>>()?,
+                    )
+                }
+            };
+            let mut claims = Vec::new();
+            let mut names: Vec<_> = r.claims.iter().flatten().collect();
+            names.sort_by_key(|(_, v)| v.span().start);
+            for (name, value) in names {
+                if name.is_empty() || name.split('.').any(str::is_empty) {
+                    return Err(self.at(
+                        value,
+                        format!("{name:?} is not a claim path (e.g. \"realm_access.roles\")"),
+                    ));
+                }
+                let scalar = |v: &toml::Value| match v {
+                    toml::Value::String(s) => Some(s.clone()),
+                    toml::Value::Integer(n) => Some(n.to_string()),
+                    toml::Value::Boolean(b) => Some(b.to_string()),
+                    _ => None,
+                };
+                let values = match value.get_ref() {
+                    toml::Value::Array(items) => items.iter().map(scalar).collect::<Option<Vec<_>>>(),
+                    other => scalar(other).map(|v| vec![v]),
+                }
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| {
+                    self.at(value, "a claim's value is a string, number or boolean, or a non-empty list of them")
+                })?;
+                claims.push((name.clone(), values));
+            }
+            let rule = Rule {
+                label: format!("{kind}[{i}]"),
+                methods,
+                paths,
+                subjects: texts(&r.subjects, "subjects")?,
+                accounts: texts(&r.accounts, "accounts")?,
+                groups: texts(&r.groups, "groups")?,
+                scopes: texts(&r.scopes, "scopes")?,
+                sources,
+                clients,
+                claims,
+            };
+            if auth == AuthMode::None && rule.needs_credential() {
+                return Err(self.at(
+                    spanned,
+                    "on a route with auth = \"none\" a rule can only use clients (the other keys need a credential)",
+                ));
+            }
+            rules.push(rule);
+        }
+        Ok(rules)
+    }
+
     /// A bucket's `burst`: 1 or more (a bucket that holds nothing would refuse everything).
     fn burst(&self, value: &Spanned<i64>) -> Result<u32, ConfigError> {
         u32::try_from(*value.get_ref())
@@ -689,6 +837,8 @@ impl Checker<'_> {
                             .account
                             .clone()
                             .unwrap_or_else(|| t.get_ref().subject.clone()),
+                        groups: t.get_ref().groups.clone(),
+                        scopes: t.get_ref().scopes.clone(),
                     });
                 }
                 Ok(ValidatorConfig::Static(tokens))
@@ -721,6 +871,16 @@ impl Checker<'_> {
                         .transpose()?,
                     account: v
                         .account
+                        .as_ref()
+                        .map(|s| self.json_pointer(s))
+                        .transpose()?,
+                    groups: v
+                        .groups
+                        .as_ref()
+                        .map(|s| self.json_pointer(s))
+                        .transpose()?,
+                    scopes: v
+                        .scopes
                         .as_ref()
                         .map(|s| self.json_pointer(s))
                         .transpose()?,
@@ -772,9 +932,23 @@ impl Checker<'_> {
                     Some(s) => Ok(Some(s.get_ref().clone())),
                     None => Ok(None),
                 };
+                let audience = match &v.audience {
+                    None => Vec::new(),
+                    Some(a) => {
+                        let list = match a.get_ref() {
+                            OneOrMany::One(one) => vec![one.clone()],
+                            OneOrMany::Many(many) => many.clone(),
+                        };
+                        if list.is_empty() || list.iter().any(String::is_empty) {
+                            return Err(self.at(a, "audience must be a non-empty string or list"));
+                        }
+                        list
+                    }
+                };
                 Ok(ValidatorConfig::Jwt(JwtValidatorConfig {
                     issuer: text(&v.issuer, "issuer")?,
-                    audience: text(&v.audience, "audience")?,
+                    audience,
+                    groups_claim: text(&v.groups_claim, "groups_claim")?,
                     keys,
                     subject_claim: text(&v.subject_claim, "subject_claim")?
                         .unwrap_or_else(|| "sub".to_string()),
@@ -960,6 +1134,23 @@ impl Checker<'_> {
                 .iter()
                 .map(|l| self.rate_limit(l, auth))
                 .collect::<Result<_, _>>()?,
+            deny: self.rules(&r.deny, "deny", auth)?,
+            allow: self.rules(&r.allow, "allow", auth)?,
+            preflight_passes: match &r.preflight {
+                None => false,
+                Some(p) => match p.get_ref().as_str() {
+                    "authenticate" => false,
+                    "pass" => true,
+                    other => {
+                        return Err(self.at(
+                            p,
+                            format!(
+                                "preflight must be \"authenticate\" or \"pass\", not {other:?}"
+                            ),
+                        ))
+                    }
+                },
+            },
         })
     }
 }

@@ -365,8 +365,10 @@ impl ValidatorConfig {
 pub struct JwtValidatorConfig {
     /// The `iss` a token must carry, when set.
     pub issuer: Option<String>,
-    /// An `aud` a token must carry, when set.
-    pub audience: Option<String>,
+    /// `aud` must hold one of these, when any is set.
+    pub audience: Vec<String>,
+    /// The claim (dotted path) holding the token's groups.
+    pub groups_claim: Option<String>,
     /// Where the verification keys come from.
     pub keys: JwtKeySource,
     /// The claim that names the subject (default `sub`).
@@ -402,6 +404,10 @@ pub struct StaticToken {
     pub subject: String,
     /// The account; the subject when not given.
     pub account: String,
+    /// Its groups, for route rules.
+    pub groups: Vec<String>,
+    /// Its scopes, for route rules.
+    pub scopes: Vec<String>,
 }
 
 /// `type = "introspect"`.
@@ -417,6 +423,10 @@ pub struct IntrospectConfig {
     pub subject: Option<String>,
     /// Where the account comes from: a JSON pointer; the subject when not given.
     pub account: Option<String>,
+    /// Where the groups come from: a JSON pointer (an array, or one string).
+    pub groups: Option<String>,
+    /// Where the scopes come from: a JSON pointer (an array, or a space-separated string).
+    pub scopes: Option<String>,
     /// How long one call may take (waiting for a free call slot included).
     pub timeout: Duration,
     /// Calls in flight at once; more wait (SPEC §9: every validator's calls are capped).
@@ -465,6 +475,61 @@ pub struct RouteConfig {
     pub preserve_header_case: bool,
     /// `[[route.rate_limit]]`, in the order written; every one applies.
     pub rate_limits: Vec<RateLimitConfig>,
+    /// `[[route.deny]]`: a request matching one is refused (403).
+    pub deny: Vec<Rule>,
+    /// `[[route.allow]]`: when there are any, a request must match one (else 403).
+    pub allow: Vec<Rule>,
+    /// `preflight = "pass"`: a CORS preflight goes to the upstream without a credential.
+    pub preflight_passes: bool,
+}
+
+/// One `[[route.deny]]` or `[[route.allow]]` (SPEC §10): every key given must match (and),
+/// within a key any value listed (or). Absent keys match anything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rule {
+    /// How the log line names it: `deny[0]`, `allow[2]`.
+    pub label: String,
+    /// Request methods (compared case-insensitively).
+    pub methods: Option<Vec<http::Method>>,
+    /// Whole-segment path prefixes, normalised.
+    pub paths: Option<Vec<String>>,
+    /// Verified subjects.
+    pub subjects: Option<Vec<String>>,
+    /// Verified accounts.
+    pub accounts: Option<Vec<String>>,
+    /// Groups, one of which the credential must have.
+    pub groups: Option<Vec<String>>,
+    /// Scopes, one of which the credential must have.
+    pub scopes: Option<Vec<String>>,
+    /// Where the credential came from.
+    pub sources: Option<Vec<RuleSource>>,
+    /// Networks the client address lies in.
+    pub clients: Option<Vec<ipnet::IpNet>>,
+    /// Claims (dotted path) and the values one of which they must have.
+    pub claims: Vec<(String, Vec<String>)>,
+}
+
+impl Rule {
+    /// Whether the rule reads anything but the client address (then a credential is needed).
+    pub fn needs_credential(&self) -> bool {
+        self.methods.is_some()
+            || self.paths.is_some()
+            || self.subjects.is_some()
+            || self.accounts.is_some()
+            || self.groups.is_some()
+            || self.scopes.is_some()
+            || self.sources.is_some()
+            || !self.claims.is_empty()
+    }
+}
+
+/// A rule's `sources` entry: a dialect, or `x509` (a credential from a certificate exchange).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuleSource {
+    /// A credential source, as `[credentials] sources` names it.
+    Dialect(Source),
+    /// A token exchanged for a client certificate.
+    X509,
 }
 
 /// A token bucket: `count` tokens come back every `period`, and it holds at most `burst`.
@@ -577,6 +642,28 @@ pub fn override_listen(addr: SocketAddr) {
 }
 
 impl Config {
+    /// The claims (dotted paths) that route rules and identity headers read: what validators
+    /// keep of a JWT or an introspection answer, beside groups and scopes.
+    pub fn claim_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for route in &self.routes {
+            let rules = route.deny.iter().chain(&route.allow);
+            let from_rules = rules.flat_map(|r| r.claims.iter().map(|(n, _)| n.as_str()));
+            let templates = route
+                .identity_headers
+                .iter()
+                .map(|(_, t)| t)
+                .chain(route.upstream_auth.as_ref().map(|(_, t)| t));
+            let from_templates = templates.flat_map(|t| t.claim_names());
+            for name in from_rules.chain(from_templates) {
+                if !names.iter().any(|n| n == name) {
+                    names.push(name.to_string());
+                }
+            }
+        }
+        names
+    }
+
     /// Reads and checks a config file (with `serve --listen` applied).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = read(path)?;

@@ -167,7 +167,8 @@ pub(super) struct RawValidator {
     pub(super) token: Vec<Spanned<RawStaticToken>>,
     // jwt
     pub(super) issuer: Option<Spanned<String>>,
-    pub(super) audience: Option<Spanned<String>>,
+    pub(super) audience: Option<Spanned<OneOrMany>>,
+    pub(super) groups_claim: Option<Spanned<String>>,
     pub(super) jwks_url: Option<Spanned<String>>,
     pub(super) public_key: Option<Spanned<String>>,
     pub(super) secret: Option<Spanned<String>>,
@@ -178,6 +179,8 @@ pub(super) struct RawValidator {
     pub(super) value: Option<Spanned<String>>,
     pub(super) subject: Option<Spanned<String>>,
     pub(super) account: Option<Spanned<String>>,
+    pub(super) groups: Option<Spanned<String>>,
+    pub(super) scopes: Option<Spanned<String>>,
     pub(super) timeout: Option<Spanned<String>>,
     pub(super) max_concurrent: Option<Spanned<i64>>,
 }
@@ -188,6 +191,33 @@ pub(super) struct RawStaticToken {
     pub(super) sha256: Spanned<String>,
     pub(super) subject: String,
     pub(super) account: Option<String>,
+    #[serde(default)]
+    pub(super) groups: Vec<String>,
+    #[serde(default)]
+    pub(super) scopes: Vec<String>,
+}
+
+/// A string, or a list of them (`audience = "api"` or `audience = ["api", "web"]`).
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(super) enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// One `[[route.deny]]` or `[[route.allow]]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRule {
+    pub(super) methods: Option<Vec<Spanned<String>>>,
+    pub(super) paths: Option<Vec<Spanned<String>>>,
+    pub(super) subjects: Option<Vec<Spanned<String>>>,
+    pub(super) accounts: Option<Vec<Spanned<String>>>,
+    pub(super) groups: Option<Vec<Spanned<String>>>,
+    pub(super) scopes: Option<Vec<Spanned<String>>>,
+    pub(super) sources: Option<Vec<Spanned<String>>>,
+    pub(super) clients: Option<Vec<Spanned<String>>>,
+    pub(super) claims: Option<HashMap<String, Spanned<toml::Value>>>,
 }
 
 #[derive(Deserialize)]
@@ -208,6 +238,11 @@ pub(super) struct RawRoute {
     pub(super) preserve_header_case: Option<bool>,
     #[serde(default)]
     pub(super) rate_limit: Vec<Spanned<RawRateLimit>>,
+    #[serde(default)]
+    pub(super) deny: Vec<Spanned<RawRule>>,
+    #[serde(default)]
+    pub(super) allow: Vec<Spanned<RawRule>>,
+    pub(super) preflight: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

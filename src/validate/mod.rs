@@ -37,6 +37,7 @@ impl Identity {
             principal: principal(&record.subject, &record.account, record.dn.as_deref()),
             token_id: Some(record.id.into()),
             validator: ValidatedBy::Store,
+            facts: None,
         }
     }
 }
@@ -111,6 +112,8 @@ struct Introspector {
     /// distinct credentials waits here, within the validator's timeout, instead of opening a
     /// socket each; the slots go round-robin by client.
     calls: FairSlots,
+    /// The claims the config uses, kept from the answer.
+    claims: Vec<String>,
 }
 
 /// The most of an introspection response that is read.
@@ -126,6 +129,7 @@ impl Validators {
         store: Arc<Store>,
         jwt: Option<Arc<JwtKey>>,
         failed_auth: Option<Arc<Limiter>>,
+        claims: &[String],
     ) -> Validators {
         let list = configs
             .iter()
@@ -136,10 +140,11 @@ impl Validators {
                         config: config.clone(),
                         client: client.clone(),
                         calls: FairSlots::new(config.max_concurrent),
+                        claims: claims.to_vec(),
                     }))
                 }
                 ValidatorConfig::Jwt(config) => {
-                    Validator::Jwt(Box::new(JwtValidator::new(config, client)))
+                    Validator::Jwt(Box::new(JwtValidator::new(config, client, claims)))
                 }
             })
             .collect();
@@ -285,8 +290,14 @@ fn static_map(tokens: &[StaticToken]) -> HashMap<[u8; 32], Arc<Identity>> {
     tokens
         .iter()
         .map(|t| {
-            let identity =
+            let mut identity =
                 Identity::of(principal(&t.subject, &t.account, None), ValidatedBy::Static);
+            identity.facts = crate::identity::Facts {
+                groups: t.groups.iter().map(|g| g.as_str().into()).collect(),
+                scopes: t.scopes.iter().map(|s| s.as_str().into()).collect(),
+                claims: Vec::new(),
+            }
+            .boxed();
             (t.sha256, Arc::new(identity))
         })
         .collect()
@@ -361,7 +372,12 @@ impl Introspector {
             serde_json::from_slice::<serde_json::Value>(&body)
                 .map_err(|e| BackendError(format!("introspection response is not JSON: {e}")))
         };
-        let parsed = if c.subject.is_some() || c.account.is_some() {
+        let parsed = if c.subject.is_some()
+            || c.account.is_some()
+            || c.groups.is_some()
+            || c.scopes.is_some()
+            || !self.claims.is_empty()
+        {
             Some(json()?)
         } else {
             None
@@ -384,10 +400,37 @@ impl Introspector {
         };
         let account = pick(&c.account)?;
         let account = account.as_deref().unwrap_or(&subject);
-        Ok(Some(Arc::new(Identity::of(
-            principal(&subject, account, None),
-            ValidatedBy::Introspect,
-        ))))
+        let mut identity =
+            Identity::of(principal(&subject, account, None), ValidatedBy::Introspect);
+        if let Some(doc) = &parsed {
+            // Groups and scopes at their pointers (a list, or one string: scopes split on
+            // spaces), and the claims the config uses (dotted paths).
+            let at = |pointer: &Option<String>| {
+                pointer
+                    .as_deref()
+                    .and_then(|p| doc.pointer(p))
+                    .and_then(crate::identity::values_of)
+                    .unwrap_or_default()
+            };
+            let scopes = at(&c.scopes)
+                .iter()
+                .flat_map(|s| s.split(' '))
+                .filter(|s| !s.is_empty())
+                .map(Box::from)
+                .collect();
+            let claims = self
+                .claims
+                .iter()
+                .filter_map(|n| Some((n.as_str().into(), crate::identity::json_values(doc, n)?)))
+                .collect();
+            identity.facts = crate::identity::Facts {
+                groups: at(&c.groups),
+                scopes,
+                claims,
+            }
+            .boxed();
+        }
+        Ok(Some(Arc::new(identity)))
     }
 }
 
