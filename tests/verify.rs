@@ -626,3 +626,66 @@ rate = "2/1h"
         assert_eq!(ask(vport, "/", &question(OTHER)).await.status, 200, "bob");
     }
 }
+
+/// nginx `auth_request` with route rules: what the rules forbid stops at nginx with 403 (the
+/// upstream never sees it), with the method nginx names (not the decision request's own GET);
+/// what they allow goes through.
+#[tokio::test(flavor = "multi_thread")]
+async fn nginx_auth_request_stops_what_the_rules_forbid() {
+    let up = Upstream::start();
+    let vport = free_port();
+    let token = |token: &str, subject: &str, scopes: &str| {
+        format!(
+            "[[validator.token]]\nsha256 = \"{}\"\nsubject = \"{subject}\"\nscopes = {scopes}\n",
+            sha256_hex(token)
+        )
+    };
+    let _gate = Gate::start(&format!(
+        r#"[server]
+listen = "127.0.0.1:{port}"
+
+[verify]
+listen = "127.0.0.1:{vport}"
+ingress = "nginx"
+
+[[validator]]
+type = "static"
+{reader}{writer}
+[[route]]
+path_prefix = "/"
+upstream = "http://127.0.0.1:{up}"
+[[route.allow]]
+methods = ["GET", "HEAD"]
+scopes = ["read"]
+[[route.allow]]
+scopes = ["write"]
+"#,
+        port = free_port(),
+        up = up.port,
+        reader = token(TOKEN, "alice", r#"["read"]"#),
+        writer = token(OTHER, "bob", r#"["read", "write"]"#),
+    ));
+    let Some(nginx) = nginx(vport, up.port) else {
+        return;
+    };
+    ask(vport, "/", &[]).await;
+    let through = curl(nginx.port, "/files", &[("X-Auth-Token", TOKEN)]);
+    assert_eq!(through.status, 200, "{through:?}");
+    let before = up.requests();
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args(["-s", "-i", "--max-time", "10", "-X", "DELETE", "-H"])
+        .arg(format!("X-Auth-Token: {TOKEN}"))
+        .arg(format!("http://127.0.0.1:{}/files", nginx.port));
+    let refused = CurlReply::run(&mut cmd);
+    assert_eq!(refused.status, 403, "{refused:?}");
+    assert_eq!(
+        up.requests(),
+        before,
+        "a forbidden request reached the upstream"
+    );
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args(["-s", "-i", "--max-time", "10", "-X", "DELETE", "-H"])
+        .arg(format!("X-Auth-Token: {OTHER}"))
+        .arg(format!("http://127.0.0.1:{}/files", nginx.port));
+    assert_eq!(CurlReply::run(&mut cmd).status, 200);
+}
