@@ -313,7 +313,8 @@ pub(crate) fn unrenderable(outcome: &mut Outcome<'_>) -> ProxyError {
 }
 
 /// Of two routes a path may be read into, the one that handles it: the stricter `auth` (the
-/// first on a tie), if both forward alike; else 400, since the upstream could serve either.
+/// first on a tie), if both forward alike and have the same rules and limits; else 400, since
+/// the upstream could serve either.
 fn stricter<'g>(a: &'g Route, b: &'g Route) -> Result<&'g Route, ProxyError> {
     if std::ptr::eq(a, b) {
         return Ok(a);
@@ -324,7 +325,10 @@ fn stricter<'g>(a: &'g Route, b: &'g Route) -> Result<&'g Route, ProxyError> {
         && x.identity_headers == y.identity_headers
         && x.preserve_host == y.preserve_host
         && x.upgrades == y.upgrades
-        && x.rate_limits == y.rate_limits;
+        && x.rate_limits == y.rate_limits
+        && x.deny == y.deny
+        && x.allow == y.allow
+        && x.preflight_passes == y.preflight_passes;
     if !alike {
         return Err(ProxyError::BadRequest);
     }
