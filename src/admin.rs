@@ -200,8 +200,11 @@ async fn tokens(
             match read_create_request(request.into_body(), body_timeout).await {
                 Ok(create) => match create.user.clone() {
                     Some(user) if !user.is_empty() => {
+                        // No minting credential: any configured scope; `login_scopes`
+                        // when the request names none (what the user would get).
+                        let minter = crate::token::Minter::Operator;
                         service
-                            .create(&user, create.account.as_deref(), &create)
+                            .create(&user, create.account.as_deref(), &create, minter)
                             .await
                     }
                     _ => bad_request("user is required"),

@@ -59,6 +59,7 @@ pub fn record(event: Event, record: &TokenRecord, actor: Actor<'_>, client: Opti
         subject = %record.subject,
         account = %record.account,
         name = %record.name,
+        scopes = %record.scopes.join(","),
         expires = record.expires_ms.map(rfc3339),
         actor = %actor,
         client = client.map(tracing::field::display),

@@ -94,6 +94,8 @@ pub async fn run(
             kind: crate::store::Kind::Api,
             dn: None,
             format: None,
+            scopes: None,
+            minter: crate::token::Minter::Operator,
         };
         let (token, _) = crate::token::issue(&store, &config.tokens, what)
             .await

@@ -15,9 +15,10 @@ use crate::cache::Cache;
 use crate::clock::rfc3339;
 use crate::config::{EndpointsConfig, TokensConfig};
 use crate::error::ProxyError;
+use crate::identity::Identity;
 use crate::response::json_response;
 use crate::store::{Kind, Store, TokenRecord};
-use crate::token::{issue, Issue, IssueError};
+use crate::token::{issue, Issue, IssueError, Minter};
 use crate::upstream::{full, Body};
 
 /// The largest JSON body a token request may have.
@@ -112,6 +113,8 @@ pub struct CreateRequest {
     pub user: Option<String>,
     /// The account (admin API only).
     pub account: Option<String>,
+    /// The scopes asked for; `None`: the minter's allowance.
+    pub scopes: Option<Vec<String>>,
 }
 
 /// Why a create request was not read.
@@ -139,8 +142,9 @@ impl From<String> for BadCreate {
     }
 }
 
-/// Reads a JSON create request (`{"name":..,"ttl":..}`, both optional; `ttl` a duration string
-/// or seconds) that must arrive whole within `within`. An empty body is an empty request.
+/// Reads a JSON create request (`{"name":..,"ttl":..,"scopes":[..]}`, all optional; `ttl` a
+/// duration string or seconds) that must arrive whole within `within`. An empty body is an
+/// empty request.
 pub async fn read_create_request<B>(body: B, within: Duration) -> Result<CreateRequest, BadCreate>
 where
     B: hyper::body::Body<Data = Bytes>,
@@ -176,7 +180,7 @@ fn parse_create_request(bytes: &[u8]) -> Result<CreateRequest, String> {
         return Err("body must be a JSON object".to_string());
     };
     for key in map.keys() {
-        if !matches!(key.as_str(), "name" | "ttl" | "user" | "account") {
+        if !matches!(key.as_str(), "name" | "ttl" | "user" | "account" | "scopes") {
             return Err(format!("unknown field {key:?}"));
         }
     }
@@ -197,23 +201,37 @@ fn parse_create_request(bytes: &[u8]) -> Result<CreateRequest, String> {
             return Err("ttl must be a duration such as \"30d\", or seconds".to_string());
         }
     };
+    let scopes = match map.get("scopes") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(items)) => Some(
+            items
+                .iter()
+                .map(|item| item.as_str().map(str::to_string))
+                .collect::<Option<Vec<_>>>()
+                .ok_or("scopes must be a list of scope names")?,
+        ),
+        Some(_) => return Err("scopes must be a list of scope names".to_string()),
+    };
     Ok(CreateRequest {
         name: text("name")?.unwrap_or_default(),
         ttl,
         user: text("user")?,
         account: text("account")?,
+        scopes,
     })
 }
 
 impl TokenService<'_> {
-    /// Creates an API token for `subject`: `201 {"id","token","created","expires"}`.
+    /// Creates an API token for `subject`, minted by `minter`:
+    /// `201 {"id","token","created","expires","scopes",..}`.
     pub async fn create(
         &self,
         subject: &str,
         account: Option<&str>,
         request: &CreateRequest,
+        minter: Minter<'_>,
     ) -> Response<Body> {
-        match self.create_token(subject, account, request).await {
+        match self.create_token(subject, account, request, minter).await {
             Ok((token, record)) => {
                 let body = json!({
                     "id": record.id,
@@ -223,6 +241,7 @@ impl TokenService<'_> {
                     "account": record.account,
                     "created": rfc3339(record.created_ms),
                     "expires": record.expires_ms.map(rfc3339),
+                    "scopes": record.scopes,
                 });
                 no_store(json_response(
                     StatusCode::CREATED,
@@ -233,13 +252,14 @@ impl TokenService<'_> {
         }
     }
 
-    /// Creates an API token for `subject` and writes the audit line: the secret (shown once)
-    /// and its record.
+    /// Creates an API token for `subject`, minted by `minter` (which bounds its scopes), and
+    /// writes the audit line: the secret (shown once) and its record.
     pub async fn create_token(
         &self,
         subject: &str,
         account: Option<&str>,
         request: &CreateRequest,
+        minter: Minter<'_>,
     ) -> Result<(String, TokenRecord), IssueError> {
         let what = Issue {
             subject,
@@ -249,6 +269,8 @@ impl TokenService<'_> {
             kind: Kind::Api,
             dn: None,
             format: None,
+            scopes: request.scopes.as_deref(),
+            minter,
         };
         let (token, record) = issue(self.store, self.config, what).await?;
         self.audit(Event::Created, &record);
@@ -301,16 +323,19 @@ impl TokenService<'_> {
         Ok(revoked)
     }
 
-    /// Insight.io `createApiToken`: the new token as the body.
-    pub async fn insight_create(&self, subject: &str, account: &str) -> Response<Body> {
+    /// Insight.io `createApiToken` (`?scopes=read,write` optional): the new token as the body.
+    pub async fn insight_create(&self, caller: &Identity, query: Option<&str>) -> Response<Body> {
+        let scopes = insight_scopes(query);
         let what = Issue {
-            subject,
-            account: Some(account),
+            subject: &caller.subject,
+            account: Some(&caller.account),
             name: "insight",
             ttl: None,
             kind: Kind::Api,
             dn: None,
             format: None,
+            scopes: scopes.as_deref(),
+            minter: Minter::Caller(caller),
         };
         match issue(self.store, self.config, what).await {
             Ok((token, record)) => {
@@ -355,35 +380,52 @@ impl TokenService<'_> {
     }
 }
 
-/// Answers a main-listener endpoint for an authenticated caller.
+/// The scopes of `createApiToken?scopes=read,write`: `None` without the parameter, none for
+/// `scopes=` (empty).
+fn insight_scopes(query: Option<&str>) -> Option<Vec<String>> {
+    let (_, value) = crate::credential::query_pairs(query?).find(|(k, _)| *k == "scopes")?;
+    let value = percent_encoding::percent_decode_str(&value.replace('+', " "))
+        .decode_utf8_lossy()
+        .into_owned();
+    Some(
+        value
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect(),
+    )
+}
+
+/// Answers a main-listener endpoint (the request's `head`) for an authenticated caller.
 pub async fn serve(
     service: &TokenService<'_>,
     endpoint: &Endpoint,
-    method: &Method,
-    caller: &crate::identity::Identity,
+    head: &http::request::Parts,
+    caller: &Identity,
     presented: &str,
     body: hyper::body::Incoming,
     body_timeout: Duration,
 ) -> Result<Response<Body>, ProxyError> {
     let subject = caller.subject.as_str();
-    let response = match (endpoint, method) {
+    let query = head.uri.query();
+    let response = match (endpoint, &head.method) {
         (Endpoint::Tokens, &Method::POST) => match read_create_request(body, body_timeout).await {
             Ok(request) if request.user.is_some() || request.account.is_some() => {
                 let _ = request;
                 bad_request("user and account can only be set through the admin API")
             }
             Ok(request) => {
+                let minter = Minter::Caller(caller);
                 service
-                    .create(subject, Some(&caller.account), &request)
+                    .create(subject, Some(&caller.account), &request, minter)
                     .await
             }
             Err(bad) => bad.into_response(),
         },
         (Endpoint::Tokens, &Method::GET) => service.list(Some(subject)).await,
         (Endpoint::Token(id), &Method::DELETE) => service.revoke(id, Some(subject)).await,
-        (Endpoint::InsightCreate, &Method::GET) => {
-            service.insight_create(subject, &caller.account).await
-        }
+        (Endpoint::InsightCreate, &Method::GET) => service.insight_create(caller, query).await,
         (Endpoint::InsightRevoke, &Method::GET) => service.insight_revoke(Some(presented)).await,
         (Endpoint::InsightList, &Method::GET) => service.insight_list(subject).await,
         _ => json_response(
@@ -405,6 +447,7 @@ pub fn describe(r: &TokenRecord) -> Value {
         "created": rfc3339(r.created_ms),
         "expires": r.expires_ms.map(rfc3339),
         "lastUsed": r.last_used_ms.map(rfc3339),
+        "scopes": r.scopes,
     })
 }
 
@@ -425,10 +468,10 @@ pub fn bad_request(message: &str) -> Response<Body> {
     )
 }
 
-/// 400 naming the cap for a lifetime over `max_ttl`, else 503.
+/// 400 naming the cap for a lifetime over `max_ttl` or the scope refused, else 503.
 fn not_issued(e: &IssueError) -> Response<Body> {
     match e {
-        IssueError::Lifetime(message) => bad_request(message),
+        IssueError::Lifetime(message) | IssueError::Scope(message) => bad_request(message),
         IssueError::Store(e) => store_down(e),
     }
 }

@@ -3,7 +3,10 @@
 //!
 //! Keys come from one of: a JWKS URL (fetched when first needed, again when a token names an
 //! unknown `kid` — at most once per [`JWKS_MIN_INTERVAL`] — and when the set is older than
-//! [`JWKS_MAX_AGE`]), a PEM public key file, or an HMAC secret. Algorithms: RS256/384/512,
+//! [`JWKS_MAX_AGE`]), the JWKS an issuer's OIDC discovery document names (`jwks_uri`, fetched
+//! and refreshed the same way; the document is read again with a refresh once it is that old,
+//! and whenever the set cannot be fetched from where it said), a PEM public key file, or an
+//! HMAC secret. Algorithms: RS256/384/512,
 //! PS256/384/512 (RSA ≥ 2048 bits), ES256, ES384, EdDSA (Ed25519), and HS256/384/512 with a
 //! secret; each key accepts only the algorithms of its own type (or the one its JWK names), so
 //! an `alg` swap (RS256 → HS256 with the public key as secret, or `none`) is refused.
@@ -192,9 +195,9 @@ enum Keys {
     Jwks(Box<Jwks>),
 }
 
-/// A JWKS URL and what was last fetched from it.
+/// A JWKS and what was last fetched from it.
 struct Jwks {
-    url: Uri,
+    source: KeySetSource,
     client: HttpClient,
     timeout: Duration,
     state: ArcSwap<JwksState>,
@@ -202,9 +205,37 @@ struct Jwks {
     fetching: tokio::sync::Mutex<()>,
 }
 
+/// Where a JWKS is found.
+enum KeySetSource {
+    /// A configured `jwks_url`.
+    Url(Uri),
+    /// OIDC discovery: the `jwks_uri` of this document, which must name `issuer`.
+    Discovery { document: Uri, issuer: String },
+}
+
+impl KeySetSource {
+    /// The configured place, for logs and errors.
+    fn location(&self) -> &Uri {
+        match self {
+            KeySetSource::Url(url) => url,
+            KeySetSource::Discovery { document, .. } => document,
+        }
+    }
+}
+
+/// Where a discovery document said the JWKS is, and when it was read.
+#[derive(Clone)]
+struct Discovered {
+    jwks_uri: Uri,
+    at: Instant,
+}
+
 #[derive(Default)]
 struct JwksState {
     keys: Vec<VerifyKey>,
+    /// With discovery: where the keys were last fetched from (forgotten when an attempt fails,
+    /// so the next one reads the document again).
+    discovered: Option<Discovered>,
     /// The last successful fetch.
     fetched: Option<Instant>,
     /// The last attempt, successful or not.
@@ -228,24 +259,30 @@ impl JwtValidator {
         claims: &[String],
     ) -> JwtValidator {
         crate::jwt::install_provider();
+        let jwks = |source: KeySetSource| {
+            Keys::Jwks(Box::new(Jwks {
+                source,
+                client: client.clone(),
+                timeout: config.timeout,
+                state: ArcSwap::from_pointee(JwksState::default()),
+                fetching: tokio::sync::Mutex::new(()),
+            }))
+        };
+        // Whoever can change the key set on the way can sign any token.
+        let forged = "keys fetched this way can be forged in transit";
         let keys = match &config.keys {
-            JwtKeySource::Jwks(url) => Keys::Jwks(Box::new({
-                if url.scheme_str() == Some("http") && !is_loopback(url) {
-                    // Whoever can change the key set on the way can sign any token.
-                    tracing::warn!(
-                        url = %url,
-                        "jwt validator: jwks_url is plain http to another host; keys fetched \
-                         this way can be forged in transit (use https)"
-                    );
-                }
-                Jwks {
-                    url: url.clone(),
-                    client: client.clone(),
-                    timeout: config.timeout,
-                    state: ArcSwap::from_pointee(JwksState::default()),
-                    fetching: tokio::sync::Mutex::new(()),
-                }
-            })),
+            JwtKeySource::Jwks(url) => {
+                warn_if_plain_http(url, "jwt validator: jwks_url", forged);
+                jwks(KeySetSource::Url(url.clone()))
+            }
+            JwtKeySource::Discovery(document) => {
+                warn_if_plain_http(document, "jwt validator: issuer", forged);
+                jwks(KeySetSource::Discovery {
+                    document: document.clone(),
+                    // Set whenever discovery is: the checker made it the source.
+                    issuer: config.issuer.clone().unwrap_or_default(),
+                })
+            }
             // Checked when the config was loaded.
             JwtKeySource::PublicKey { pem, .. } => {
                 Keys::Fixed(public_key(pem).into_iter().collect())
@@ -361,6 +398,14 @@ impl JwtValidator {
     }
 }
 
+/// Warns when `url` is plain http to another host, where anyone on the path can read and
+/// change what travels; `risk` says what that means for `what`.
+pub(crate) fn warn_if_plain_http(url: &Uri, what: &str, risk: &str) {
+    if url.scheme_str() == Some("http") && !is_loopback(url) {
+        tracing::warn!(url = %url, "{what} is plain http to another host; {risk} (use https)");
+    }
+}
+
 /// Whether `url` names this host (`localhost`, 127.0.0.0/8, `::1`).
 fn is_loopback(url: &Uri) -> bool {
     let host = url.host().unwrap_or_default();
@@ -395,20 +440,20 @@ impl Jwks {
             // Someone else may have fetched while this waited.
             if Arc::ptr_eq(&seen, &self.state.load()) {
                 let now = Instant::now();
-                let next = match self.fetch().await {
-                    Ok(keys) => {
-                        tracing::info!(url = %self.url, keys = keys.len(), "JWKS fetched");
-                        JwksState {
-                            keys,
-                            fetched: Some(now),
-                            attempted: Some(now),
-                            error: None,
-                        }
-                    }
+                let next = match self.fetch(&seen).await {
+                    Ok((keys, discovered)) => JwksState {
+                        keys,
+                        discovered,
+                        fetched: Some(now),
+                        attempted: Some(now),
+                        error: None,
+                    },
                     Err(e) => {
-                        tracing::warn!(url = %self.url, error = %e, "JWKS fetch failed");
+                        let url = self.source.location();
+                        tracing::warn!(url = %url, error = %e, "JWKS fetch failed");
                         JwksState {
                             keys: seen.keys.clone(),
+                            discovered: None,
                             fetched: seen.fetched,
                             attempted: Some(now),
                             error: Some(e),
@@ -419,21 +464,78 @@ impl Jwks {
             }
         }
         let state = self.state.load_full();
+        let url = self.source.location();
         match &state.error {
             Some(e) if !state.knows(kid, alg) => {
-                Err(BackendError(format!("JWKS {} unavailable: {e}", self.url)))
+                Err(BackendError(format!("JWKS {url} unavailable: {e}")))
             }
             _ if state.fetched.is_none() => {
-                Err(BackendError(format!("JWKS {} not fetched yet", self.url)))
+                Err(BackendError(format!("JWKS {url} not fetched yet")))
             }
             _ => Ok(state),
         }
     }
 
-    async fn fetch(&self) -> Result<Vec<VerifyKey>, String> {
+    /// The key set, and with discovery where it was found. The discovery document is read
+    /// again when it is as old as a key set may be ([`JWKS_MAX_AGE`]: each such refresh reads
+    /// both), when the previous attempt failed, and when the set cannot be fetched from where
+    /// it last said (the provider may have moved it): at most two reads of each per attempt.
+    async fn fetch(
+        &self,
+        seen: &JwksState,
+    ) -> Result<(Vec<VerifyKey>, Option<Discovered>), String> {
+        let (document, issuer) = match &self.source {
+            KeySetSource::Url(url) => return Ok((self.fetch_keys(url).await?, None)),
+            KeySetSource::Discovery { document, issuer } => (document, issuer),
+        };
+        let known = seen
+            .discovered
+            .as_ref()
+            .filter(|d| d.at.elapsed() < JWKS_MAX_AGE);
+        if let Some(known) = known {
+            match self.fetch_keys(&known.jwks_uri).await {
+                Ok(keys) => return Ok((keys, Some(known.clone()))),
+                Err(e) => tracing::warn!(
+                    url = %known.jwks_uri,
+                    error = %e,
+                    "JWKS fetch failed; reading the OIDC discovery document again"
+                ),
+            }
+        }
+        let body = self
+            .get(document)
+            .await
+            .map_err(|e| format!("OIDC discovery document: {e}"))?;
+        let jwks_uri = discovered_jwks_uri(&body, issuer)
+            .map_err(|e| format!("OIDC discovery document: {e}"))?;
+        warn_if_plain_http(
+            &jwks_uri,
+            "jwt validator: the discovered jwks_uri",
+            "keys fetched this way can be forged in transit",
+        );
+        let discovered = Discovered {
+            jwks_uri,
+            at: Instant::now(),
+        };
+        let keys = self
+            .fetch_keys(&discovered.jwks_uri)
+            .await
+            .map_err(|e| format!("jwks_uri {}: {e}", discovered.jwks_uri))?;
+        Ok((keys, Some(discovered)))
+    }
+
+    /// The usable keys of the JWKS at `url`.
+    async fn fetch_keys(&self, url: &Uri) -> Result<Vec<VerifyKey>, String> {
+        let keys = parse_jwks(&self.get(url).await?)?;
+        tracing::info!(url = %url, keys = keys.len(), "JWKS fetched");
+        Ok(keys)
+    }
+
+    /// The body of a 2xx answer to `GET url` (at most [`JWKS_BODY_LIMIT`], within `timeout`).
+    async fn get(&self, url: &Uri) -> Result<Bytes, String> {
         let request = Request::builder()
             .method(Method::GET)
-            .uri(self.url.clone())
+            .uri(url.clone())
             .header(http::header::ACCEPT, "application/json")
             .body(full(Bytes::new()))
             .map_err(|e| e.to_string())?;
@@ -453,11 +555,32 @@ impl Jwks {
                 .map(|b| b.to_bytes())
                 .map_err(|e| format!("body: {e}"))
         };
-        let body = tokio::time::timeout(self.timeout, call)
+        tokio::time::timeout(self.timeout, call)
             .await
-            .map_err(|_| "timed out".to_string())??;
-        parse_jwks(&body)
+            .map_err(|_| "timed out".to_string())?
     }
+}
+
+/// The `jwks_uri` of an OIDC discovery document, which must name `issuer` as its `issuer`
+/// (OpenID Connect Discovery §4.3: else anyone serving the document could vouch for another
+/// issuer's tokens).
+fn discovered_jwks_uri(body: &[u8], issuer: &str) -> Result<Uri, String> {
+    let doc: Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
+    match doc.get("issuer").and_then(Value::as_str) {
+        Some(named) if named == issuer => {}
+        Some(named) => return Err(format!("it names issuer {named:?}, not {issuer:?}")),
+        None => return Err("it has no \"issuer\"".into()),
+    }
+    let uri = doc
+        .get("jwks_uri")
+        .and_then(Value::as_str)
+        .ok_or("it has no \"jwks_uri\"")?;
+    uri.parse()
+        .ok()
+        .filter(|u: &Uri| {
+            matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some()
+        })
+        .ok_or_else(|| format!("jwks_uri {uri:?} is not an absolute http(s) URL"))
 }
 
 #[cfg(test)]
@@ -589,7 +712,7 @@ mod tests {
             groups_claim: None,
             claims: Vec::new(),
             keys: Keys::Jwks(Box::new(Jwks {
-                url: "http://127.0.0.1:9/jwks".parse().unwrap(),
+                source: KeySetSource::Url("http://127.0.0.1:9/jwks".parse().unwrap()),
                 client,
                 timeout: Duration::from_secs(1),
                 state: ArcSwap::from_pointee(JwksState::default()),
@@ -604,6 +727,36 @@ mod tests {
             unreachable!()
         };
         assert!(jwks.state.load().attempted.is_none(), "no fetch attempted");
+    }
+
+    #[test]
+    fn discovery_documents() {
+        let issuer = "https://idp.example/realms/ops";
+        let doc = |body: Value| discovered_jwks_uri(body.to_string().as_bytes(), issuer);
+        let good = serde_json::json!({
+            "issuer": issuer,
+            "jwks_uri": "https://idp.example/realms/ops/certs",
+        });
+        assert_eq!(
+            doc(good).unwrap(),
+            "https://idp.example/realms/ops/certs"
+                .parse::<Uri>()
+                .unwrap()
+        );
+        let other =
+            serde_json::json!({"issuer": "https://evil.example", "jwks_uri": "https://e/k"});
+        assert!(doc(other).unwrap_err().contains("names issuer"));
+        // A trailing slash makes another issuer: identical means identical.
+        let slash = serde_json::json!({"issuer": format!("{issuer}/"), "jwks_uri": "https://e/k"});
+        assert!(doc(slash).is_err());
+        assert!(doc(serde_json::json!({"issuer": issuer}))
+            .unwrap_err()
+            .contains("jwks_uri"));
+        let relative = serde_json::json!({"issuer": issuer, "jwks_uri": "/certs"});
+        assert!(doc(relative).unwrap_err().contains("absolute"));
+        assert!(discovered_jwks_uri(b"<html>", issuer)
+            .unwrap_err()
+            .contains("JSON"));
     }
 
     #[test]

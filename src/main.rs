@@ -156,6 +156,13 @@ enum TokenAction {
         /// `opaque` (tg_...) or `jwt` (needs [tokens] jwt_key); default: [tokens] format.
         #[arg(long, value_enum)]
         format: Option<FormatArg>,
+        /// A scope the token has, one of [tokens] scopes; repeat for more (default: [tokens]
+        /// login_scopes).
+        #[arg(long = "scope", value_name = "NAME")]
+        scopes: Vec<String>,
+        /// A token with no scopes (instead of [tokens] login_scopes).
+        #[arg(long, conflicts_with = "scopes")]
+        no_scopes: bool,
     },
     /// List tokens (never their secrets).
     List {
@@ -503,6 +510,8 @@ fn token_command(action: TokenAction) -> ExitCode {
                     name,
                     ttl,
                     format,
+                    scopes,
+                    no_scopes,
                     ..
                 } => {
                     let ttl = match ttl
@@ -527,10 +536,16 @@ fn token_command(action: TokenAction) -> ExitCode {
                             FormatArg::Opaque => tokengate::config::TokenFormat::Opaque,
                             FormatArg::Jwt => tokengate::config::TokenFormat::Jwt,
                         }),
+                        scopes: (no_scopes || !scopes.is_empty()).then_some(scopes.as_slice()),
+                        minter: tokengate::token::Minter::Operator,
                     };
                     match tokengate::token::issue(&store, &config.tokens, what).await {
                         Err(tokengate::token::IssueError::Lifetime(e)) => {
                             eprintln!("--ttl: {e}");
+                            return Ok(ExitCode::from(2));
+                        }
+                        Err(tokengate::token::IssueError::Scope(e)) => {
+                            eprintln!("--scope: {e}");
                             return Ok(ExitCode::from(2));
                         }
                         Err(tokengate::token::IssueError::Store(e)) => Err(e),
@@ -542,10 +557,15 @@ fn token_command(action: TokenAction) -> ExitCode {
                                 None,
                             );
                             eprintln!(
-                            "created token {} for {} (account {}), expires {}; it is shown once:",
+                            "created token {} for {} (account {}), scopes {}, expires {}; it is shown once:",
                             record.id,
                             record.subject,
                             record.account,
+                            if record.scopes.is_empty() {
+                                "none".to_string()
+                            } else {
+                                record.scopes.join(",")
+                            },
                             record
                                 .expires_ms
                                 .map_or("never".to_string(), tokengate::clock::rfc3339)
@@ -558,15 +578,22 @@ fn token_command(action: TokenAction) -> ExitCode {
                 TokenAction::List { user, .. } => {
                     store.list(user.as_deref()).await.map(|records| {
                         println!(
-                            "{:<18} {:<16} {:<16} {:<5} {:<20} {:<20} {:<20} name",
-                            "id", "user", "account", "kind", "created", "expires", "last used"
+                            "{:<18} {:<16} {:<16} {:<5} {:<20} {:<20} {:<20} {:<16} name",
+                            "id",
+                            "user",
+                            "account",
+                            "kind",
+                            "created",
+                            "expires",
+                            "last used",
+                            "scopes"
                         );
                         for r in records {
                             let time = |ms: Option<i64>| {
                                 ms.map_or("-".to_string(), tokengate::clock::rfc3339)
                             };
                             println!(
-                                "{:<18} {:<16} {:<16} {:<5} {:<20} {:<20} {:<20} {}",
+                                "{:<18} {:<16} {:<16} {:<5} {:<20} {:<20} {:<20} {:<16} {}",
                                 r.id,
                                 r.subject,
                                 r.account,
@@ -574,6 +601,11 @@ fn token_command(action: TokenAction) -> ExitCode {
                                 time(Some(r.created_ms)),
                                 time(r.expires_ms),
                                 time(r.last_used_ms),
+                                if r.scopes.is_empty() {
+                                    "-".to_string()
+                                } else {
+                                    r.scopes.join(",")
+                                },
                                 r.name
                             );
                         }

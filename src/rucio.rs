@@ -140,6 +140,9 @@ pub async fn exchange(
         kind: Kind::X509,
         dn: Some(dn),
         format: Some(TokenFormat::Opaque),
+        // x509 tokens carry no scopes or groups (only API tokens do).
+        scopes: None,
+        minter: crate::token::Minter::Operator,
     };
     let (token, record) = match issue(store, tokens, what).await {
         Ok(issued) => issued,

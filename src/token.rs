@@ -9,6 +9,7 @@ use std::time::Duration;
 use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::config::{TokenFormat, TokensConfig};
+use crate::identity::Identity;
 use crate::store::{now_ms, Kind, Store, StoreError, TokenRecord};
 
 /// Every issued opaque token starts with this.
@@ -84,6 +85,83 @@ pub struct Issue<'a> {
     pub dn: Option<&'a str>,
     /// Opaque or JWT; `None`: `tokens.format`.
     pub format: Option<TokenFormat>,
+    /// The scopes asked for; `None`: the minter's allowance. (x509 tokens have none.)
+    pub scopes: Option<&'a [String]>,
+    /// Who mints it: bounds its scopes, and gives it their groups.
+    pub minter: Minter<'a>,
+}
+
+/// Who mints an API token. A token is never wider than its minter's allowance: the minting
+/// credential's scopes that are in `[tokens] scopes` when it has any, else
+/// `[tokens] login_scopes`; an operator may give any of `[tokens] scopes`.
+#[derive(Clone, Copy)]
+pub enum Minter<'a> {
+    /// A caller's login credential (the token API, the page, Insight): the token gets its
+    /// allowance by default, and its groups.
+    Caller(&'a Identity),
+    /// An operator (the admin API, the CLI, the demo): `login_scopes` by default (what the
+    /// user would get by signing in), any configured scope when named; no groups.
+    Operator,
+}
+
+/// The scopes a new API token gets: `requested` (each in `[tokens] scopes` and within the
+/// minter's allowance, else the reason) or, when `None`, the allowance; in the order of
+/// `[tokens] scopes`, each once.
+pub fn scopes_for(
+    config: &TokensConfig,
+    requested: Option<&[String]>,
+    minter: Minter<'_>,
+) -> Result<Vec<String>, String> {
+    let own: &[Box<str>] = match minter {
+        Minter::Caller(identity) => identity.scopes(),
+        Minter::Operator => &[],
+    };
+    let allowance: Vec<&String> = if own.is_empty() {
+        config.login_scopes.iter().collect()
+    } else {
+        config
+            .scopes
+            .iter()
+            .filter(|s| own.iter().any(|o| **o == ***s))
+            .collect()
+    };
+    let Some(requested) = requested else {
+        return Ok(allowance.into_iter().cloned().collect());
+    };
+    fn listed<'s>(names: impl Iterator<Item = &'s String>) -> String {
+        let names: Vec<&str> = names.map(String::as_str).collect();
+        if names.is_empty() {
+            "none".to_string()
+        } else {
+            names.join(", ")
+        }
+    }
+    for name in requested {
+        if !config.scopes.contains(name) {
+            return Err(format!(
+                "unknown scope {name:?} (the scopes a token may have: {})",
+                listed(config.scopes.iter())
+            ));
+        }
+        let allowed = match minter {
+            Minter::Operator => true,
+            Minter::Caller(_) => allowance.contains(&name),
+        };
+        if !allowed {
+            let allowed = listed(allowance.iter().copied());
+            return Err(if own.is_empty() {
+                format!("scope {name:?} is wider than a login credential may give (it may give: {allowed})")
+            } else {
+                format!("scope {name:?} is wider than the asking credential's own scopes (it may give: {allowed})")
+            });
+        }
+    }
+    Ok(config
+        .scopes
+        .iter()
+        .filter(|s| requested.contains(s))
+        .cloned()
+        .collect())
 }
 
 /// Why a token was not issued.
@@ -91,6 +169,8 @@ pub struct Issue<'a> {
 pub enum IssueError {
     /// The lifetime asked for is over `[tokens] max_ttl` (a client error: 400).
     Lifetime(String),
+    /// A scope asked for is unknown or wider than the minter's allowance (400).
+    Scope(String),
     /// The store (or the random number generator, or the signing key) failed.
     Store(StoreError),
 }
@@ -98,7 +178,7 @@ pub enum IssueError {
 impl std::fmt::Display for IssueError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            IssueError::Lifetime(m) => f.write_str(m),
+            IssueError::Lifetime(m) | IssueError::Scope(m) => f.write_str(m),
             IssueError::Store(e) => e.fmt(f),
         }
     }
@@ -117,9 +197,23 @@ pub async fn issue(
     config: &TokensConfig,
     what: Issue<'_>,
 ) -> Result<(String, TokenRecord), IssueError> {
-    let ttl = match what.kind {
-        Kind::Api => config.lifetime(what.ttl).map_err(IssueError::Lifetime)?,
-        Kind::X509 => what.ttl.unwrap_or(config.default_ttl),
+    let (ttl, scopes, groups) = match what.kind {
+        Kind::Api => {
+            let ttl = config.lifetime(what.ttl).map_err(IssueError::Lifetime)?;
+            let scopes = scopes_for(config, what.scopes, what.minter).map_err(IssueError::Scope)?;
+            let groups = match what.minter {
+                Minter::Caller(identity) => {
+                    identity.groups().iter().map(|g| g.to_string()).collect()
+                }
+                Minter::Operator => Vec::new(),
+            };
+            (ttl, scopes, groups)
+        }
+        Kind::X509 => (
+            what.ttl.unwrap_or(config.default_ttl),
+            Vec::new(),
+            Vec::new(),
+        ),
     };
     let (mut token, id) = generate().map_err(StoreError)?;
     let created_ms = now_ms();
@@ -152,6 +246,8 @@ pub async fn issue(
         created_ms,
         expires_ms,
         last_used_ms: None,
+        scopes,
+        groups,
     };
     store.insert(&record).await?;
     crate::telemetry::token_issued(what.kind.as_str());
@@ -239,6 +335,81 @@ mod tests {
                 }
             }
         }
+    }
+
+    fn scoped(scopes: &[&str], login_scopes: &[&str]) -> TokensConfig {
+        let names = |list: &[&str]| list.iter().map(|s| s.to_string()).collect();
+        TokensConfig {
+            scopes: names(scopes),
+            login_scopes: names(login_scopes),
+            default_ttl: Duration::from_secs(3600),
+            max_ttl: Duration::ZERO,
+            format: TokenFormat::Opaque,
+            jwt: None,
+        }
+    }
+
+    fn caller(scopes: &[&str]) -> Identity {
+        let mut identity = Identity::of(
+            crate::identity::principal("s", "s", None),
+            crate::identity::ValidatedBy::Static,
+        );
+        identity.facts = crate::identity::Facts {
+            scopes: scopes.iter().map(|s| Box::from(*s)).collect(),
+            ..Default::default()
+        }
+        .boxed();
+        identity
+    }
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_token_gets_the_minters_allowance_and_never_more() {
+        let config = scoped(&["read", "write", "admin"], &["read"]);
+        let login = caller(&[]);
+        let jwt = caller(&["openid", "write", "read"]);
+        let ok = |requested: Option<&[&str]>, minter| {
+            scopes_for(&config, requested.map(names).as_deref(), minter)
+        };
+        // Defaults: login_scopes, or the credential's scopes that are configured (in config
+        // order); operators get login_scopes.
+        assert_eq!(ok(None, Minter::Caller(&login)), Ok(names(&["read"])));
+        assert_eq!(
+            ok(None, Minter::Caller(&jwt)),
+            Ok(names(&["read", "write"]))
+        );
+        assert_eq!(ok(None, Minter::Operator), Ok(names(&["read"])));
+        // Asked for: within the allowance, deduplicated, in config order; none is none.
+        assert_eq!(
+            ok(Some(&["write", "read", "write"]), Minter::Caller(&jwt)),
+            Ok(names(&["read", "write"]))
+        );
+        assert_eq!(ok(Some(&[]), Minter::Caller(&jwt)), Ok(Vec::new()));
+        assert_eq!(
+            ok(Some(&["admin"]), Minter::Operator),
+            Ok(names(&["admin"]))
+        );
+        // Unknown, or wider than the minter: refused with the reason.
+        let unknown = ok(Some(&["delete"]), Minter::Operator).unwrap_err();
+        assert!(unknown.contains("unknown scope \"delete\""), "{unknown}");
+        assert!(unknown.contains("read, write, admin"), "{unknown}");
+        let wider = ok(Some(&["admin"]), Minter::Caller(&jwt)).unwrap_err();
+        assert!(wider.contains("wider"), "{wider}");
+        assert!(ok(Some(&["write"]), Minter::Caller(&login)).is_err());
+        // A claimed scope not configured is not given (openid).
+        assert!(ok(Some(&["openid"]), Minter::Caller(&jwt)).is_err());
+        // Nothing configured: no scopes, and any named one is unknown.
+        let none = scoped(&[], &[]);
+        assert_eq!(
+            scopes_for(&none, None, Minter::Caller(&jwt)),
+            Ok(Vec::new())
+        );
+        assert!(scopes_for(&none, Some(&names(&["read"])), Minter::Operator)
+            .unwrap_err()
+            .contains("none"));
     }
 
     proptest::proptest! {

@@ -863,6 +863,17 @@ fn inconsistent_values_fail_the_render_with_the_keys_named() {
         ),
         (
             Some("default-values.yaml"),
+            &["config.limits.shared=true"],
+            "config.limits.shared keeps the rate-limit buckets in Redis: it needs store.backend \
+             redis (store.backend is sqlite)",
+        ),
+        (
+            Some("default-values.yaml"),
+            &["config.limits.shared=true", "store.backend=memory"],
+            "it needs store.backend redis (store.backend is memory)",
+        ),
+        (
+            Some("default-values.yaml"),
             &["config.route.upstreamAuth.value=${env:UPSTREAM_KEY}"],
             "the rendered config refers to ${env:UPSTREAM_KEY}, which the tokengate container \
              does not have",
@@ -927,7 +938,91 @@ fn bad_values_fail_the_schema_at_render_time() {
         ),
         (
             &["config.validators[0].type=ldap"],
-            r#"config.validators.0.type must be one of the following: "static", "introspect", "jwt""#,
+            r#"config.validators.0.type must be one of the following: "static", "introspect", "jwt", "oauth2_introspection""#,
+        ),
+        // rules, rate limits, [limits] and the validators' facts
+        (
+            &["config.route.deny[0].verbs={DELETE}"],
+            "- config.route.deny.0: Additional property verbs is not allowed",
+        ),
+        (
+            &[
+                "config.extraRoutes[0].pathPrefix=/admin",
+                "config.extraRoutes[0].allow[0].group={admin}",
+            ],
+            "- config.extraRoutes.0.allow.0: Additional property group is not allowed",
+        ),
+        (
+            &["config.route.allow[0].groups=admin"],
+            "- config.route.allow.0.groups: Invalid type. Expected: array, given: string",
+        ),
+        (
+            &["config.route.allow[0].methods={}"],
+            "- config.route.allow.0.methods: Array must have at least 1 items",
+        ),
+        (
+            &["config.route.allow[0].claims.org\\.tenant[0].id=7"],
+            "- config.route.allow.0.claims.org.tenant.0: Invalid type. Expected: \
+             [string,integer,boolean], given: object",
+        ),
+        (
+            &["config.route.rateLimits[0].per=ip", "config.route.rateLimits[0].rate=1/s"],
+            r#"- config.route.rateLimits.0.per: config.route.rateLimits.0.per must be one of the following: "subject", "token", "client""#,
+        ),
+        (
+            &["config.route.rateLimits[0].per=client"],
+            "- config.route.rateLimits.0: rate is required",
+        ),
+        (
+            &[
+                "config.route.rateLimits[0].per=client",
+                "config.route.rateLimits[0].rate=100s",
+            ],
+            "- config.route.rateLimits.0.rate: Does not match pattern",
+        ),
+        (
+            &["config.route.preflight=skip"],
+            r#"- config.route.preflight: config.route.preflight must be one of the following: "authenticate", "pass""#,
+        ),
+        (
+            &["config.limits.failedAuthBurst=ten"],
+            "- config.limits.failedAuthBurst: Invalid type. Expected: integer, given: string",
+        ),
+        (
+            &["config.limits.shared=yes"],
+            "- config.limits.shared: Invalid type. Expected: boolean, given: string",
+        ),
+        (
+            &["config.limits.burst=10"],
+            "- config.limits: Additional property burst is not allowed",
+        ),
+        (
+            &[
+                "config.validators[0].type=jwt",
+                "config.validators[0].secret=0123456789abcdef0123456789abcdef",
+                "config.validators[0].audience=7",
+            ],
+            "- config.validators.0.audience: Invalid type. Expected: [string,array], given: integer",
+        ),
+        (
+            &[
+                "config.validators[0].type=introspect",
+                "config.validators[0].url=http://127.0.0.1:8080/whoami",
+                "config.validators[0].groups=/groups",
+            ],
+            "- config.validators.0.groups: Does not match pattern",
+        ),
+        (
+            &[
+                "config.validators[0].type=jwt",
+                "config.validators[0].secret=0123456789abcdef0123456789abcdef",
+                "config.validators[0].scopes=json:/scope",
+            ],
+            "- config.validators.0: Additional property scopes is not allowed",
+        ),
+        (
+            &["config.tokens.scopes={read write}"],
+            "- config.tokens.scopes.0: Does not match pattern",
         ),
         // ranges and patterns
         (
@@ -2035,6 +2130,31 @@ fn a_config_file_that_does_not_fit_the_pod_fails_the_render() {
             &["config.cache.ttl=2h", "config.extraToml=[x509]"],
             "configFile is the whole tokengate config, so the config.* values are not used, but these are set: config.cache.ttl, config.extraToml. Put them in the file, or leave them unset",
         ),
+        (
+            FITTING_CONFIG.to_string(),
+            &[
+                "config.limits.maxTracked=5000",
+                "config.limits.shared=true",
+                "config.route.preflight=pass",
+                "config.route.rateLimits[0].per=client",
+                "config.route.rateLimits[0].rate=10/1s",
+                "config.route.deny[0].methods={DELETE}",
+                "config.route.allow[0].groups={admin}",
+                "config.tokens.scopes={read}",
+                "config.validators[0].type=jwt",
+                "config.validators[0].groupsClaim=groups",
+            ],
+            "configFile is the whole tokengate config, so the config.* values are not used, but these are set: config.limits.maxTracked, config.limits.shared, config.route.allow, config.route.deny, config.route.preflight, config.route.rateLimits, config.tokens.scopes, config.validators. Put them in the file, or leave them unset",
+        ),
+        (
+            FITTING_CONFIG.to_string(),
+            &[
+                "config.extraRoutes[0].pathPrefix=/admin",
+                "config.extraRoutes[0].allow[0].groups={admin}",
+                "config.tokens.loginScopes={}",
+            ],
+            "but these are set: config.extraRoutes, config.tokens.loginScopes.",
+        ),
     ];
     for (text, sets, message) in cases {
         match render(text, sets) {
@@ -2072,6 +2192,16 @@ fn a_config_file_that_does_not_fit_the_pod_fails_the_render() {
         (
             FITTING_CONFIG.to_string(),
             &["config.cache.ttl=1h", "config.cache.maxEntries=1000000"],
+        ),
+        (
+            FITTING_CONFIG.to_string(),
+            &[
+                "config.limits.failedAuth=20/1m",
+                "config.limits.shared=false",
+                "config.route.preflight=authenticate",
+                "config.route.deny={}",
+                "config.tokens.scopes={}",
+            ],
         ),
     ];
     for (text, sets) in fixed {
@@ -2163,6 +2293,12 @@ fn extra_toml_repeating_a_table_fails_the_render_naming_it() {
         (
             "[[store]]\nbackend = \"memory\"\n",
             "config.extraToml line 1: [[store]] names a table that is already defined",
+        ),
+        (
+            "[limits]\nshared = false\n",
+            "config.extraToml line 1: table [limits] is already in the config the chart renders, \
+             and tokengate check refuses a table defined twice: set it through the values \
+             config.limits instead",
         ),
     ];
     let tls = ["tls.enabled=true", "tls.secretName=server-tls"];
@@ -2360,6 +2496,294 @@ config:
             ("TOKENGATE_REDIS_URL", "redis://127.0.0.1:6379/0"),
         ],
     );
+}
+
+/// Authorization and abuse control through values: rules, rate limits and preflight on the
+/// route and on extra routes, [limits], [tokens] scopes, and the facts rules read from each
+/// validator type (static tokens' groups and scopes, a JWT's groups claim and audience list,
+/// introspect's pointers, an oauth2_introspection validator) reach the config under their TOML
+/// names with the values given, and tokengate check takes the result. Left at their defaults,
+/// no rule or rate limit is rendered and [limits] holds tokengate's defaults. The README's
+/// example of these values renders and passes check.
+#[test]
+fn rules_limits_and_validator_facts_reach_the_config() {
+    let Some(helm) = Helm::get() else { return };
+    let values = r#"
+app:
+  image: {repository: registry.example/app}
+store:
+  backend: redis
+  redis: {urlSecretName: redis}
+tokengate:
+  extraEnv:
+    - name: OAUTH_CLIENT_SECRET
+      valueFrom: {secretKeyRef: {name: oauth-client, key: secret}}
+config:
+  tokens:
+    scopes: [read, write]
+    loginScopes: [read]
+  limits:
+    failedAuth: 5/10s
+    failedAuthBurst: 3
+    maxTracked: 5000
+    shared: true
+  validators:
+    - type: static
+      tokens:
+        - sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
+          subject: dev
+          groups: [ops, dev]
+          scopes: [read]
+    - type: jwt
+      issuer: https://idp.example/realms/main
+      jwksUrl: https://idp.example/realms/main/certs
+      audience: [legacy-api, account]
+      groupsClaim: realm_access.roles
+    - type: jwt
+      secret: 0123456789abcdef0123456789abcdef
+      audience: legacy-api
+    - type: introspect
+      url: http://127.0.0.1:8080/whoami
+      subject: json:/uid
+      groups: json:/groups
+      scopes: json:/scope
+    - type: oauth2_introspection
+      url: https://idp.example/introspect
+      clientId: tokengate
+      clientSecret: "${env:OAUTH_CLIENT_SECRET}"
+      audience: api
+      issuer: https://idp.example
+      subjectClaim: username
+      groupsClaim: groups
+      timeout: 3s
+      maxConcurrent: 4
+  route:
+    preflight: pass
+    rateLimits:
+      - {per: subject, rate: 100/1s, burst: 200}
+      - {per: client, rate: 600/1m}
+    deny:
+      - methods: [DELETE]
+        clients: [10.20.0.0/16]
+    allow:
+      - {methods: [GET, HEAD], scopes: [read]}
+      - {scopes: [write]}
+      - groups: [admin]
+        claims: {"realm_access.roles": [admin, editor], "org.tenant": 7, email_verified: true}
+      - paths: [/reports]
+        subjects: [alice]
+        accounts: [ops]
+        sources: [bearer, x509, "header:X-Api-Key"]
+  extraRoutes:
+    - pathPrefix: /health
+      auth: none
+      preflight: authenticate
+      rateLimits: [{per: client, rate: 10/s}]
+      allow: [{clients: [10.0.0.0/8]}]
+    - pathPrefix: /admin
+      deny: [{claims: {"org.tenant": [7, 8], name: "guest \"x\""}}]
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("values.yaml");
+    std::fs::write(&file, values).unwrap();
+    let r = helm
+        .try_render_with(None, &[], &["-f".as_ref(), file.as_os_str()])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let config = r.config();
+
+    // What each value must become, written as TOML.
+    let want: toml::Table = r#"
+        [tokens]
+        scopes = ["read", "write"]
+        login_scopes = ["read"]
+
+        [limits]
+        failed_auth = "5/10s"
+        failed_auth_burst = 3
+        max_tracked = 5000
+        shared = true
+
+        [[validator]]
+        type = "static"
+        [[validator.token]]
+        sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+        subject = "dev"
+        groups = ["ops", "dev"]
+        scopes = ["read"]
+
+        [[validator]]
+        type = "jwt"
+        issuer = "https://idp.example/realms/main"
+        jwks_url = "https://idp.example/realms/main/certs"
+        audience = ["legacy-api", "account"]
+        groups_claim = "realm_access.roles"
+
+        [[validator]]
+        type = "jwt"
+        secret = "0123456789abcdef0123456789abcdef"
+        audience = "legacy-api"
+
+        [[validator]]
+        type = "introspect"
+        url = "http://127.0.0.1:8080/whoami"
+        subject = "json:/uid"
+        groups = "json:/groups"
+        scopes = "json:/scope"
+
+        [[validator]]
+        type = "oauth2_introspection"
+        url = "https://idp.example/introspect"
+        client_id = "tokengate"
+        client_secret = "${env:OAUTH_CLIENT_SECRET}"
+        audience = "api"
+        issuer = "https://idp.example"
+        subject_claim = "username"
+        groups_claim = "groups"
+        timeout = "3s"
+        max_concurrent = 4
+
+        [[route]]
+        preflight = "pass"
+        [[route.rate_limit]]
+        per = "subject"
+        rate = "100/1s"
+        burst = 200
+        [[route.rate_limit]]
+        per = "client"
+        rate = "600/1m"
+        [[route.deny]]
+        methods = ["DELETE"]
+        clients = ["10.20.0.0/16"]
+        [[route.allow]]
+        methods = ["GET", "HEAD"]
+        scopes = ["read"]
+        [[route.allow]]
+        scopes = ["write"]
+        [[route.allow]]
+        groups = ["admin"]
+        claims = { "realm_access.roles" = ["admin", "editor"], "org.tenant" = 7, email_verified = true }
+        [[route.allow]]
+        paths = ["/reports"]
+        subjects = ["alice"]
+        accounts = ["ops"]
+        sources = ["bearer", "x509", "header:X-Api-Key"]
+
+        [[route]]
+        path_prefix = "/health"
+        auth = "none"
+        preflight = "authenticate"
+        [[route.rate_limit]]
+        per = "client"
+        rate = "10/s"
+        [[route.allow]]
+        clients = ["10.0.0.0/8"]
+
+        [[route]]
+        path_prefix = "/admin"
+        [[route.deny]]
+        claims = { "org.tenant" = [7, 8], name = 'guest "x"' }
+    "#
+    .parse()
+    .expect("the expected TOML");
+    let text = r.config_text();
+    assert_eq!(config["tokens"]["scopes"], want["tokens"]["scopes"]);
+    assert_eq!(
+        config["tokens"]["login_scopes"],
+        want["tokens"]["login_scopes"]
+    );
+    assert_eq!(config["limits"], want["limits"], "[limits] in\n{text}");
+    // Each validator, whole: the keys given and no others.
+    assert_eq!(
+        config["validator"], want["validator"],
+        "[[validator]] in\n{text}"
+    );
+    // Each rule and rate limit, whole; the route's other keys are the usual ones.
+    let routes = config["route"].as_array().expect("[[route]]");
+    let want_routes = want["route"].as_array().unwrap();
+    assert_eq!(routes.len(), want_routes.len());
+    for (got, want) in routes.iter().zip(want_routes) {
+        for key in ["preflight", "rate_limit", "deny", "allow"] {
+            assert_eq!(
+                got.get(key),
+                want.get(key),
+                "route {} {key}",
+                got["path_prefix"]
+            );
+        }
+    }
+    assert!(routes[2].get("preflight").is_none() && routes[2].get("allow").is_none());
+
+    let mut env = env_of(&text);
+    for (name, value) in &mut env {
+        if name == "TOKENGATE_REDIS_URL" {
+            *value = "redis://127.0.0.1:6379/0".to_string();
+        }
+    }
+    assert_check_ok_with_env(&text, dir.path(), &env);
+    // The secret the oauth2_introspection validator names is in the container.
+    assert!(env_var(r.container("tokengate"), "OAUTH_CLIENT_SECRET").is_some());
+
+    // Defaults: tokengate's own [limits], no rules, rate limits or token scopes.
+    let r = helm.render("default-values.yaml", &[]);
+    let config = r.config();
+    let defaults: toml::Table = "failed_auth = \"20/1m\"\nfailed_auth_burst = 10\n\
+                                 max_tracked = 100000\nshared = false\n"
+        .parse()
+        .unwrap();
+    assert_eq!(config["limits"].as_table(), Some(&defaults));
+    let route = &config["route"][0];
+    assert_eq!(route["preflight"].as_str(), Some("authenticate"));
+    for key in ["rate_limit", "deny", "allow"] {
+        assert!(route.get(key).is_none(), "{key} rendered by default");
+    }
+    for key in ["scopes", "login_scopes"] {
+        assert!(
+            config["tokens"].get(key).is_none(),
+            "[tokens] {key} rendered by default"
+        );
+    }
+    // tokens.loginScopes: [] is rendered (no scopes for login tokens), unlike leaving it unset.
+    let r = helm.render(
+        "default-values.yaml",
+        &[
+            "config.tokens.scopes={read}",
+            "config.tokens.loginScopes={}",
+        ],
+    );
+    let config = r.config();
+    assert_eq!(
+        config["tokens"]["login_scopes"],
+        toml::Value::Array(Vec::new())
+    );
+    assert_check_ok(&r.config_text(), dir.path(), &[]);
+
+    // The README's values for rules and limits render, and tokengate check takes them.
+    let readme = std::fs::read_to_string(Path::new(ROOT).join("README.md")).unwrap();
+    let snippet = readme
+        .split("Rules and limits are values too")
+        .nth(1)
+        .and_then(|rest| rest.split("```yaml\n").nth(1))
+        .and_then(|rest| rest.split_once("```"))
+        .expect("README.md shows rules and limits as values")
+        .0;
+    std::fs::write(&file, snippet).unwrap();
+    let r = helm
+        .try_render_with(
+            None,
+            &["app.image.repository=registry.example/app"],
+            &["-f".as_ref(), file.as_os_str()],
+        )
+        .unwrap_or_else(|e| panic!("the README's values: {e}\n{snippet}"));
+    let config = r.config();
+    assert_eq!(
+        config["route"][0]["allow"].as_array().map(Vec::len),
+        Some(2)
+    );
+    assert_eq!(
+        config["route"][0]["rate_limit"][0]["per"].as_str(),
+        Some("subject")
+    );
+    assert_check_ok(&r.config_text(), dir.path(), &[]);
 }
 
 // ---------------------------------------------------------------------------------------------

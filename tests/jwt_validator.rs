@@ -6,13 +6,12 @@
 mod common;
 
 use std::convert::Infallible;
-use std::process::Command;
 use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use base64::Engine;
 use bytes::Bytes;
+use common::jwk::b64url as b64;
 use common::*;
 use http_body_util::Full;
 use hyper::service::service_fn;
@@ -24,10 +23,6 @@ use serde_json::{json, Value};
 
 const ISSUER: &str = "https://idp.example";
 const AUDIENCE: &str = "legacy-api";
-
-fn b64(data: impl AsRef<[u8]>) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(data)
-}
 
 fn now() -> i64 {
     SystemTime::now()
@@ -50,47 +45,8 @@ enum Key {
 impl Key {
     /// A 2048-bit RSA key made by openssl, with its public PEM.
     fn rsa(dir: &std::path::Path, name: &str) -> (Key, String) {
-        let pem = dir.join(format!("{name}.pem"));
-        let der = dir.join(format!("{name}.der"));
-        let run = |args: &[&str]| {
-            let out = Command::new("openssl")
-                .args(args)
-                .output()
-                .expect("openssl");
-            assert!(
-                out.status.success(),
-                "openssl {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            out.stdout
-        };
-        let p = pem.to_str().unwrap();
-        run(&[
-            "genpkey",
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-            "-out",
-            p,
-        ]);
-        run(&[
-            "pkcs8",
-            "-topk8",
-            "-nocrypt",
-            "-in",
-            p,
-            "-outform",
-            "DER",
-            "-out",
-            der.to_str().unwrap(),
-        ]);
-        let public_pem = String::from_utf8(run(&["pkey", "-in", p, "-pubout"])).unwrap();
-        let modulus = String::from_utf8(run(&["rsa", "-in", p, "-noout", "-modulus"])).unwrap();
-        let n = hex::decode(modulus.trim().trim_start_matches("Modulus=")).unwrap();
-        let pair = sig::RsaKeyPair::from_pkcs8(&std::fs::read(der).unwrap()).unwrap();
-        let jwk = json!({"kty": "RSA", "n": b64(n), "e": "AQAB"});
-        (Key::Rsa(pair, jwk), public_pem)
+        let key = jwk::RsaKey::generate(dir, name);
+        (Key::Rsa(key.pair, key.jwk), key.public_pem)
     }
 
     fn p256() -> Key {
@@ -284,20 +240,6 @@ async fn bearer(gate: &Gate, token: &str) -> Resp {
         &[("authorization", &format!("Bearer {token}"))],
     )
     .await
-}
-
-/// The value of `tokengate_auth_total{result=..,source=..}` on the admin listener.
-async fn auth_total(admin: u16, result: &str, source: &str) -> f64 {
-    let resp = get(&format!("http://127.0.0.1:{admin}/metrics"), &[]).await;
-    let text = String::from_utf8(resp.body.to_vec()).unwrap();
-    text.lines()
-        .filter(|l| l.starts_with("tokengate_auth_total{"))
-        .filter(|l| {
-            l.contains(&format!("result=\"{result}\""))
-                && l.contains(&format!("source=\"{source}\""))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -634,8 +576,16 @@ fn bad_jwt_validator_configs_are_errors_with_a_position() {
             "exactly one of jwks_url, public_key, secret",
         ),
         (
-            "issuer = \"x\"",
+            "audience = \"x\"",
             "exactly one of jwks_url, public_key, secret",
+        ),
+        (
+            "issuer = \"x\"",
+            "issuer must be an absolute http:// or https:// URL",
+        ),
+        (
+            "jwks_url = \"http://a/\"\nclient_id = \"x\"",
+            "client_id applies to oauth2_introspection validators, not jwt",
         ),
         (
             "jwks_url = \"ftp://idp/keys\"",

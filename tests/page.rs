@@ -804,22 +804,32 @@ async fn the_page_in_a_real_browser() {
     );
 }
 
+/// Signs in at `page` (open in the browser) with `session` as the app's cookie, and reloads it.
+/// (WebDriver's add-cookie refuses an IP address as the domain; the page's own
+/// document.cookie is how the legacy app's login would leave it.)
+async fn sign_in_in_browser(
+    client: &Client,
+    page: &str,
+    session: &str,
+) -> Result<(), fantoccini::error::CmdError> {
+    client
+        .execute(
+            "document.cookie = arguments[0] + '; path=/'",
+            vec![json!(cookie(session))],
+        )
+        .await?;
+    client.goto(page).await?;
+    assert_eq!(client.title().await?, "API tokens");
+    Ok(())
+}
+
 async fn browse(client: &Client, gate: &Gate) -> Result<(), fantoccini::error::CmdError> {
     let page = gate.url("/_tokengate/");
     // Not signed in: the 401 page.
     client.goto(&page).await?;
     assert_eq!(client.title().await?, "Sign in required");
     // Sign in: the legacy app's session cookie.
-    // (WebDriver's add-cookie refuses an IP address as the domain; the page's own
-    // document.cookie is how the legacy app's login would leave it.)
-    client
-        .execute(
-            "document.cookie = arguments[0] + '; path=/'",
-            vec![json!(cookie(ALICE_SESSION))],
-        )
-        .await?;
-    client.goto(&page).await?;
-    assert_eq!(client.title().await?, "API tokens");
+    sign_in_in_browser(client, &page, ALICE_SESSION).await?;
     assert!(text_of(client, ".who").await.contains("alice"));
     // The stylesheet applied (CSP allows it): the primary button is blue.
     let button = client
@@ -1077,4 +1087,176 @@ upstream = "http://127.0.0.1:9"
     assert_eq!(listed.status, 200, "{}", listed.body);
     assert_eq!(listed.json()[0]["account"], "alice");
     assert_eq!(listed.json()[0]["name"], "from my certificate");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scopes: a checkbox per `[tokens] scopes`
+// ---------------------------------------------------------------------------------------------
+
+/// Carol's session cookie: a credential with a scope of its own (`read`).
+const CAROL_SESSION: &str = "carol-session-cookie-value";
+
+/// `[tokens]` with three scopes, of which a login credential may give two; and a static
+/// validator (before Alice's and Bob's) that knows Carol's cookie, with scope `read`.
+fn scoped_tokens() -> String {
+    format!(
+        "scopes = [\"read\", \"write\", \"admin\"]\nlogin_scopes = [\"read\", \"write\"]\n\n\
+         [[validator]]\ntype = \"static\"\n[[validator.token]]\nsha256 = \"{}\"\n\
+         subject = \"carol\"\nscopes = [\"read\"]\n",
+        sha256_hex(CAROL_SESSION)
+    )
+}
+
+/// The scopes of the caller's token named `name`, from the JSON API (with the new `secret`).
+async fn scopes_of(gate: &Gate, secret: &str, name: &str) -> Value {
+    let listed = get(
+        &gate.url("/_tokengate/tokens"),
+        &[("authorization", &format!("Bearer {secret}"))],
+    )
+    .await
+    .json();
+    let token = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == name)
+        .unwrap_or_else(|| panic!("no token {name:?} in {listed}"));
+    token["scopes"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_create_form_has_a_checkbox_per_scope_within_the_callers_allowance() {
+    let gate = Gate::start(&config(free_port(), "", memory(), &scoped_tokens()));
+    let page = get_page(&gate, ALICE_SESSION).await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    // Alice signs in without scope facts: login_scopes are hers to give, checked.
+    let checkbox = |value: &str| {
+        let at = page
+            .body
+            .find(&format!("name=\"scope\" value=\"{value}\""))
+            .unwrap_or_else(|| panic!("no checkbox for {value}: {}", page.body));
+        let end = at + page.body[at..].find('>').unwrap();
+        page.body[at..end].to_string()
+    };
+    assert!(checkbox("read").contains("checked"));
+    assert!(checkbox("write").contains("checked"));
+    let admin = checkbox("admin");
+    assert!(
+        admin.contains("disabled") && !admin.contains("checked"),
+        "{admin}"
+    );
+    assert!(page.body.contains("name=\"scopes-chosen\""));
+    let csrf = page.csrf();
+    let create = |fields: Vec<(&'static str, &'static str)>| {
+        let csrf = csrf.clone();
+        let gate = &gate;
+        async move {
+            let mut all = vec![("csrf", csrf.as_str()), ("ttl", "7d")];
+            all.extend(fields);
+            post_form(gate, "/_tokengate/", ALICE_SESSION, &all).await
+        }
+    };
+
+    // One checked: that scope.
+    let made = create(vec![
+        ("name", "one"),
+        ("scopes-chosen", "1"),
+        ("scope", "read"),
+    ])
+    .await;
+    assert_eq!(made.status, 200, "{}", made.body);
+    let secret = made.new_token().expect("a new token");
+    assert_eq!(scopes_of(&gate, &secret, "one").await, json!(["read"]));
+    assert!(made
+        .body
+        .contains("<td data-label=\"Scopes\" class=\"scopes\">read</td>"));
+    // None checked: no scopes.
+    let made = create(vec![("name", "none"), ("scopes-chosen", "1")]).await;
+    let secret = made.new_token().expect("a new token");
+    assert_eq!(scopes_of(&gate, &secret, "none").await, json!([]));
+    // A form without the checkboxes: the allowance.
+    let made = create(vec![("name", "old form")]).await;
+    let secret = made.new_token().expect("a new token");
+    assert_eq!(
+        scopes_of(&gate, &secret, "old form").await,
+        json!(["read", "write"])
+    );
+    // A hand-made form asking for more, or for a scope that does not exist: 400, the reason.
+    for (scope, says) in [("admin", "wider"), ("delete", "unknown scope")] {
+        let refused = create(vec![("scopes-chosen", "1"), ("scope", scope)]).await;
+        assert_eq!(refused.status, 400, "{}", refused.body);
+        assert!(refused.body.contains(says), "{}", refused.body);
+        assert!(refused.new_token().is_none());
+    }
+
+    // Carol's credential has `read`: that is all her tokens may have.
+    let page = get_page(&gate, CAROL_SESSION).await;
+    assert!(page.body.contains("name=\"scope\" value=\"read\" checked>"));
+    assert!(page
+        .body
+        .contains("name=\"scope\" value=\"write\" disabled>"));
+    let refused = post_form(
+        &gate,
+        "/_tokengate/",
+        CAROL_SESSION,
+        &[
+            ("csrf", &page.csrf()),
+            ("scopes-chosen", "1"),
+            ("scope", "write"),
+        ],
+    )
+    .await;
+    assert_eq!(refused.status, 400, "{}", refused.body);
+
+    // Without `[tokens] scopes`, no checkboxes and no Scopes column.
+    let plain = start("");
+    let page = get_page(&plain, ALICE_SESSION).await;
+    assert!(!page.body.contains("name=\"scope\""), "{}", page.body);
+    assert!(!page.body.contains(">Scopes<"), "{}", page.body);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn scope_checkboxes_in_a_real_browser() {
+    let Some((driver, chromium)) = chromedriver() else {
+        return;
+    };
+    let gate = Gate::start(&config(free_port(), "", memory(), &scoped_tokens()));
+    let client = browser(&driver, &chromium).await;
+    let result = choose_scopes(&client, &gate).await;
+    let _ = client.close().await;
+    result.unwrap();
+}
+
+async fn choose_scopes(client: &Client, gate: &Gate) -> Result<(), fantoccini::error::CmdError> {
+    let page = gate.url("/_tokengate/");
+    client.goto(&page).await?;
+    sign_in_in_browser(client, &page, ALICE_SESSION).await?;
+    let scope = |value: &str| format!("form#create input[name=scope][value={value}]");
+    let checked = |css: String| async move {
+        let element = client.find(Locator::Css(&css)).await?;
+        Ok::<_, fantoccini::error::CmdError>(
+            element.prop("checked").await?.as_deref() == Some("true"),
+        )
+    };
+    // The allowance is checked; a scope beyond it cannot be.
+    assert!(checked(scope("read")).await?);
+    assert!(checked(scope("write")).await?);
+    let admin = client.find(Locator::Css(&scope("admin"))).await?;
+    assert!(!admin.is_enabled().await?);
+    // Clicking its label unchecks `write`: a read-only token.
+    client
+        .find(Locator::Css("form#create label[for=scope-1]"))
+        .await?
+        .click()
+        .await?;
+    assert!(!checked(scope("write")).await?);
+    let secret = create_in_browser(client, "read only", "7d").await;
+    assert_eq!(scopes_of(gate, &secret, "read only").await, json!(["read"]));
+    assert_eq!(
+        text_of(client, "table#tokens tr[data-id] td[data-label=Scopes]").await,
+        "read"
+    );
+    // The new form starts from the allowance again.
+    assert!(checked(scope("write")).await?);
+    Ok(())
 }

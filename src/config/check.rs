@@ -15,6 +15,52 @@ pub(super) fn read(path: &Path) -> Result<String, ConfigError> {
     })
 }
 
+/// The keys each `[[validator]]` type reads, besides `type`.
+const VALIDATOR_KEYS: &[(&str, &[&str])] = &[
+    ("static", &["token"]),
+    (
+        "introspect",
+        &[
+            "url",
+            "header",
+            "value",
+            "subject",
+            "account",
+            "groups",
+            "scopes",
+            "timeout",
+            "max_concurrent",
+        ],
+    ),
+    (
+        "jwt",
+        &[
+            "issuer",
+            "audience",
+            "groups_claim",
+            "jwks_url",
+            "public_key",
+            "secret",
+            "subject_claim",
+            "timeout",
+        ],
+    ),
+    (
+        "oauth2_introspection",
+        &[
+            "url",
+            "client_id",
+            "client_secret",
+            "audience",
+            "issuer",
+            "subject_claim",
+            "groups_claim",
+            "timeout",
+            "max_concurrent",
+        ],
+    ),
+];
+
 /// Turns raw structs into the checked config, with the text at hand for line:col.
 pub(super) struct Checker<'a> {
     pub(super) path: &'a Path,
@@ -743,12 +789,52 @@ impl Checker<'_> {
                 "format = \"jwt\" needs jwt_key",
             ));
         }
+        let scopes = self.scope_names(raw.scopes.as_deref().unwrap_or_default(), None)?;
+        let login_scopes = match &raw.login_scopes {
+            None => scopes.clone(),
+            Some(list) => self.scope_names(list, Some(&scopes))?,
+        };
         Ok(TokensConfig {
+            scopes,
+            login_scopes,
             default_ttl: self.duration(&raw.default_ttl, DEFAULT_TOKEN_TTL)?,
             max_ttl: self.duration(&raw.max_ttl, MAX_TOKEN_TTL)?,
             format,
             jwt,
         })
+    }
+
+    /// `[tokens] scopes` (`known` = `None`) or `login_scopes` (each one of `known`): names a
+    /// token request, a JWT's `scope` and Insight's comma-separated `scopes=` can carry (no
+    /// space, no comma), each once.
+    fn scope_names(
+        &self,
+        list: &[Spanned<String>],
+        known: Option<&[String]>,
+    ) -> Result<Vec<String>, ConfigError> {
+        let mut names: Vec<String> = Vec::with_capacity(list.len());
+        for value in list {
+            let name = value.get_ref();
+            if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c == ',') {
+                return Err(self.at(
+                    value,
+                    format!("{name:?} is not a scope name (no spaces or commas, e.g. \"read\")"),
+                ));
+            }
+            if let Some(known) = known {
+                if !known.contains(name) {
+                    return Err(self.at(
+                        value,
+                        format!("login_scopes names {name:?}, which is not in [tokens] scopes"),
+                    ));
+                }
+            }
+            if names.contains(name) {
+                return Err(self.at(value, format!("scope {name:?} is listed twice")));
+            }
+            names.push(name.clone());
+        }
+        Ok(names)
     }
 
     pub(super) fn x509(
@@ -804,11 +890,7 @@ impl Checker<'_> {
         raw: &Spanned<RawValidator>,
     ) -> Result<ValidatorConfig, ConfigError> {
         let v = raw.get_ref();
-        if let Some(m) = &v.max_concurrent {
-            if v.kind.get_ref() != "introspect" {
-                return Err(self.at(m, "max_concurrent applies to introspect validators"));
-            }
-        }
+        self.validator_keys_fit(v)?;
         match v.kind.get_ref().as_str() {
             "static" => {
                 if v.token.is_empty() {
@@ -894,13 +976,22 @@ impl Checker<'_> {
                     v.public_key.is_some(),
                     v.secret.is_some(),
                 ];
-                if sources.iter().filter(|s| **s).count() != 1 {
-                    return Err(self.at(
-                        raw,
-                        "a jwt validator needs exactly one of jwks_url, public_key, secret",
-                    ));
-                }
-                let keys = if let Some(url) = &v.jwks_url {
+                let keys = match (sources.iter().filter(|s| **s).count(), &v.issuer) {
+                    (1, _) => None,
+                    // The issuer alone: its keys are found by OIDC discovery (no fetch here:
+                    // `check` works offline).
+                    (0, Some(issuer)) => Some(JwtKeySource::Discovery(self.discovery_url(issuer)?)),
+                    _ => {
+                        return Err(self.at(
+                            raw,
+                            "a jwt validator needs exactly one of jwks_url, public_key, secret \
+                             (or issuer alone, for OIDC discovery)",
+                        ))
+                    }
+                };
+                let keys = if let Some(keys) = keys {
+                    keys
+                } else if let Some(url) = &v.jwks_url {
                     JwtKeySource::Jwks(self.http_url(url, "jwks_url")?)
                 } else if let Some(file) = &v.public_key {
                     let path = self.file(file);
@@ -925,43 +1016,165 @@ impl Checker<'_> {
                     }
                     JwtKeySource::Secret(secret)
                 };
-                let text = |s: &Option<Spanned<String>>, what: &str| match s {
-                    Some(s) if s.get_ref().is_empty() => {
-                        Err(self.at(s, format!("{what} must not be empty")))
-                    }
-                    Some(s) => Ok(Some(s.get_ref().clone())),
-                    None => Ok(None),
-                };
-                let audience = match &v.audience {
-                    None => Vec::new(),
-                    Some(a) => {
-                        let list = match a.get_ref() {
-                            OneOrMany::One(one) => vec![one.clone()],
-                            OneOrMany::Many(many) => many.clone(),
-                        };
-                        if list.is_empty() || list.iter().any(String::is_empty) {
-                            return Err(self.at(a, "audience must be a non-empty string or list"));
-                        }
-                        list
-                    }
-                };
                 Ok(ValidatorConfig::Jwt(JwtValidatorConfig {
-                    issuer: text(&v.issuer, "issuer")?,
-                    audience,
-                    groups_claim: text(&v.groups_claim, "groups_claim")?,
+                    issuer: self.text(&v.issuer, "issuer")?,
+                    audience: self.audience(&v.audience)?,
+                    groups_claim: self.text(&v.groups_claim, "groups_claim")?,
                     keys,
-                    subject_claim: text(&v.subject_claim, "subject_claim")?
+                    subject_claim: self
+                        .text(&v.subject_claim, "subject_claim")?
                         .unwrap_or_else(|| "sub".to_string()),
                     timeout: self.duration(&v.timeout, Duration::from_secs(2))?,
+                }))
+            }
+            "oauth2_introspection" => {
+                let url = v
+                    .url
+                    .as_ref()
+                    .ok_or_else(|| self.at(raw, "an oauth2_introspection validator needs url"))?;
+                let client = match (&v.client_id, &v.client_secret) {
+                    (None, None) => None,
+                    (Some(_), Some(secret)) => {
+                        let id = self.text(&v.client_id, "client_id")?.unwrap_or_default();
+                        let secret_value = self.secret(secret)?;
+                        if secret_value.expose().is_empty() {
+                            return Err(self.at(secret, "client_secret must not be empty"));
+                        }
+                        Some((id, secret_value))
+                    }
+                    (Some(id), None) => {
+                        return Err(self.at(
+                            id,
+                            "client_id needs client_secret (the endpoint is called with HTTP \
+                             Basic client credentials)",
+                        ))
+                    }
+                    (None, Some(secret)) => {
+                        return Err(self.at(secret, "client_secret needs client_id"))
+                    }
+                };
+                Ok(ValidatorConfig::OAuth2(OAuth2Config {
+                    url: self.http_url(url, "url")?,
+                    client,
+                    audience: self.audience(&v.audience)?,
+                    issuer: self.text(&v.issuer, "issuer")?,
+                    subject_claim: self
+                        .text(&v.subject_claim, "subject_claim")?
+                        .unwrap_or_else(|| "sub".to_string()),
+                    groups_claim: self.text(&v.groups_claim, "groups_claim")?,
+                    timeout: self.duration(&v.timeout, Duration::from_secs(2))?,
+                    max_concurrent: self.positive(&v.max_concurrent, 64)?,
                 }))
             }
             other => Err(self.at(
                 &v.kind,
                 format!(
-                    "validator type must be \"static\", \"introspect\" or \"jwt\", not {other:?}"
+                    "validator type must be \"static\", \"introspect\", \"jwt\" or \
+                     \"oauth2_introspection\", not {other:?}"
                 ),
             )),
         }
+    }
+
+    /// Refuses a key of a `[[validator]]` table that its type does not read (all types share
+    /// one raw struct, so serde alone cannot).
+    fn validator_keys_fit(&self, v: &RawValidator) -> Result<(), ConfigError> {
+        let kind = v.kind.get_ref().as_str();
+        let span = |s: Option<&Spanned<String>>| s.map(Spanned::span);
+        let written = [
+            ("token", v.token.first().map(Spanned::span)),
+            ("issuer", span(v.issuer.as_ref())),
+            ("audience", v.audience.as_ref().map(Spanned::span)),
+            ("groups_claim", span(v.groups_claim.as_ref())),
+            ("jwks_url", span(v.jwks_url.as_ref())),
+            ("public_key", span(v.public_key.as_ref())),
+            ("secret", span(v.secret.as_ref())),
+            ("subject_claim", span(v.subject_claim.as_ref())),
+            ("url", span(v.url.as_ref())),
+            ("header", span(v.header.as_ref())),
+            ("value", span(v.value.as_ref())),
+            ("subject", span(v.subject.as_ref())),
+            ("account", span(v.account.as_ref())),
+            ("groups", span(v.groups.as_ref())),
+            ("scopes", span(v.scopes.as_ref())),
+            ("timeout", span(v.timeout.as_ref())),
+            (
+                "max_concurrent",
+                v.max_concurrent.as_ref().map(Spanned::span),
+            ),
+            ("client_id", span(v.client_id.as_ref())),
+            ("client_secret", span(v.client_secret.as_ref())),
+        ];
+        // An unknown type is reported as such, by the caller.
+        if !VALIDATOR_KEYS.iter().any(|(k, _)| *k == kind) {
+            return Ok(());
+        }
+        for (key, at) in written {
+            let Some(at) = at else { continue };
+            let types: Vec<&str> = VALIDATOR_KEYS
+                .iter()
+                .filter(|(_, keys)| keys.contains(&key))
+                .map(|(t, _)| *t)
+                .collect();
+            if !types.contains(&kind) {
+                return Err(self.error(
+                    at,
+                    format!(
+                        "{key} applies to {} validators, not {kind}",
+                        types.join(" and ")
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// An optional string that, when given, must not be empty.
+    fn text(&self, s: &Option<Spanned<String>>, what: &str) -> Result<Option<String>, ConfigError> {
+        match s {
+            Some(s) if s.get_ref().is_empty() => {
+                Err(self.at(s, format!("{what} must not be empty")))
+            }
+            Some(s) => Ok(Some(s.get_ref().clone())),
+            None => Ok(None),
+        }
+    }
+
+    /// `audience`: a string or a non-empty list of them; none when not given.
+    fn audience(&self, a: &Option<Spanned<OneOrMany>>) -> Result<Vec<String>, ConfigError> {
+        let Some(a) = a else {
+            return Ok(Vec::new());
+        };
+        let list = match a.get_ref() {
+            OneOrMany::One(one) => vec![one.clone()],
+            OneOrMany::Many(many) => many.clone(),
+        };
+        if list.is_empty() || list.iter().any(String::is_empty) {
+            return Err(self.at(a, "audience must be a non-empty string or list"));
+        }
+        Ok(list)
+    }
+
+    /// The OIDC discovery document of `issuer`: `{issuer}/.well-known/openid-configuration`
+    /// (a trailing slash of the issuer dropped first, as OpenID Connect Discovery §4 says).
+    fn discovery_url(&self, issuer: &Spanned<String>) -> Result<Uri, ConfigError> {
+        let base = issuer.get_ref().trim_end_matches('/');
+        format!("{base}/.well-known/openid-configuration")
+            .parse()
+            .ok()
+            .filter(|u: &Uri| {
+                matches!(u.scheme_str(), Some("http" | "https"))
+                    && u.authority().is_some()
+                    && u.query().is_none()
+                    && !base.contains('#')
+            })
+            .ok_or_else(|| {
+                self.at(
+                    issuer,
+                    "issuer must be an absolute http:// or https:// URL without query or \
+                     fragment (alone, it is where OIDC discovery looks for the keys)",
+                )
+            })
     }
 
     /// An absolute http:// or https:// URL.

@@ -182,6 +182,12 @@ pub enum StoreConfig {
 /// `[tokens]`.
 #[derive(Debug, Clone)]
 pub struct TokensConfig {
+    /// The scopes a user may give an API token (`scopes`; route rules say what each allows).
+    pub scopes: Vec<String>,
+    /// The scopes a token made with a login credential that has no scope facts of its own may
+    /// have, and has when the request names none (`login_scopes`; default: all of `scopes`).
+    /// Also what the admin API and the CLI give when they name none.
+    pub login_scopes: Vec<String>,
     /// Lifetime of a new API token when the request names none (capped by `max_ttl`); zero =
     /// until revoked.
     pub default_ttl: Duration,
@@ -347,6 +353,8 @@ pub enum ValidatorConfig {
     Introspect(IntrospectConfig),
     /// JWTs signed by an outside identity provider.
     Jwt(JwtValidatorConfig),
+    /// An OAuth 2.0 authorization server's token introspection endpoint (RFC 7662).
+    OAuth2(OAuth2Config),
 }
 
 impl ValidatorConfig {
@@ -356,6 +364,7 @@ impl ValidatorConfig {
             ValidatorConfig::Static(_) => "static",
             ValidatorConfig::Introspect(_) => "introspect",
             ValidatorConfig::Jwt(_) => "jwt",
+            ValidatorConfig::OAuth2(_) => "oauth2_introspection",
         }
     }
 }
@@ -373,7 +382,7 @@ pub struct JwtValidatorConfig {
     pub keys: JwtKeySource,
     /// The claim that names the subject (default `sub`).
     pub subject_claim: String,
-    /// How long fetching the JWKS may take.
+    /// How long fetching the JWKS (or the discovery document) may take.
     pub timeout: Duration,
 }
 
@@ -393,6 +402,10 @@ pub enum JwtKeySource {
     },
     /// An HMAC secret (HS256/HS384/HS512).
     Secret(Secret),
+    /// OIDC discovery: the JWKS named by `jwks_uri` in this
+    /// `{issuer}/.well-known/openid-configuration` document, whose `issuer` must be the
+    /// configured one; both are fetched when first needed and refreshed like a `Jwks` URL.
+    Discovery(Uri),
 }
 
 /// One `[[validator.token]]`.
@@ -430,6 +443,27 @@ pub struct IntrospectConfig {
     /// How long one call may take (waiting for a free call slot included).
     pub timeout: Duration,
     /// Calls in flight at once; more wait (SPEC §9: every validator's calls are capped).
+    pub max_concurrent: usize,
+}
+
+/// `type = "oauth2_introspection"` (RFC 7662).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OAuth2Config {
+    /// The introspection endpoint, called with `POST` and a form-encoded `token`.
+    pub url: Uri,
+    /// The client credentials tokengate presents with HTTP Basic (RFC 6749 §2.3.1), when set.
+    pub client: Option<(String, Secret)>,
+    /// `aud` must hold one of these, when any is set.
+    pub audience: Vec<String>,
+    /// The `iss` an answer must carry, when set.
+    pub issuer: Option<String>,
+    /// The member naming the subject (default `sub`; `username` when it is absent).
+    pub subject_claim: String,
+    /// The member (dotted path) holding the groups.
+    pub groups_claim: Option<String>,
+    /// How long one call may take; waiting for a free call slot has a bound of its own as long.
+    pub timeout: Duration,
+    /// Calls in flight at once; more wait for a slot, served round-robin by client.
     pub max_concurrent: usize,
 }
 
@@ -831,6 +865,48 @@ upstream = "http://127.0.0.1:8080"
     }
 
     #[test]
+    fn token_scopes_and_login_scopes_are_checked() {
+        let c = parse(MINIMAL).unwrap();
+        assert!(c.tokens.scopes.is_empty() && c.tokens.login_scopes.is_empty());
+        let c = parse(&format!(
+            "[tokens]\nscopes = [\"read\", \"write\"]\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.tokens.login_scopes,
+            ["read", "write"],
+            "default: all scopes"
+        );
+        let c = parse(&format!(
+            "[tokens]\nscopes = [\"read\", \"write\"]\nlogin_scopes = []\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert!(c.tokens.login_scopes.is_empty());
+        for (bad, col, says) in [
+            (
+                "login_scopes = [\"read\", \"admin\"]",
+                25,
+                "not in [tokens] scopes",
+            ),
+            ("login_scopes = [\"read\", \"read\"]", 25, "twice"),
+        ] {
+            let text = format!("[tokens]\nscopes = [\"read\", \"write\"]\n{bad}\n{MINIMAL}");
+            let e = parse(&text).unwrap_err();
+            assert_eq!((e.line, e.col), (3, col), "{e}");
+            assert!(e.message.contains(says), "{e}");
+        }
+        for bad in [
+            "[\"read\", \"read\"]",
+            "[\"\"]",
+            "[\"read write\"]",
+            "[\"a,b\"]",
+        ] {
+            let e = parse(&format!("[tokens]\nscopes = {bad}\n{MINIMAL}")).unwrap_err();
+            assert_eq!(e.line, 2, "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn unknown_key_has_line_and_column() {
         let e = parse("[server]\nlisten = \"127.0.0.1:1\"\n  bogus = 1\n").unwrap_err();
         assert_eq!((e.line, e.col), (3, 3), "{e}");
@@ -913,6 +989,8 @@ upstream = "http://127.0.0.1:8080"
     fn token_lifetimes_are_capped() {
         let day = Duration::from_secs(86_400);
         let tokens = |default_ttl, max_ttl| TokensConfig {
+            scopes: Vec::new(),
+            login_scopes: Vec::new(),
             default_ttl,
             max_ttl,
             format: TokenFormat::Opaque,

@@ -132,6 +132,8 @@ pub(super) struct RawStore {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawTokens {
+    pub(super) scopes: Option<Vec<Spanned<String>>>,
+    pub(super) login_scopes: Option<Vec<Spanned<String>>>,
     pub(super) default_ttl: Option<Spanned<String>>,
     pub(super) max_ttl: Option<Spanned<String>>,
     pub(super) format: Option<Spanned<String>>,
@@ -165,7 +167,7 @@ pub(super) struct RawValidator {
     // static
     #[serde(default)]
     pub(super) token: Vec<Spanned<RawStaticToken>>,
-    // jwt
+    // jwt, oauth2_introspection
     pub(super) issuer: Option<Spanned<String>>,
     pub(super) audience: Option<Spanned<OneOrMany>>,
     pub(super) groups_claim: Option<Spanned<String>>,
@@ -183,6 +185,9 @@ pub(super) struct RawValidator {
     pub(super) scopes: Option<Spanned<String>>,
     pub(super) timeout: Option<Spanned<String>>,
     pub(super) max_concurrent: Option<Spanned<i64>>,
+    // oauth2_introspection
+    pub(super) client_id: Option<Spanned<String>>,
+    pub(super) client_secret: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

@@ -25,11 +25,11 @@ use crate::endpoints::{self, BadCreate, CreateRequest, TokenService};
 use crate::error::ProxyError;
 use crate::identity::Identity;
 use crate::store::TokenRecord;
-use crate::token::IssueError;
+use crate::token::{IssueError, Minter};
 use crate::upstream::{full, Body};
 
 pub use csrf::Csrf;
-use render::{Lifetime, Notice, View};
+use render::{Lifetime, Notice, ScopeChoice, View};
 
 /// The page's stylesheet.
 const CSS: &str = include_str!("page.css");
@@ -272,6 +272,7 @@ pub async fn serve(
             .self_service
             .then(|| lifetimes(&config.tokens, shown.ttl.as_deref())),
         name: &shown.name,
+        scopes: scope_choices(&config.tokens, identity, shown.scopes.as_deref()),
     };
     html(status, render::page(&view))
 }
@@ -284,6 +285,7 @@ struct Shown {
     /// The form's values after a refused create, so the user need not type them again.
     name: String,
     ttl: Option<String>,
+    scopes: Option<Vec<String>>,
 }
 
 /// `POST {prefix}/`: creates a token; 200 with the secret, or 400 with the reason.
@@ -308,26 +310,37 @@ async fn create(
         "" => Ok(None),
         text => crate::config::parse_duration(text).map(Some),
     };
+    // The form's checkboxes, when it had them (none checked: a token with no scopes); a form
+    // without them gets the caller's allowance.
+    let scopes = form
+        .get("scopes-chosen")
+        .map(|_| form.all("scope").map(str::to_string).collect::<Vec<_>>());
+    shown.scopes.clone_from(&scopes);
     let request = match (problem, ttl) {
         (None, Ok(ttl)) => CreateRequest {
             name: name.clone(),
             ttl,
             user: None,
             account: None,
+            scopes,
         },
         (Some(problem), _) | (None, Err(problem)) => {
             return Ok(refuse(shown, problem, name, ttl_text));
         }
     };
+    let minter = Minter::Caller(caller);
     match service
-        .create_token(&caller.subject, Some(&caller.account), &request)
+        .create_token(&caller.subject, Some(&caller.account), &request, minter)
         .await
     {
         Ok(created) => {
             shown.created = Some(created);
+            shown.scopes = None;
             Ok(StatusCode::OK)
         }
-        Err(IssueError::Lifetime(message)) => Ok(refuse(shown, message, name, ttl_text)),
+        Err(IssueError::Lifetime(message) | IssueError::Scope(message)) => {
+            Ok(refuse(shown, message, name, ttl_text))
+        }
         Err(IssueError::Store(e)) => {
             tracing::warn!(error = %e, "token store unavailable");
             Err(ProxyError::BackendUnavailable)
@@ -380,6 +393,29 @@ async fn revoke(
             StatusCode::NOT_FOUND
         }
     })
+}
+
+/// The create form's scope checkboxes: one per `[tokens] scopes`, those of the caller's
+/// allowance checked (or a refused form's `chosen`), those beyond it disabled.
+fn scope_choices(
+    tokens: &TokensConfig,
+    caller: &Identity,
+    chosen: Option<&[String]>,
+) -> Vec<ScopeChoice> {
+    let allowance =
+        crate::token::scopes_for(tokens, None, Minter::Caller(caller)).unwrap_or_default();
+    tokens
+        .scopes
+        .iter()
+        .map(|name| {
+            let allowed = allowance.contains(name);
+            ScopeChoice {
+                checked: allowed && chosen.is_none_or(|c| c.contains(name)),
+                allowed,
+                name: name.clone(),
+            }
+        })
+        .collect()
 }
 
 /// The lifetimes the create form offers: common ones up to `max_ttl`, `max_ttl` itself, and
@@ -457,6 +493,14 @@ impl Form {
         self.0
             .iter()
             .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Every value of `name` (checkboxes), in order.
+    fn all<'f>(&'f self, name: &'f str) -> impl Iterator<Item = &'f str> + 'f {
+        self.0
+            .iter()
+            .filter(move |(n, _)| n == name)
             .map(|(_, v)| v.as_str())
     }
 }
@@ -546,6 +590,8 @@ mod tests {
     fn lifetimes_stay_within_max_ttl() {
         let day = Duration::from_secs(24 * 3600);
         let mut tokens = TokensConfig {
+            scopes: Vec::new(),
+            login_scopes: Vec::new(),
             default_ttl: 90 * day,
             max_ttl: 45 * day,
             format: crate::config::TokenFormat::Opaque,

@@ -41,6 +41,16 @@ pub struct Lifetime {
     pub selected: bool,
 }
 
+/// One scope the create form offers (a checkbox per `[tokens] scopes`).
+pub struct ScopeChoice {
+    /// The scope's name.
+    pub name: String,
+    /// Whether it is checked (the caller's allowance, or a refused form's choice).
+    pub checked: bool,
+    /// Whether the caller may give it (else shown, disabled).
+    pub allowed: bool,
+}
+
 /// Everything the page shows.
 pub struct View<'a> {
     /// `[endpoints] tokens_prefix`.
@@ -61,6 +71,8 @@ pub struct View<'a> {
     pub lifetimes: Option<Vec<Lifetime>>,
     /// The name the create form keeps after a refused create.
     pub name: &'a str,
+    /// The create form's scopes; empty when `[tokens] scopes` names none.
+    pub scopes: Vec<ScopeChoice>,
 }
 
 /// The head of every page, up to and including `<main>`.
@@ -179,8 +191,10 @@ pub fn page(view: &View<'_>) -> String {
                 escape(&l.label)
             );
         }
+        out.push_str("</select></div>\n");
+        scope_choices(&mut out, &view.scopes);
         out.push_str(
-            "</select></div>\n<button type=\"submit\" class=\"button primary\">Create token</button>\n\
+            "<button type=\"submit\" class=\"button primary\">Create token</button>\n\
              </form>\n</section>\n",
         );
     }
@@ -189,17 +203,57 @@ pub fn page(view: &View<'_>) -> String {
     out
 }
 
-fn tokens_table(out: &mut String, view: &View<'_>, prefix: &str, csrf: &str) {
+/// The create form's scope checkboxes, and the marker that says the form chose (so that none
+/// checked is a token with no scopes, not the default).
+fn scope_choices(out: &mut String, scopes: &[ScopeChoice]) {
+    if scopes.is_empty() {
+        return;
+    }
     out.push_str(
+        "<fieldset class=\"field scopes\"><legend>Scopes</legend>\n\
+         <input type=\"hidden\" name=\"scopes-chosen\" value=\"1\">\n",
+    );
+    for (i, scope) in scopes.iter().enumerate() {
+        let name = escape(&scope.name);
+        let _ = writeln!(
+            out,
+            "<label for=\"scope-{i}\"><input id=\"scope-{i}\" type=\"checkbox\" name=\"scope\" \
+             value=\"{name}\"{}{}> {name}{}</label>",
+            if scope.checked { " checked" } else { "" },
+            if scope.allowed { "" } else { " disabled" },
+            if scope.allowed {
+                ""
+            } else {
+                " <span class=\"muted\">(not for your sign-in)</span>"
+            },
+        );
+    }
+    out.push_str("</fieldset>\n");
+}
+
+fn tokens_table(out: &mut String, view: &View<'_>, prefix: &str, csrf: &str) {
+    // A Scopes column only where tokens can have scopes.
+    let scoped = !view.scopes.is_empty() || view.tokens.iter().any(|t| !t.scopes.is_empty());
+    let _ = write!(
+        out,
         "<section class=\"card\" aria-labelledby=\"tokens-title\">\n\
          <h2 id=\"tokens-title\">Your tokens</h2>\n\
          <table id=\"tokens\">\n<thead><tr><th scope=\"col\">Name</th><th scope=\"col\">Id</th>\
-         <th scope=\"col\">Created (UTC)</th><th scope=\"col\">Expires (UTC)</th>\
+         {}<th scope=\"col\">Created (UTC)</th><th scope=\"col\">Expires (UTC)</th>\
          <th scope=\"col\">Last used (UTC)</th><th scope=\"col\"><span class=\"hidden\">Actions</span></th>\
          </tr></thead>\n<tbody>\n",
+        if scoped {
+            "<th scope=\"col\">Scopes</th>"
+        } else {
+            ""
+        },
     );
     if view.tokens.is_empty() {
-        out.push_str("<tr class=\"empty\"><td colspan=\"6\">No tokens yet.</td></tr>\n");
+        let _ = writeln!(
+            out,
+            "<tr class=\"empty\"><td colspan=\"{}\">No tokens yet.</td></tr>",
+            if scoped { 7 } else { 6 }
+        );
     }
     for t in view.tokens {
         let id = escape(&t.id);
@@ -208,10 +262,18 @@ fn tokens_table(out: &mut String, view: &View<'_>, prefix: &str, csrf: &str) {
         } else {
             escape(&t.name)
         };
+        let scopes = match (scoped, t.scopes.is_empty()) {
+            (false, _) => String::new(),
+            (true, true) => "<td data-label=\"Scopes\" class=\"scopes\">None</td>".to_string(),
+            (true, false) => format!(
+                "<td data-label=\"Scopes\" class=\"scopes\">{}</td>",
+                escape(&t.scopes.join(", "))
+            ),
+        };
         let _ = write!(
             out,
             "<tr data-id=\"{id}\"><td data-label=\"Name\">{name}</td>\
-             <td data-label=\"Id\"><code>{id}</code></td>\
+             <td data-label=\"Id\"><code>{id}</code></td>{scopes}\
              <td data-label=\"Created\">{}</td><td data-label=\"Expires\">{}</td>\
              <td data-label=\"Last used\">{}</td>\
              <td class=\"actions\"><form method=\"post\" action=\"{prefix}/revoke\">\

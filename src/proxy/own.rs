@@ -94,7 +94,7 @@ async fn serve_endpoint<'g>(
     endpoints::serve(
         &service,
         &endpoint,
-        &parts.method,
+        &parts,
         &caller,
         &token,
         body,

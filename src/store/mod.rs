@@ -67,6 +67,10 @@ pub struct TokenRecord {
     pub expires_ms: Option<i64>,
     /// Last use, ms since the epoch (written at most once a minute).
     pub last_used_ms: Option<i64>,
+    /// Its scopes, fixed at creation (route rules read them).
+    pub scopes: Vec<String>,
+    /// Its owner's groups as they were at creation (route rules read them).
+    pub groups: Vec<String>,
 }
 
 impl TokenRecord {
@@ -74,6 +78,17 @@ impl TokenRecord {
     pub fn expired(&self, now_ms: i64) -> bool {
         self.expires_ms.is_some_and(|e| e <= now_ms)
     }
+}
+
+/// Scopes or groups as the sqlite and Redis stores keep them: a JSON array of strings, or
+/// nothing for none (so records made before tokens had scopes read as having none).
+fn names_text(names: &[String]) -> Option<String> {
+    (!names.is_empty()).then(|| serde_json::Value::from(names.to_vec()).to_string())
+}
+
+/// The inverse of [`names_text`]; an error for a value it cannot have written.
+fn names_of(text: Option<&str>) -> Result<Vec<String>, serde_json::Error> {
+    text.map_or(Ok(Vec::new()), serde_json::from_str)
 }
 
 /// The store could not be reached or failed.

@@ -223,6 +223,12 @@ impl RedisStore {
         if let Some(e) = r.expires_ms {
             fields.push(("expires", e.to_string()));
         }
+        if let Some(scopes) = names_text(&r.scopes) {
+            fields.push(("scopes", scopes));
+        }
+        if let Some(groups) = names_text(&r.groups) {
+            fields.push(("groups", groups));
+        }
         let mut pipe = ::redis::pipe();
         pipe.atomic()
             .hset_multiple(&token_key, &fields)
@@ -487,6 +493,10 @@ pub(super) fn redis_record(hash: [u8; 32], f: &HashMap<String, String>) -> Optio
         created_ms: number("created")?,
         expires_ms: number("expires"),
         last_used_ms: number("last_used"),
+        // A record whose names cannot be read is no record (its token is refused), never
+        // one with fewer scopes or groups than it was given.
+        scopes: names_of(f.get("scopes").map(String::as_str)).ok()?,
+        groups: names_of(f.get("groups").map(String::as_str)).ok()?,
     })
 }
 

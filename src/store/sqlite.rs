@@ -47,8 +47,13 @@ CREATE TABLE IF NOT EXISTS cli_issued (
 /// Files made before revocations said who made them gain the column (older readers ignore it).
 pub(super) const SQLITE_ORIGIN_COLUMN: &str = "ALTER TABLE revocations ADD COLUMN origin TEXT";
 
+/// Files made before tokens had scopes gain these columns (JSON arrays; NULL = none, so their
+/// tokens have no scopes and no groups). Older readers name their columns and ignore them.
+pub(super) const SQLITE_SCOPES_COLUMNS: &str =
+    "ALTER TABLE tokens ADD COLUMN scopes TEXT; ALTER TABLE tokens ADD COLUMN owner_groups TEXT;";
+
 pub(super) const SQLITE_COLUMNS: &str =
-    "hash, id, subject, account, name, kind, dn, created, expires, last_used";
+    "hash, id, subject, account, name, kind, dn, created, expires, last_used, scopes, owner_groups";
 
 pub(super) fn sqlite_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
     let hash: Vec<u8> = row.get(0)?;
@@ -64,7 +69,35 @@ pub(super) fn sqlite_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRe
         created_ms: row.get(7)?,
         expires_ms: row.get(8)?,
         last_used_ms: row.get(9)?,
+        scopes: sqlite_names(row, 10)?,
+        groups: sqlite_names(row, 11)?,
     })
+}
+
+/// A scopes or groups column (a record that cannot be read is an error, never one with fewer
+/// names than it was given).
+fn sqlite_names(row: &rusqlite::Row<'_>, column: usize) -> rusqlite::Result<Vec<String>> {
+    let text: Option<String> = row.get(column)?;
+    names_of(text.as_deref()).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+/// Adds the scopes columns to a file made before them, once: in a write transaction, so that
+/// two processes opening the same old file do not both add them.
+fn migrate_scopes(c: &mut rusqlite::Connection) -> rusqlite::Result<()> {
+    let has = |c: &rusqlite::Connection| {
+        c.prepare("SELECT scopes, owner_groups FROM tokens LIMIT 0")
+            .is_ok()
+    };
+    if has(c) {
+        return Ok(());
+    }
+    let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    if !has(&tx) {
+        tx.execute_batch(SQLITE_SCOPES_COLUMNS)?;
+    }
+    tx.commit()
 }
 
 impl SqliteStore {
@@ -73,7 +106,7 @@ impl SqliteStore {
         let shown = path.clone();
         let connection =
             tokio::task::spawn_blocking(move || -> Result<rusqlite::Connection, StoreError> {
-                let c = rusqlite::Connection::open(&path)?;
+                let mut c = rusqlite::Connection::open(&path)?;
                 // Concurrent writers (several processes, the CLI) wait for each other instead of
                 // failing; WAL keeps readers off the writers' backs; NORMAL sync survives a process
                 // kill (only an OS crash can lose the last transaction).
@@ -84,6 +117,7 @@ impl SqliteStore {
                 if c.prepare("SELECT origin FROM revocations LIMIT 0").is_err() {
                     c.execute_batch(SQLITE_ORIGIN_COLUMN)?;
                 }
+                migrate_scopes(&mut c)?;
                 Ok(c)
             })
             .await
@@ -132,7 +166,7 @@ impl SqliteStore {
                 )?;
             }
             tx.execute(
-                &format!("INSERT INTO tokens ({SQLITE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"),
+                &format!("INSERT INTO tokens ({SQLITE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
                 rusqlite::params![
                     r.hash.as_slice(),
                     r.id,
@@ -143,7 +177,9 @@ impl SqliteStore {
                     r.dn,
                     r.created_ms,
                     r.expires_ms,
-                    r.last_used_ms
+                    r.last_used_ms,
+                    names_text(&r.scopes),
+                    names_text(&r.groups)
                 ],
             )?;
             tx.commit()

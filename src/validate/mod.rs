@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::{Method, Request, StatusCode};
+use http::{Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Limited};
 
 use crate::config::{IntrospectConfig, StaticToken, ValidatorConfig};
@@ -20,24 +20,34 @@ use crate::jwt::JwtKey;
 use crate::jwt_validator::JwtValidator;
 use crate::limits::{Key, Limiter};
 use crate::store::{Store, TokenRecord};
-use crate::upstream::full;
 use crate::upstream::HttpClient;
+use crate::upstream::{full, Body};
 
+mod oauth2;
 mod slots;
 
+use oauth2::OAuth2Introspector;
 use slots::FairSlots;
 
 impl Identity {
-    /// The identity behind an issued token.
+    /// The identity behind an issued token: its owner, and the scopes and groups it was
+    /// given at creation (for route rules).
     pub fn of_record(record: TokenRecord) -> Identity {
         let to_time = |ms: i64| UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+        let names = |list: Vec<String>| list.into_iter().map(String::into_boxed_str).collect();
+        let facts = crate::identity::Facts {
+            groups: names(record.groups),
+            scopes: names(record.scopes),
+            claims: Vec::new(),
+        }
+        .boxed();
         Identity {
             usage: Some(Arc::new(Usage::new(record.hash, record.last_used_ms))),
             expires: record.expires_ms.map(to_time),
             principal: principal(&record.subject, &record.account, record.dn.as_deref()),
             token_id: Some(record.id.into()),
             validator: ValidatedBy::Store,
-            facts: None,
+            facts,
         }
     }
 }
@@ -83,15 +93,23 @@ enum Validator {
     Static(HashMap<[u8; 32], Arc<Identity>>),
     Introspect(Box<Introspector>),
     Jwt(Box<JwtValidator>),
+    /// An RFC 7662 endpoint: a remote call like `Introspect`, limited and labelled the same.
+    OAuth2(Box<OAuth2Introspector>),
 }
 
 impl Validator {
     fn kind(&self) -> &'static str {
         match self {
             Validator::Static(_) => "static",
-            Validator::Introspect(_) => "introspect",
+            Validator::Introspect(_) | Validator::OAuth2(_) => "introspect",
             Validator::Jwt(_) => "jwt",
         }
+    }
+
+    /// Whether asking it is a call to a remote endpoint, which the failed-credential limit
+    /// guards.
+    fn is_remote(&self) -> bool {
+        matches!(self, Validator::Introspect(_) | Validator::OAuth2(_))
     }
 
     /// Whether it may be unreachable for `token`: an introspection endpoint, or a JWKS when
@@ -99,7 +117,7 @@ impl Validator {
     fn may_fail_on(&self, token: &str) -> bool {
         match self {
             Validator::Static(_) => false,
-            Validator::Introspect(_) => true,
+            Validator::Introspect(_) | Validator::OAuth2(_) => true,
             Validator::Jwt(j) => j.fetches() && crate::jwt_validator::looks_like_jwt(token),
         }
     }
@@ -107,17 +125,78 @@ impl Validator {
 
 struct Introspector {
     config: IntrospectConfig,
-    client: HttpClient,
-    /// Calls in flight at once (`max_concurrent`; each holds a connection): a flood of
-    /// distinct credentials waits here, within the validator's timeout, instead of opening a
-    /// socket each; the slots go round-robin by client.
-    calls: FairSlots,
+    remote: Remote,
     /// The claims the config uses, kept from the answer.
     claims: Vec<String>,
 }
 
 /// The most of an introspection response that is read.
 const INTROSPECT_BODY_LIMIT: usize = 64 * 1024;
+
+/// A remote validator's endpoint, and how calls to it are bounded.
+struct Remote {
+    url: Uri,
+    client: HttpClient,
+    /// Calls in flight at once (`max_concurrent`; each holds a connection): a flood of
+    /// distinct credentials waits here, within the validator's timeout, instead of opening a
+    /// socket each; the slots go round-robin by client.
+    calls: FairSlots,
+    max_concurrent: usize,
+    timeout: Duration,
+}
+
+impl Remote {
+    fn new(url: &Uri, client: &HttpClient, max_concurrent: usize, timeout: Duration) -> Remote {
+        Remote {
+            url: url.clone(),
+            client: client.clone(),
+            calls: FairSlots::new(max_concurrent),
+            max_concurrent,
+            timeout,
+        }
+    }
+
+    /// Sends `request` for `client` and reads the answer (at most [`INTROSPECT_BODY_LIMIT`]).
+    ///
+    /// Waiting for a free call slot has its own bound; a call, once sent, keeps its slot
+    /// until the validator answers or `timeout` has passed since it was sent. (Had one
+    /// deadline covered both, a call that waited long would be cut off early and its slot
+    /// handed on while the validator was still working on it: more than `max_concurrent`
+    /// in flight there.) The validation runs in its own task (the cache's), so a caller
+    /// that gives up does not cancel it. Slots go round-robin by client address.
+    async fn call(
+        &self,
+        request: Request<Body>,
+        client: Key,
+    ) -> Result<(StatusCode, Bytes), BackendError> {
+        let _slot = self
+            .calls
+            .acquire(client, self.timeout)
+            .await
+            .ok_or_else(|| {
+                BackendError(format!(
+                    "introspection endpoint {}: all {} call slots busy",
+                    self.url, self.max_concurrent
+                ))
+            })?;
+        let call = async {
+            let response =
+                self.client.request(request).await.map_err(|e| {
+                    BackendError(format!("introspection endpoint {}: {e}", self.url))
+                })?;
+            let status = response.status();
+            let body = Limited::new(response.into_body(), INTROSPECT_BODY_LIMIT)
+                .collect()
+                .await
+                .map_err(|e| BackendError(format!("introspection body: {e}")))?
+                .to_bytes();
+            Ok::<_, BackendError>((status, body))
+        };
+        tokio::time::timeout(self.timeout, call)
+            .await
+            .map_err(|_| BackendError(format!("introspection endpoint {} timed out", self.url)))?
+    }
+}
 
 impl Validators {
     /// Builds the validators of the config.
@@ -138,13 +217,20 @@ impl Validators {
                 ValidatorConfig::Introspect(config) => {
                     Validator::Introspect(Box::new(Introspector {
                         config: config.clone(),
-                        client: client.clone(),
-                        calls: FairSlots::new(config.max_concurrent),
+                        remote: Remote::new(
+                            &config.url,
+                            client,
+                            config.max_concurrent,
+                            config.timeout,
+                        ),
                         claims: claims.to_vec(),
                     }))
                 }
                 ValidatorConfig::Jwt(config) => {
                     Validator::Jwt(Box::new(JwtValidator::new(config, client, claims)))
+                }
+                ValidatorConfig::OAuth2(config) => {
+                    Validator::OAuth2(Box::new(OAuth2Introspector::new(config, client, claims)))
                 }
             })
             .collect();
@@ -182,18 +268,19 @@ impl Validators {
         // burst of concurrent requests cannot all reach the validator before one fails.
         let mut taken = None;
         for validator in &self.list {
+            if validator.is_remote() {
+                if let (Some(limit), None) = (&self.failed_auth, taken) {
+                    if let Err(refusal) = limit.take(client).await {
+                        return Err(Failure::Throttled(refusal));
+                    }
+                    taken = Some(limit);
+                }
+            }
             let answer = match validator {
                 Validator::Static(map) => Ok(map.get(key).cloned()),
-                Validator::Introspect(i) => {
-                    if let (Some(limit), None) = (&self.failed_auth, taken) {
-                        if let Err(refusal) = limit.take(client).await {
-                            return Err(Failure::Throttled(refusal));
-                        }
-                        taken = Some(limit);
-                    }
-                    i.introspect(token, key, client).await
-                }
+                Validator::Introspect(i) => i.introspect(token, key, client).await,
                 Validator::Jwt(j) => j.validate(token).await,
+                Validator::OAuth2(o) => o.introspect(token, client).await,
             };
             match answer {
                 Ok(Some(identity)) => {
@@ -218,8 +305,8 @@ impl Validators {
 
 impl Validators {
     /// The failed-credential limit's refusal for `client`, when validating `token` would need a
-    /// remote call (an `introspect` validator would be asked before any local one recognised
-    /// it) and the client's bucket is empty: checked before a validation is started, so that a
+    /// remote call (an `introspect` or `oauth2_introspection` validator would be asked before
+    /// any local one recognised it) and the client's bucket is empty: checked before a validation is started, so that a
     /// throttled client costs no validation task. (The token is taken in the validation.)
     pub fn throttled(&self, token: &str, key: &[u8; 32], client: Key) -> Option<Refusal> {
         let limit = self.failed_auth.as_ref()?;
@@ -230,7 +317,7 @@ impl Validators {
             match validator {
                 Validator::Static(map) if map.contains_key(key) => return None,
                 Validator::Jwt(_) if crate::jwt_validator::looks_like_jwt(token) => return None,
-                Validator::Introspect(_) => return limit.empty(client),
+                v if v.is_remote() => return limit.empty(client),
                 _ => {}
             }
         }
@@ -327,35 +414,7 @@ impl Introspector {
             .header(http::header::ACCEPT, "application/json")
             .body(full(Bytes::new()))
             .map_err(|e| BackendError(format!("introspection request: {e}")))?;
-        // Waiting for a free call slot has its own bound; a call, once sent, keeps its slot
-        // until the validator answers or `timeout` has passed since it was sent. (Had one
-        // deadline covered both, a call that waited long would be cut off early and its slot
-        // handed on while the validator was still working on it: more than `max_concurrent`
-        // in flight there.) The validation runs in its own task (the cache's), so a caller
-        // that gives up does not cancel it. Slots go round-robin by client address.
-        let _slot = self.calls.acquire(client, c.timeout).await.ok_or_else(|| {
-            BackendError(format!(
-                "introspection endpoint {}: all {} call slots busy",
-                c.url, c.max_concurrent
-            ))
-        })?;
-        let call = async {
-            let response = self
-                .client
-                .request(request)
-                .await
-                .map_err(|e| BackendError(format!("introspection endpoint {}: {e}", c.url)))?;
-            let status = response.status();
-            let body = Limited::new(response.into_body(), INTROSPECT_BODY_LIMIT)
-                .collect()
-                .await
-                .map_err(|e| BackendError(format!("introspection body: {e}")))?
-                .to_bytes();
-            Ok::<_, BackendError>((status, body))
-        };
-        let (status, body) = tokio::time::timeout(c.timeout, call)
-            .await
-            .map_err(|_| BackendError(format!("introspection endpoint {} timed out", c.url)))??;
+        let (status, body) = self.remote.call(request, client).await?;
         if matches!(
             status,
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::NOT_FOUND

@@ -104,6 +104,9 @@ that cannot start. Types, enums and unknown keys are the schema's job.
 {{- if and .Values.config.x509.enabled (not .Values.tls.clientCaSecretName) }}
 {{- fail "config.x509.enabled needs tls.clientCaSecretName: the exchange verifies client certificates against that CA" }}
 {{- end }}
+{{- if and .Values.config.limits.shared (ne .Values.store.backend "redis") }}
+{{- fail (printf "config.limits.shared keeps the rate-limit buckets in Redis: it needs store.backend redis (store.backend is %s)" .Values.store.backend) }}
+{{- end }}
 {{- $state := dict "tables" (dict) "arrays" (dict) "values" (dict) "env" (dict) "current" "" }}
 {{- include "tokengate.scanToml" (dict "text" (include "tokengate.chartConfig" .) "source" "chart" "state" $state) }}
 {{- include "tokengate.scanToml" (dict "text" .Values.config.extraToml "source" "config.extraToml" "state" $state) }}
@@ -295,8 +298,8 @@ unknown keys, wrong types and missing required keys.
 [[route]]
 path_prefix = {{ include "tokengate.str" (default $r.pathPrefix .pathPrefix) }}
 upstream = {{ include "tokengate.str" (default .upstream $r.upstream) }}
-{{- $toml := dict "auth" "auth" "preserveHost" "preserve_host" "timeout" "timeout" "upstreamCa" "upstream_ca" "upgrades" "upgrades" "maxInflight" "max_inflight" "maxIdleConnections" "max_idle_connections" "preserveHeaderCase" "preserve_header_case" }}
-{{- range $k := list "auth" "preserveHost" "timeout" "upstreamCa" "upgrades" "maxInflight" "maxIdleConnections" "preserveHeaderCase" }}
+{{- $toml := dict "auth" "auth" "preserveHost" "preserve_host" "timeout" "timeout" "upstreamCa" "upstream_ca" "upgrades" "upgrades" "maxInflight" "max_inflight" "maxIdleConnections" "max_idle_connections" "preserveHeaderCase" "preserve_header_case" "preflight" "preflight" }}
+{{- range $k := list "auth" "preserveHost" "timeout" "upstreamCa" "upgrades" "maxInflight" "maxIdleConnections" "preserveHeaderCase" "preflight" }}
 {{- if and (hasKey $r $k) (not (kindIs "invalid" (get $r $k))) (or (ne $k "upstreamCa") (get $r $k)) }}
 {{ get $toml $k }} = {{ include "tokengate.value" (get $r $k) }}
 {{- end }}
@@ -312,6 +315,55 @@ value = {{ include "tokengate.str" .value }}
 {{ include "tokengate.str" $name }} = {{ include "tokengate.str" $value }}
 {{- end }}
 {{- end }}
+{{- range $r.rateLimits }}
+[[route.rate_limit]]
+per = {{ include "tokengate.str" .per }}
+rate = {{ include "tokengate.str" .rate }}
+{{- if and (hasKey . "burst") (not (kindIs "invalid" .burst)) }}
+burst = {{ .burst | int64 }}
+{{- end }}
+{{- end }}
+{{- range $kind := list "deny" "allow" }}
+{{- range (get $r $kind | default list) }}
+[[route.{{ $kind }}]]
+{{- include "tokengate.rule" . }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The keys of one [[route.deny]] / [[route.allow]] rule (values.schema.json has already refused
+unknown keys and wrong types): the lists of strings as they are, claims as an inline table of
+claim path -> a value or a list of them.
+*/}}
+{{- define "tokengate.rule" }}
+{{- $rule := . }}
+{{- range $k := list "methods" "paths" "subjects" "accounts" "groups" "scopes" "sources" "clients" }}
+{{- if and (hasKey $rule $k) (not (kindIs "invalid" (get $rule $k))) }}
+{{ $k }} = {{ get $rule $k | toJson }}
+{{- end }}
+{{- end }}
+{{- with $rule.claims }}
+{{- $claims := list }}
+{{- range $path, $value := . }}
+{{- $claims = append $claims (printf "%s = %s" (include "tokengate.str" $path) (include "tokengate.claimValue" $value)) }}
+{{- end }}
+claims = { {{ join ", " $claims }} }
+{{- end }}
+{{- end }}
+
+{{/*
+A claim's value in a rule: a string, a boolean, a whole number, or a list of them.
+*/}}
+{{- define "tokengate.claimValue" -}}
+{{- if kindIs "slice" . }}
+{{- $items := list }}
+{{- range . }}{{ $items = append $items (include "tokengate.claimValue" .) }}{{ end }}
+{{- printf "[%s]" (join ", " $items) }}
+{{- else if kindIs "string" . }}{{ include "tokengate.str" . }}
+{{- else if kindIs "bool" . }}{{ . }}
+{{- else }}{{ . | int64 }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -321,7 +373,7 @@ type and the keys allowed for it.
 {{- define "tokengate.validator" -}}
 {{- $v := .v }}
 {{- $type := $v.type }}
-{{- $keys := get (dict "static" (list "type" "tokens") "introspect" (list "type" "url" "header" "value" "subject" "account" "timeout" "maxConcurrent") "jwt" (list "type" "issuer" "audience" "jwksUrl" "publicKey" "secret" "subjectClaim" "timeout")) $type }}
+{{- $keys := get (dict "static" (list "type" "tokens") "introspect" (list "type" "url" "header" "value" "subject" "account" "groups" "scopes" "timeout" "maxConcurrent") "jwt" (list "type" "issuer" "audience" "groupsClaim" "jwksUrl" "publicKey" "secret" "subjectClaim" "timeout") "oauth2_introspection" (list "type" "url" "clientId" "clientSecret" "audience" "issuer" "subjectClaim" "groupsClaim" "timeout" "maxConcurrent")) $type }}
 [[validator]]
 type = {{ include "tokengate.str" $type }}
 {{- if eq $type "static" }}
@@ -332,9 +384,15 @@ subject = {{ include "tokengate.str" .subject }}
 {{- with .account }}
 account = {{ include "tokengate.str" . }}
 {{- end }}
+{{- with .groups }}
+groups = {{ . | toJson }}
+{{- end }}
+{{- with .scopes }}
+scopes = {{ . | toJson }}
+{{- end }}
 {{- end }}
 {{- else }}
-{{- $toml := dict "url" "url" "header" "header" "value" "value" "subject" "subject" "account" "account" "timeout" "timeout" "maxConcurrent" "max_concurrent" "issuer" "issuer" "audience" "audience" "jwksUrl" "jwks_url" "publicKey" "public_key" "secret" "secret" "subjectClaim" "subject_claim" }}
+{{- $toml := dict "url" "url" "header" "header" "value" "value" "subject" "subject" "account" "account" "groups" "groups" "scopes" "scopes" "timeout" "timeout" "maxConcurrent" "max_concurrent" "issuer" "issuer" "audience" "audience" "groupsClaim" "groups_claim" "jwksUrl" "jwks_url" "publicKey" "public_key" "secret" "secret" "subjectClaim" "subject_claim" "clientId" "client_id" "clientSecret" "client_secret" }}
 {{- range $k := $keys }}
 {{- if and (ne $k "type") (hasKey $v $k) (not (kindIs "invalid" (get $v $k))) }}
 {{ get $toml $k }} = {{ include "tokengate.value" (get $v $k) }}
@@ -457,6 +515,18 @@ format = {{ include "tokengate.str" $c.tokens.format }}
 {{- with $c.tokens.jwtKey }}
 jwt_key = {{ include "tokengate.str" . }}
 {{- end }}
+{{- with $c.tokens.scopes }}
+scopes = {{ . | toJson }}
+{{- end }}
+{{- if and (hasKey $c.tokens "loginScopes") (not (kindIs "invalid" $c.tokens.loginScopes)) }}
+login_scopes = {{ $c.tokens.loginScopes | toJson }}
+{{- end }}
+
+[limits]
+failed_auth = {{ include "tokengate.str" $c.limits.failedAuth }}
+failed_auth_burst = {{ $c.limits.failedAuthBurst | int64 }}
+max_tracked = {{ $c.limits.maxTracked | int64 }}
+shared = {{ $c.limits.shared }}
 {{- if $c.x509.enabled }}
 
 [x509]
@@ -540,7 +610,7 @@ of a one-line `key = "string"`, or its raw text), "env" (the NAMEs of ${env:NAME
 {{- end }}
 {{- with get $st.tables $name }}
 {{- if eq .source "chart" }}
-{{- $values := dict "server" "config.server" "server.tls" "tls" "admin" "admin" "verify" "verify" "verify.tls" "verify.tls" "endpoints" "config.endpoints" "credentials" "config.credentials" "cache" "config.cache" "store" "store" "tokens" "config.tokens" "x509" "config.x509" "route.upstream_auth" "config.route.upstreamAuth (or extraRoutes)" "route.identity_headers" "config.route.identityHeaders (or extraRoutes)" }}
+{{- $values := dict "server" "config.server" "server.tls" "tls" "admin" "admin" "verify" "verify" "verify.tls" "verify.tls" "endpoints" "config.endpoints" "credentials" "config.credentials" "cache" "config.cache" "store" "store" "tokens" "config.tokens" "x509" "config.x509" "limits" "config.limits" "route.upstream_auth" "config.route.upstreamAuth (or extraRoutes)" "route.identity_headers" "config.route.identityHeaders (or extraRoutes)" }}
 {{- fail (printf "%s line %d: table [%s] is already in the config the chart renders, and tokengate check refuses a table defined twice: set it through the values %s instead" $source $lineNo $name (get $values $name | default "of the chart")) }}
 {{- end }}
 {{- fail (printf "%s line %d: table [%s] is defined twice (first on line %d); tokengate check refuses it" $source $lineNo $name (int .line)) }}
@@ -703,6 +773,7 @@ tokens:
   maxTtl: 365d
   format: opaque
   jwtKey: ""
+  scopes: []
 validators: []
 route:
   pathPrefix: /
@@ -719,7 +790,16 @@ route:
   identityHeaders:
     X-Auth-User: "{subject}"
     X-Auth-Account: "{account}"
+  preflight: authenticate
+  rateLimits: []
+  deny: []
+  allow: []
 extraRoutes: []
+limits:
+  failedAuth: 20/1m
+  failedAuthBurst: 10
+  maxTracked: 100000
+  shared: false
 x509:
   enabled: false
   tokenTtl: 1h
