@@ -483,14 +483,6 @@ fn check_refuses_rules_that_cannot_work() {
     for (extra, says) in cases {
         let toml =
             format!("[[route]]\npath_prefix = \"/\"\nupstream = \"http://127.0.0.1:1\"\n{extra}");
-        let path = write_file(dir.path(), "bad.toml", &toml);
-        let out = cli(&["check", "--config", path.to_str().unwrap()]);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{extra}: {stderr}");
-        assert!(
-            stderr.contains(says),
-            "{extra}: {stderr:?} should say {says:?}"
-        );
-        assert!(stderr.contains("bad.toml:"), "{stderr}");
+        assert_check_refuses(dir.path(), &toml, says);
     }
 }

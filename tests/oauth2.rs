@@ -586,12 +586,7 @@ fn bad_oauth2_introspection_configs_are_errors_with_a_position() {
         let toml = format!(
             "[server]\nlisten = \"127.0.0.1:1\"\n[[validator]]\n{body}\n[[route]]\npath_prefix = \"/\"\nupstream = \"http://127.0.0.1:2\"\n"
         );
-        let path = write_file(dir.path(), "bad.toml", &toml);
-        let out = cli(&["check", "--config", path.to_str().unwrap()]);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{body}: {err}");
-        assert!(err.contains(message), "{body}: {err}");
-        assert!(err.contains("bad.toml:"), "{body}: no position in {err}");
+        assert_check_refuses(dir.path(), &toml, message);
     }
     // The secret is never printed, also in an error about the table it is in.
     let toml = format!(

@@ -164,6 +164,21 @@ pub fn cli_create_token(config: &Path, user: &str) -> (String, String) {
 }
 
 /// Runs the CLI to completion (for `check`, `hash`, `--version`).
+/// `tokengate check` refuses `toml` (written to `dir/bad.toml`): exit 2, a `bad.toml:LINE:COL`
+/// position, and `says` in the message. Returns the message.
+pub fn assert_check_refuses(dir: &Path, toml: &str, says: &str) -> String {
+    let path = write_file(dir, "bad.toml", toml);
+    let out = cli(&["check", "--config", path.to_str().expect("a UTF-8 path")]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{toml}\n{err}");
+    assert!(
+        err.contains(says),
+        "{err:?} should say {says:?}; config:\n{toml}"
+    );
+    assert!(err.contains("bad.toml:"), "no position in {err:?}");
+    err
+}
+
 pub fn cli(args: &[&str]) -> Output {
     Command::new(BIN)
         .args(args)
