@@ -201,8 +201,9 @@ impl Limiter {
         }
         let now = self.now();
         let full_at = *self.buckets.map.get(&key)?;
-        let ahead = full_at.max(now).saturating_add(self.interval) - now;
-        (ahead > self.tolerance).then(|| self.refusal(ahead - self.tolerance))
+        gcra_step(full_at, now, self.interval, self.tolerance)
+            .err()
+            .map(|wait| self.refusal(wait))
     }
 
     /// [`Limiter::take`] on this process's buckets.
@@ -239,6 +240,16 @@ impl Limiter {
     }
 }
 
+/// One GCRA step of a bucket full again at `full_at`, at `now`: the new full moment one
+/// `interval` later, or `Err(µs to wait)` when that would lie more than `tolerance` past now.
+fn gcra_step(full_at: u64, now: u64, interval: u64, tolerance: u64) -> Result<u64, u64> {
+    let next = full_at.max(now).saturating_add(interval);
+    match next - now {
+        ahead if ahead > tolerance => Err(ahead - tolerance),
+        _ => Ok(next),
+    }
+}
+
 /// The buckets of one limit: key → the moment the bucket is full again (µs since `epoch`).
 struct Buckets {
     map: DashMap<Key, u64>,
@@ -265,13 +276,7 @@ impl Buckets {
     /// GCRA: the bucket's next full moment moves one interval on, unless that would put it
     /// more than `tolerance` past now; then `Err(µs to wait)`.
     fn take(&self, key: Key, now: u64, interval: u64, tolerance: u64) -> Result<(), u64> {
-        let step = |full_at: u64| {
-            let next = full_at.max(now).saturating_add(interval);
-            match next - now {
-                ahead if ahead > tolerance => Err(ahead - tolerance),
-                _ => Ok(next),
-            }
-        };
+        let step = |full_at: u64| gcra_step(full_at, now, interval, tolerance);
         if let Some(mut full_at) = self.map.get_mut(&key) {
             *full_at = step(*full_at)?;
             return Ok(());
