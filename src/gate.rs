@@ -101,6 +101,7 @@ pub fn assemble(
         };
         let pool = Pool::new(
             &route.upstream,
+            route.upstream_socket.as_deref(),
             tls,
             (route.max_inflight, route.max_idle_connections),
             route.preserve_header_case,

@@ -321,6 +321,7 @@ fn stricter<'g>(a: &'g Route, b: &'g Route) -> Result<&'g Route, ProxyError> {
     }
     let (x, y) = (&a.config, &b.config);
     let alike = x.upstream == y.upstream
+        && x.upstream_socket == y.upstream_socket
         && x.upstream_auth == y.upstream_auth
         && x.identity_headers == y.identity_headers
         && x.preserve_host == y.preserve_host
@@ -740,11 +741,12 @@ async fn forward<'g>(
             return Err(ProxyError::UpgradeRefused);
         }
         rewrite::remove_hop_by_hop(response.headers_mut(), Some(asked));
-        let upstream_upgrade = hyper::upgrade::on(&mut response);
         let (parts, body) = response.into_parts();
         // The tunnel holds the upstream connection, so it holds the in-flight slot too.
-        let slot = body.into_slot();
-        tokio::spawn(relay_upgrade(client_upgrade, upstream_upgrade, slot));
+        let Some(upstream) = body.into_upgrade() else {
+            return Err(ProxyError::UpgradeRefused);
+        };
+        tokio::spawn(relay_upgrade(client_upgrade, upstream));
         return Ok(Response::from_parts(
             parts,
             crate::upstream::full(Bytes::new()),
@@ -877,22 +879,27 @@ fn declared_length<B>(request: &Request<B>) -> Option<u64> {
         .ok()
 }
 
-/// Copies bytes both ways between an upgraded client connection and the upstream's, holding
-/// the route's in-flight slot until both are closed.
+/// Copies bytes both ways between an upgraded client connection and the upstream's (first
+/// what the upstream sent after its 101), holding the route's in-flight slot until both are
+/// closed.
 async fn relay_upgrade(
     client: hyper::upgrade::OnUpgrade,
-    upstream: hyper::upgrade::OnUpgrade,
-    _slot: Option<upstream::Slot>,
+    (mut upstream, early, _slot): (upstream::Conn, bytes::BytesMut, upstream::Slot),
 ) {
-    let (client, upstream) = match tokio::try_join!(client, upstream) {
-        Ok(pair) => pair,
+    let client = match client.await {
+        Ok(client) => client,
         Err(e) => {
             tracing::warn!(error = %e, "upgrade failed");
             return;
         }
     };
     let mut client = TokioIo::new(client);
-    let mut upstream = TokioIo::new(upstream);
+    if !early.is_empty() {
+        if let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut client, &early).await {
+            tracing::debug!(error = %e, "upgraded connection closed");
+            return;
+        }
+    }
     if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         tracing::debug!(error = %e, "upgraded connection closed");
     }

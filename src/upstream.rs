@@ -1,8 +1,12 @@
-//! Upstream: each route's bounded connection pool ([`Pool`]), the client's request body on its
-//! way there (read timeout, typed errors), the one place that turns a failed exchange into a
-//! status, and the pooled client the validators use for their own calls.
+//! Upstream: each route's bounded connection pool ([`Pool`]) speaking HTTP/1.1 itself
+//! ([`h1`]: the request head, the response head and body framing, strict), the client's request
+//! body on its way there (read timeout, typed errors), the one place that turns a failed
+//! exchange into a status, and the (hyper) pooled client the validators use for their own calls.
 
 mod body;
+mod case;
+mod conn;
+pub mod h1;
 mod pool;
 
 use std::future::Future;
@@ -24,6 +28,8 @@ use rustls_pki_types::CertificateDer;
 use tokio::time::{Instant, Sleep};
 
 pub use body::{full, Body, Logged};
+pub use case::case_extensions;
+pub use conn::Conn;
 pub use pool::{Pool, PooledBody, Slot, IDLE_TIMEOUT};
 
 use crate::error::{BoxError, ProxyError};
@@ -93,7 +99,7 @@ pub fn client(ca: Option<&Path>) -> Result<HttpClient, String> {
 
 /// What a failed exchange means for the client: its own body's fault (too large → 413,
 /// stalled → 408, malformed → 400), else the upstream's (502).
-pub fn classify(error: &hyper::Error) -> ProxyError {
+pub fn classify(error: &(dyn std::error::Error + 'static)) -> ProxyError {
     if caused_by::<http_body_util::LengthLimitError>(error) {
         return ProxyError::BodyTooLarge;
     }

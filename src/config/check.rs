@@ -1247,23 +1247,40 @@ impl Checker<'_> {
                  (upstreams read those differently)",
             ));
         }
-        let upstream: Uri = r
-            .upstream
-            .get_ref()
-            .parse()
-            .ok()
-            .filter(|u: &Uri| {
-                matches!(u.scheme_str(), Some("http" | "https"))
-                    && u.authority().is_some()
-                    && matches!(u.path(), "" | "/")
-                    && u.query().is_none()
-            })
-            .ok_or_else(|| {
-                self.at(
+        // `unix:/path`: a socket the app listens on (a sidecar and its app share a volume).
+        let upstream_socket = match r.upstream.get_ref().strip_prefix("unix:") {
+            Some(path) if path.starts_with('/') && path.len() > 1 && !path.contains('\0') => {
+                Some(PathBuf::from(path))
+            }
+            Some(_) => {
+                return Err(self.at(
                     &r.upstream,
-                    "upstream must be http://HOST:PORT or https://HOST:PORT, without a path",
-                )
-            })?;
+                    "a Unix-socket upstream is unix:/absolute/path/to.sock",
+                ))
+            }
+            None => None,
+        };
+        let upstream: Uri = match upstream_socket {
+            Some(_) => Uri::from_static("http://localhost"),
+            None => r
+                .upstream
+                .get_ref()
+                .parse()
+                .ok()
+                .filter(|u: &Uri| {
+                    matches!(u.scheme_str(), Some("http" | "https"))
+                        && u.authority().is_some()
+                        && matches!(u.path(), "" | "/")
+                        && u.query().is_none()
+                })
+                .ok_or_else(|| {
+                    self.at(
+                        &r.upstream,
+                        "upstream must be http://HOST:PORT, https://HOST:PORT (without a path) \
+                         or unix:/PATH",
+                    )
+                })?,
+        };
         let auth = match r.auth.as_ref().map(|a| (a, a.get_ref().as_str())) {
             None | Some((_, "required")) => AuthMode::Required,
             Some((_, "optional")) => AuthMode::Optional,
@@ -1323,6 +1340,7 @@ impl Checker<'_> {
         Ok(RouteConfig {
             path_prefix: prefix.clone(),
             upstream,
+            upstream_socket,
             auth,
             preserve_host: r.preserve_host.unwrap_or(true),
             timeout: self.duration(&r.timeout, Duration::from_secs(60))?,

@@ -483,8 +483,10 @@ pub enum AuthMode {
 pub struct RouteConfig {
     /// Requests whose path starts with this go here (longest wins).
     pub path_prefix: String,
-    /// `scheme://authority` of the upstream.
+    /// `scheme://authority` of the upstream (for a Unix socket, `http://localhost`: its `Host`).
     pub upstream: Uri,
+    /// The Unix socket the upstream listens on (`upstream = "unix:/path"`), instead of TCP.
+    pub upstream_socket: Option<PathBuf>,
     /// Whether a credential is needed.
     pub auth: AuthMode,
     /// Forward the client's Host header (else the upstream's authority).

@@ -181,38 +181,10 @@ pub(super) async fn record_conventional_case() {
     }
 }
 
-/// Extensions that make hyper write [`CONVENTIONAL_NAMES`] in their case. hyper keeps a
-/// message's header case in an extension it makes only when it parses a message, so one is
-/// parsed here, once, from an in-memory connection.
+/// Extensions that make hyper write [`CONVENTIONAL_NAMES`] in their case.
 pub(super) async fn conventional_case() -> http::Extensions {
-    let (mut client, server) = tokio::io::duplex(1024);
-    let (sender, received) = tokio::sync::oneshot::channel();
-    let sender = std::sync::Mutex::new(Some(sender));
-    let service = service_fn(move |request: Request<Incoming>| {
-        if let Some(sender) = sender.lock().ok().and_then(|mut s| s.take()) {
-            let _ = sender.send(request.extensions().clone());
-        }
-        async { Ok::<_, Infallible>(http::Response::new(http_body_util::Empty::<Bytes>::new())) }
-    });
-    let connection = hyper::server::conn::http1::Builder::new()
-        .preserve_header_case(true)
-        .serve_connection(TokioIo::new(server), service);
-    let mut head = String::from("GET / HTTP/1.1\r\nHost: tokengate\r\n");
-    for name in CONVENTIONAL_NAMES {
-        head.push_str(name);
-        // A value every one of these names accepts (Content-Length too).
-        head.push_str(": 0\r\n");
-    }
-    head.push_str("Connection: close\r\n\r\n");
-    let write = async {
-        use tokio::io::AsyncWriteExt;
-        let _ = client.write_all(head.as_bytes()).await;
-        // Keep the client end open until the connection is done.
-        let mut sink = Vec::new();
-        let _ = tokio::io::AsyncReadExt::read_to_end(&mut client, &mut sink).await;
-    };
-    let _ = tokio::join!(connection, write);
-    received.await.unwrap_or_default()
+    let names: Vec<&[u8]> = CONVENTIONAL_NAMES.iter().map(|n| n.as_bytes()).collect();
+    crate::upstream::case_extensions(&names).await
 }
 
 /// What a connection's requests and socket tell its watchdog. Shared by the connection task,
