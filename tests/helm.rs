@@ -9,6 +9,8 @@
 //! as `configFile`. `mode=sidecar`'s patches are merged into a sample Deployment and Service here,
 //! with the strategic-merge rules kubectl and kustomize apply, and by the real kubectl
 //! (`kubectl patch --local`, and the README's kustomize flow through `kubectl kustomize`).
+//! `upstreamSocket` (the app on a Unix socket) is rendered in both modes and served: the rendered
+//! config forwards to an app listening on a Unix socket.
 //!
 //! Without `go` or Debian's Go libraries (or kubectl, or yq, for the tests that run them) the
 //! tests print one "skipped:" line each (or fail under TOKENGATE_TEST_STRICT=1). Not covered: a
@@ -874,6 +876,36 @@ fn inconsistent_values_fail_the_render_with_the_keys_named() {
         ),
         (
             Some("default-values.yaml"),
+            &["upstreamSocket=/tmp/app.sock"],
+            "upstreamSocket /tmp/app.sock: its folder /tmp is, or is inside, /tmp, which \
+             tokengate's container mounts itself",
+        ),
+        (
+            Some("default-values.yaml"),
+            &["upstreamSocket=/etc/tokengate/run/app.sock"],
+            "its folder /etc/tokengate/run is, or is inside, /etc/tokengate",
+        ),
+        (
+            Some("default-values.yaml"),
+            &["upstreamSocket=/var/lib/tokengate/app.sock"],
+            "its folder /var/lib/tokengate is, or is inside, /var/lib/tokengate",
+        ),
+        (
+            Some("default-values.yaml"),
+            &[
+                "upstreamSocket=/run/app/app.sock",
+                "app.volumeMounts[0].name=run",
+                "app.volumeMounts[0].mountPath=/run/app",
+            ],
+            "upstreamSocket's folder /run/app is already a mount of app.volumeMounts (run)",
+        ),
+        (
+            Some("default-values.yaml"),
+            &["upstreamSocket=/run/app/app.sock", "admin.port=8443"],
+            "tokengate.port (8443), admin.port (8443) must differ",
+        ),
+        (
+            Some("default-values.yaml"),
             &["config.route.upstreamAuth.value=${env:UPSTREAM_KEY}"],
             "the rendered config refers to ${env:UPSTREAM_KEY}, which the tokengate container \
              does not have",
@@ -1036,6 +1068,31 @@ fn bad_values_fail_the_schema_at_render_time() {
         (
             &["config.validators[0].type=static"],
             "- config.validators.0: tokens is required",
+        ),
+        // upstreamSocket: an absolute path to a file in a folder, at most 107 characters
+        (
+            &["upstreamSocket=app.sock"],
+            "- upstreamSocket: Does not match pattern",
+        ),
+        (
+            &["upstreamSocket=/run/app/"],
+            "- upstreamSocket: Does not match pattern",
+        ),
+        (
+            &["upstreamSocket=/app.sock"],
+            "- upstreamSocket: Does not match pattern",
+        ),
+        (
+            &["upstreamSocket=/run/../app.sock"],
+            "- upstreamSocket: Does not match pattern",
+        ),
+        (
+            &["upstreamSocket=unix:/run/app/app.sock"],
+            "- upstreamSocket: Does not match pattern",
+        ),
+        (
+            &["upstreamSocket=/run/app/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa.sock"],
+            "- upstreamSocket: String length must be less than or equal to 107",
         ),
     ];
     for (sets, message) in cases {
@@ -1752,6 +1809,457 @@ fn sidecar_patch_with_a_claim_and_a_network_policy() {
         merged["spec"]["template"]["metadata"]["labels"]
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// upstreamSocket: the app on a Unix socket in an emptyDir both containers mount.
+
+const SOCKET: &str = "/run/app/app.sock";
+
+/// A stand-in app listening on a Unix socket (gunicorn `--bind unix:PATH`): HTTP/1.1 with
+/// keep-alive, every answer a 200 with the JSON `{"path", "headers"}` of the request (the
+/// shape `Resp::echoed` reads); counts the requests. Stops when dropped.
+struct SocketApp {
+    requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    path: PathBuf,
+}
+
+impl SocketApp {
+    fn start(path: &Path) -> SocketApp {
+        use std::io::{BufRead, BufReader, Write};
+        use std::sync::atomic::Ordering;
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let listener = std::os::unix::net::UnixListener::bind(path).expect("bind the app socket");
+        let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = requests.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { return };
+                let counter = counter.clone();
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(stream.try_clone().unwrap());
+                    let mut writer = stream;
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let target = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                        let mut headers = serde_json::Map::new();
+                        loop {
+                            let mut h = String::new();
+                            if reader.read_line(&mut h).unwrap_or(0) == 0 {
+                                return;
+                            }
+                            let h = h.trim_end();
+                            if h.is_empty() {
+                                break;
+                            }
+                            if let Some((name, value)) = h.split_once(':') {
+                                headers.insert(
+                                    name.trim().to_ascii_lowercase(),
+                                    serde_json::Value::from(value.trim()),
+                                );
+                            }
+                        }
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        let body =
+                            serde_json::json!({"path": target, "headers": headers}).to_string();
+                        let answer = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                             content-length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if writer.write_all(answer.as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        SocketApp {
+            requests,
+            path: path.to_path_buf(),
+        }
+    }
+
+    fn requests(&self) -> usize {
+        self.requests.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for SocketApp {
+    fn drop(&mut self) {
+        // The accept thread stays blocked until the test process ends (tests are short);
+        // the socket's file goes with the test's folder, or here.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// mode=deployment with upstreamSocket: the route (and an extra route's default) goes to
+/// `unix:<path>`, the emptyDir tokengate-socket is mounted at the socket's folder in both
+/// containers (writable), the app declares no port, NOTES.txt says where the app must listen,
+/// and the rendered config, served with its socket moved to a test folder, forwards to an app
+/// listening there: a token that `tokengate token create` made gets through, no token gets
+/// 401 and the app sees nothing.
+#[tokio::test]
+async fn upstream_socket_shares_an_empty_dir_with_the_app() {
+    let Some(helm) = Helm::get() else { return };
+    let sets = [
+        "upstreamSocket=/run/app/app.sock",
+        "config.extraRoutes[0].pathPrefix=/health",
+        "config.extraRoutes[0].auth=none",
+    ];
+    let r = helm.render("default-values.yaml", &sets);
+    assert_eq!(names(&r.pod()["spec"]["containers"]), ["app", "tokengate"]);
+    let config = r.config();
+    let routes = config["route"].as_array().unwrap();
+    assert_eq!(routes.len(), 2);
+    for route in routes {
+        assert_eq!(
+            route["upstream"].as_str(),
+            Some("unix:/run/app/app.sock"),
+            "{route:?}"
+        );
+    }
+    assert!(!r.config_text().contains("127.0.0.1:8080"));
+
+    let volume = r.volume("tokengate-socket").expect("the socket's volume");
+    assert!(volume["emptyDir"].is_mapping(), "{volume:?}");
+    let app = r.container("app");
+    let gate = r.container("tokengate");
+    for container in [app, gate] {
+        let m = mount(container, "tokengate-socket").expect("the socket's folder mounted");
+        assert_eq!(m["mountPath"], "/run/app");
+        assert!(
+            m.get("readOnly").is_none(),
+            "the app creates its socket there"
+        );
+    }
+    assert!(
+        app.get("ports").is_none(),
+        "no port of the app is open to the pod's network: {app:?}"
+    );
+    // The other mounts are still tokengate's own.
+    for (name, path) in [
+        ("tokengate-config", "/etc/tokengate"),
+        ("tokengate-data", "/var/lib/tokengate"),
+        ("tokengate-tmp", "/tmp"),
+    ] {
+        assert_eq!(mount(gate, name).expect(name)["mountPath"], path);
+    }
+    // The app's own mounts are kept beside the socket's.
+    let with_mounts = helm.render(
+        "default-values.yaml",
+        &[
+            "upstreamSocket=/run/app/app.sock",
+            "app.volumeMounts[0].name=cache",
+            "app.volumeMounts[0].mountPath=/var/cache/app",
+            "app.volumes[0].name=cache",
+            "app.volumes[0].emptyDir.medium=Memory",
+        ],
+    );
+    let app_mounts: Vec<&str> = seq(&with_mounts.container("app")["volumeMounts"])
+        .iter()
+        .map(|m| str_of(&m["mountPath"]))
+        .collect();
+    assert_eq!(app_mounts, ["/var/cache/app", "/run/app"]);
+    for name in ["cache", "tokengate-socket"] {
+        assert!(with_mounts.volume(name).is_some(), "volume {name}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    assert_check_ok(&r.config_text(), dir.path(), &[]);
+
+    let notes = helm.notes(&[
+        "app.image.repository=registry.example/legacy-api",
+        "upstreamSocket=/run/app/app.sock",
+    ]);
+    assert!(
+        notes.contains("forwards it to unix:/run/app/app.sock.")
+            && notes.contains("Your container must listen on the Unix socket /run/app/app.sock")
+            && !notes.contains("127.0.0.1:8080")
+            && !notes.contains("Your container's port"),
+        "{notes}"
+    );
+
+    // Served: listeners on free loopback ports, the sqlite file and the socket in a test folder.
+    let gate_dir = tempfile::tempdir().unwrap();
+    let socket = gate_dir.path().join("run/app/app.sock");
+    let app = SocketApp::start(&socket);
+    let (gate_port, admin_port) = (free_port(), free_port());
+    let mut text = r.config_text();
+    for (from, to, count) in [
+        (
+            "\"0.0.0.0:8443\"".to_string(),
+            format!("\"127.0.0.1:{gate_port}\""),
+            1,
+        ),
+        (
+            format!("\"0.0.0.0:{ADMIN_PORT}\""),
+            format!("\"127.0.0.1:{admin_port}\""),
+            1,
+        ),
+        (
+            "\"/var/lib/tokengate/tokengate.db\"".to_string(),
+            format!("\"{}\"", gate_dir.path().join("tokengate.db").display()),
+            1,
+        ),
+        (
+            format!("\"unix:{SOCKET}\""),
+            format!("\"unix:{}\"", socket.display()),
+            2,
+        ),
+    ] {
+        assert_eq!(text.matches(&from).count(), count, "{from} in:\n{text}");
+        text = text.replace(&from, &to);
+    }
+    let served = Gate::start_in(gate_dir, &text, &[]);
+    common::wait_port(admin_port);
+
+    get(&served.url("/"), &[])
+        .await
+        .assert_error(401, "Credentials required");
+    assert_eq!(app.requests(), 0, "nothing reached the app");
+    let (token, _) = common::cli_create_token(&served.config_path, "alice");
+    let resp = get(
+        &served.url("/orders?id=7"),
+        &[("Authorization", &format!("Bearer {token}"))],
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{:?}\n{}", resp.body, served.log());
+    assert_eq!(resp.echoed_path(), "/orders?id=7");
+    assert_eq!(resp.echoed("x-auth-user").as_deref(), Some("alice"));
+    assert_eq!(resp.echoed("auth-token"), Some(token));
+    assert_eq!(
+        resp.echoed("host"),
+        Some(format!("127.0.0.1:{gate_port}")),
+        "preserve_host: the client's Host"
+    );
+    let health = get(&served.url("/health"), &[]).await;
+    assert_eq!(health.status, 200, "the auth none route to the same socket");
+    assert_eq!(app.requests(), 2);
+}
+
+/// mode=sidecar with upstreamSocket: the patch names the app's container with the socket's
+/// mount and nothing else, adds the emptyDir and tokengate's mount of it; merged into an
+/// existing Deployment (here, and by the real `kubectl patch --local` where kubectl is
+/// installed) the app keeps its image, ports, probe and its own mounts, and gains the socket's
+/// folder; the config goes to `unix:<path>` and passes `tokengate check`.
+#[test]
+fn sidecar_patch_mounts_the_socket_folder_into_the_app() {
+    let Some(helm) = Helm::get() else { return };
+    let r = helm.render("sidecar-values.yaml", &["upstreamSocket=/run/app/app.sock"]);
+    let patch_text = patch_file(&r, "deployment-patch.yaml");
+    let patch: Value = serde_norway::from_str(patch_text).unwrap();
+    let containers = seq(&patch["spec"]["template"]["spec"]["containers"]);
+    assert_eq!(
+        containers[0],
+        serde_norway::from_str::<Value>(
+            "{name: api, volumeMounts: [{name: tokengate-socket, mountPath: /run/app}]}"
+        )
+        .unwrap(),
+        "the app's container: its name and the socket's mount, nothing else"
+    );
+
+    let original: Value = serde_norway::from_str(EXISTING_DEPLOYMENT).unwrap();
+    let check_merged = |merged: &Value, how: &str| {
+        let pod = &merged["spec"]["template"]["spec"];
+        assert_eq!(names(&pod["containers"]), ["api", "tokengate"], "{how}");
+        let api = &seq(&pod["containers"])[0];
+        let before = &seq(&original["spec"]["template"]["spec"]["containers"])[0];
+        for key in ["image", "ports", "readinessProbe"] {
+            assert_eq!(api[key], before[key], "{how}: the app's {key} stays");
+        }
+        let mut mounts: Vec<(&str, &str)> = seq(&api["volumeMounts"])
+            .iter()
+            .map(|m| (str_of(&m["name"]), str_of(&m["mountPath"])))
+            .collect();
+        mounts.sort_unstable();
+        assert_eq!(
+            mounts,
+            [("config", "/etc/legacy"), ("tokengate-socket", "/run/app")],
+            "{how}: the app's own mount and the socket's folder"
+        );
+        let gate = &seq(&pod["containers"])[1];
+        assert_eq!(
+            mount(gate, "tokengate-socket").expect("tokengate's socket mount")["mountPath"],
+            "/run/app",
+            "{how}"
+        );
+        let socket_volume = seq(&pod["volumes"])
+            .iter()
+            .find(|v| v["name"] == "tokengate-socket")
+            .unwrap_or_else(|| panic!("{how}: no tokengate-socket volume"));
+        assert!(socket_volume["emptyDir"].is_mapping(), "{how}");
+        for container in seq(&pod["containers"]) {
+            for m in seq(&container["volumeMounts"]) {
+                assert!(
+                    names(&pod["volumes"]).contains(&str_of(&m["name"])),
+                    "{how}: mount {:?} has a volume",
+                    m["name"]
+                );
+            }
+        }
+    };
+    let mut merged = original.clone();
+    strategic_merge(&mut merged, &patch, "");
+    check_merged(&merged, "strategic_merge");
+
+    let config_text = str_of(
+        &r.all("ConfigMap")
+            .into_iter()
+            .find(|c| c["metadata"]["name"] == "demo-tokengate")
+            .expect("the config ConfigMap")["data"]["tokengate.toml"],
+    );
+    let config: toml::Table = config_text.parse().unwrap();
+    assert_eq!(
+        config["route"][0]["upstream"].as_str(),
+        Some("unix:/run/app/app.sock")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    assert_check_ok(config_text, dir.path(), &[]);
+    let notes = helm.notes(&[
+        "mode=sidecar",
+        "sidecar.deployment=legacy-api",
+        "sidecar.container=api",
+        "upstreamSocket=/run/app/app.sock",
+    ]);
+    assert!(
+        notes.contains("tokengate forwards to your container at unix:/run/app/app.sock.")
+            && notes.contains("instead of your app's port."),
+        "{notes}"
+    );
+
+    // The real strategic merge, where kubectl is installed.
+    let Some(_) = kubectl(dir.path()) else { return };
+    std::fs::write(dir.path().join("deployment.yaml"), EXISTING_DEPLOYMENT).unwrap();
+    std::fs::write(dir.path().join("tokengate-patch.yaml"), patch_text).unwrap();
+    let out = kubectl(dir.path())
+        .unwrap()
+        .args([
+            "patch",
+            "--local",
+            "-f",
+            "deployment.yaml",
+            "--patch-file",
+            "tokengate-patch.yaml",
+            "-o",
+            "yaml",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kubectl patch --local: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    check_merged(
+        &serde_norway::from_slice(&out.stdout).unwrap(),
+        "kubectl patch --local",
+    );
+}
+
+/// configFile with upstreamSocket: the file's Unix-socket upstreams must be the one whose
+/// folder the chart shares, and the chart's socket must be used by a route; each fix renders.
+#[test]
+fn a_config_file_and_the_upstream_socket_must_agree() {
+    let Some(helm) = Helm::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let render = |text: &str, sets: &[&str]| {
+        let file = dir.path().join("tokengate.toml");
+        std::fs::write(&file, text).unwrap();
+        let arg = format!("configFile={}", file.display());
+        let mut all = vec!["app.image.repository=registry.example/app"];
+        all.extend_from_slice(sets);
+        helm.try_render_with(None, &all, &["--set-file".as_ref(), arg.as_ref()])
+    };
+    let on_socket = FITTING_CONFIG.replace("http://127.0.0.1:8080", "unix:/run/app/app.sock");
+    let cases: &[(String, &[&str], &str)] = &[
+        (
+            on_socket.clone(),
+            &[],
+            r#"configFile has upstream = "unix:/run/app/app.sock", but upstreamSocket is not set: set upstreamSocket=/run/app/app.sock"#,
+        ),
+        (
+            on_socket.replace("/run/app/", "/run/other/"),
+            &["upstreamSocket=/run/app/app.sock"],
+            r#"configFile has upstream = "unix:/run/other/app.sock", which is not in the folder of upstreamSocket (/run/app)"#,
+        ),
+        (
+            FITTING_CONFIG.to_string(),
+            &["upstreamSocket=/run/app/app.sock"],
+            r#"upstreamSocket is /run/app/app.sock, but no route of configFile goes there: upstream = "unix:/run/app/app.sock""#,
+        ),
+    ];
+    for (text, sets, message) in cases {
+        match render(text, sets) {
+            Ok(_) => panic!("{sets:?} rendered, expected {message:?}:\n{text}"),
+            Err(stderr) => assert!(
+                stderr.contains("execution error at (tokengate/templates/")
+                    && stderr.contains(message),
+                "{sets:?}: expected {message:?} in:\n{stderr}\n--- configFile ---\n{text}"
+            ),
+        }
+    }
+    let r = render(&on_socket, &["upstreamSocket=/run/app/app.sock"]).expect("the fix renders");
+    assert_eq!(r.config_text().trim_end(), on_socket.trim_end());
+    let gate = r.container("tokengate");
+    assert_eq!(
+        mount(gate, "tokengate-socket").expect("socket mount")["mountPath"],
+        "/run/app"
+    );
+    assert_check_ok(&r.config_text(), dir.path(), &[]);
+}
+
+/// README.md's `upstreamSocket` example: the values file as written there renders what the
+/// README shows (the route to the socket, the emptyDir mounted in both containers, gunicorn's
+/// `--bind` untouched) and passes `tokengate check`.
+#[test]
+fn the_readme_socket_values_render() {
+    let Some(helm) = Helm::get() else { return };
+    let readme = std::fs::read_to_string(Path::new(ROOT).join("README.md")).unwrap();
+    for text in [
+        README_SOCKET_VALUES,
+        "upstream = \"unix:/run/app/app.sock\"\n",
+        "helm install api helm/tokengate -f socket-values.yaml",
+    ] {
+        assert!(readme.contains(text), "README.md lacks:\n{text}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("socket-values.yaml");
+    std::fs::write(&file, README_SOCKET_VALUES).unwrap();
+    let r = helm
+        .try_render_with(None, &[], &["-f".as_ref(), file.as_os_str()])
+        .expect("the README's socket values render");
+    assert_eq!(
+        r.config()["route"][0]["upstream"].as_str(),
+        Some("unix:/run/app/app.sock")
+    );
+    let app = r.container("app");
+    assert_eq!(str_of(&app["image"]), "registry.example/legacy-api:latest");
+    let args: Vec<&str> = seq(&app["args"]).iter().map(str_of).collect();
+    assert_eq!(args[..2], ["--bind", "unix:/run/app/app.sock"]);
+    for container in [app, r.container("tokengate")] {
+        assert_eq!(
+            mount(container, "tokengate-socket").expect("socket mount")["mountPath"],
+            "/run/app"
+        );
+    }
+    assert_eq!(
+        r.volume("tokengate-socket").expect("socket volume")["emptyDir"],
+        serde_norway::from_str::<Value>("{}").unwrap()
+    );
+    assert_check_ok(&r.config_text(), dir.path(), &[]);
+}
+
+const README_SOCKET_VALUES: &str = "# socket-values.yaml
+app:
+  image:
+    repository: registry.example/legacy-api
+  command: [gunicorn]
+  args: [--bind, unix:/run/app/app.sock, --workers, \"4\", legacy_api.wsgi]
+upstreamSocket: /run/app/app.sock
+";
 
 // ---------------------------------------------------------------------------------------------
 // The examples: through structured values, and through configFile.

@@ -52,6 +52,25 @@ Secret are mounted read-only; the sqlite store lives on its own volume.
 {{- define "tokengate.dataDir" -}}/var/lib/tokengate{{- end }}
 
 {{/*
+The app's address: "unix:<upstreamSocket>", or http://127.0.0.1:<app.port>. With upstreamSocket
+the emptyDir tokengate-socket is mounted at the socket's folder (socketDir) in both containers.
+*/}}
+{{- define "tokengate.appUpstream" -}}
+{{- if .Values.upstreamSocket }}unix:{{ .Values.upstreamSocket }}
+{{- else }}http://127.0.0.1:{{ int .Values.app.port }}
+{{- end }}
+{{- end }}
+{{- define "tokengate.socketDir" -}}{{ dir .Values.upstreamSocket }}{{- end }}
+
+{{/*
+The mount of the socket's folder, as a volumeMounts item (the same in both containers).
+*/}}
+{{- define "tokengate.socketMount" -}}
+- name: tokengate-socket
+  mountPath: {{ include "tokengate.socketDir" . }}
+{{- end }}
+
+{{/*
 Checks across values that values.schema.json cannot express; each would otherwise become a pod
 that cannot start. Types, enums and unknown keys are the schema's job.
 */}}
@@ -71,11 +90,32 @@ that cannot start. Types, enums and unknown keys are the schema's job.
 {{- fail "networkPolicy.enabled with mode=sidecar needs sidecar.podSelector: the labels of your Deployment's pods" }}
 {{- end }}
 {{- end }}
-{{- $ports := list (int .Values.app.port) (int .Values.tokengate.port) (int .Values.admin.port) }}
+{{- if .Values.upstreamSocket }}
+{{- $dir := include "tokengate.socketDir" . }}
+{{- range $own := list (include "tokengate.configDir" .) (include "tokengate.dataDir" .) "/tmp" }}
+{{- if or (eq $dir $own) (hasPrefix (printf "%s/" $own) $dir) }}
+{{- fail (printf "upstreamSocket %s: its folder %s is, or is inside, %s, which tokengate's container mounts itself (/etc/tokengate, /var/lib/tokengate and /tmp are taken): put the socket in a folder of its own, e.g. /run/app/app.sock" $.Values.upstreamSocket $dir $own) }}
+{{- end }}
+{{- end }}
+{{- if eq .Values.mode "deployment" }}
+{{- range .Values.app.volumeMounts }}
+{{- if eq (toString .mountPath) $dir }}
+{{- fail (printf "upstreamSocket's folder %s is already a mount of app.volumeMounts (%s): the chart mounts the socket's emptyDir there; put the socket in another folder" $dir (toString .name)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $ports := list (int .Values.tokengate.port) (int .Values.admin.port) }}
+{{- if not .Values.upstreamSocket }}
+{{- $ports = prepend $ports (int .Values.app.port) }}
+{{- end }}
 {{- if .Values.verify.enabled }}
 {{- $ports = append $ports (int .Values.verify.port) }}
 {{- end }}
 {{- if ne (len (uniq $ports)) (len $ports) }}
+{{- if .Values.upstreamSocket }}
+{{- fail (printf "tokengate.port (%d), admin.port (%d)%s must differ: each is a listener of tokengate's" (int .Values.tokengate.port) (int .Values.admin.port) (ternary (printf " and verify.port (%d)" (int .Values.verify.port)) "" .Values.verify.enabled)) }}
+{{- end }}
 {{- if .Values.verify.enabled }}
 {{- fail (printf "app.port (%d), tokengate.port (%d), admin.port (%d) and verify.port (%d) must differ: the containers of a pod share one network namespace" (int .Values.app.port) (int .Values.tokengate.port) (int .Values.admin.port) (int .Values.verify.port)) }}
 {{- end }}
@@ -232,6 +272,10 @@ Volume and port names carry a tokengate prefix so they cannot collide with the a
     - name: tokengate-data
       mountPath: {{ include "tokengate.dataDir" . }}
     {{- end }}
+    {{- if .Values.upstreamSocket }}
+    # The folder of the app's socket (upstreamSocket), shared with the app's container.
+    {{- include "tokengate.socketMount" . | nindent 4 }}
+    {{- end }}
     # Writable scratch space on a read-only root filesystem.
     - name: tokengate-tmp
       mountPath: /tmp
@@ -267,6 +311,10 @@ The volumes the tokengate container mounts, as list items.
 - name: tokengate-tmp
   emptyDir:
     sizeLimit: 64Mi
+{{- if .Values.upstreamSocket }}
+- name: tokengate-socket
+  emptyDir: {}
+{{- end }}
 {{- end }}
 
 
@@ -545,10 +593,10 @@ accounts = {{ .accounts | toJson }}
 {{ include "tokengate.validator" (dict "v" $v) | trim }}
 {{- end }}
 
-{{ include "tokengate.route" (dict "route" $c.route "pathPrefix" (default "/" $c.route.pathPrefix) "upstream" (printf "http://127.0.0.1:%d" (int .Values.app.port))) | trim }}
+{{ include "tokengate.route" (dict "route" $c.route "pathPrefix" (default "/" $c.route.pathPrefix) "upstream" (include "tokengate.appUpstream" .)) | trim }}
 {{- range $r := $c.extraRoutes }}
 
-{{ include "tokengate.route" (dict "route" $r "upstream" (printf "http://127.0.0.1:%d" (int $.Values.app.port))) | trim }}
+{{ include "tokengate.route" (dict "route" $r "upstream" (include "tokengate.appUpstream" $)) | trim }}
 {{- end }}
 {{- end }}
 
@@ -707,6 +755,20 @@ gets ready.
 {{- fail (printf "configFile [store] path is %s%s: the sqlite file must be on the chart's data volume, e.g. path = \"%s/tokengate.db\" (a relative path is in %s, the read-only ConfigMap)" ($path | quote) (ternary "" " (tokengate's default)" (hasKey $v "store.path")) (include "tokengate.dataDir" .) (include "tokengate.configDir" .)) }}
 {{- end }}
 {{- end }}
+{{- /* The app's socket: only the folder upstreamSocket names is shared with the app. */}}
+{{- $sockets := regexFindAll `"unix:[^"]*"` .Values.configFile -1 | uniq }}
+{{- range $s := $sockets }}
+{{- $path := trimSuffix "\"" (trimPrefix "\"unix:" $s) }}
+{{- if not $.Values.upstreamSocket }}
+{{- fail (printf "configFile has upstream = %s, but upstreamSocket is not set: set upstreamSocket=%s, so that the socket's folder is shared with your app's container" $s $path) }}
+{{- end }}
+{{- if ne (dir $path) (include "tokengate.socketDir" $) }}
+{{- fail (printf "configFile has upstream = %s, which is not in the folder of upstreamSocket (%s), the only one the containers share" $s (include "tokengate.socketDir" $)) }}
+{{- end }}
+{{- end }}
+{{- if and .Values.upstreamSocket (not (has (printf "\"unix:%s\"" .Values.upstreamSocket) $sockets)) }}
+{{- fail (printf "upstreamSocket is %s, but no route of configFile goes there: upstream = \"unix:%s\"" .Values.upstreamSocket .Values.upstreamSocket) }}
+{{- end }}
 {{- include "tokengate.checkEnv" (dict "state" $st "Values" .Values "source" "configFile") }}
 {{- end }}
 
@@ -839,8 +901,14 @@ spec:
         fsGroup: {{ .Values.podSecurityContext.fsGroup }}
       {{- end }}
       containers:
-        # Your app's container, unchanged: named here so that it stays first.
+        # Your app's container: named here so that it stays first. Nothing of it changes, but
+        # with upstreamSocket the socket's folder is mounted into it (volumeMounts merge by
+        # mountPath: its own mounts stay).
         - name: {{ .Values.sidecar.container }}
+          {{- if .Values.upstreamSocket }}
+          volumeMounts:
+            {{- include "tokengate.socketMount" . | nindent 12 }}
+          {{- end }}
         {{- include "tokengate.container" . | nindent 8 }}
       volumes:
         {{- include "tokengate.volumes" . | nindent 8 }}
