@@ -387,6 +387,8 @@ pub fn request(
     });
 
     let headers = &mut parts.headers;
+    // Room for what is set below at once: one growth of the map, not one per insert.
+    headers.reserve(route.identity_headers.len() + 4);
     if fwd.values.identity.is_some() {
         for (name, template) in &route.identity_headers {
             if let Some(value) = template.render_checked(&fwd.values)? {

@@ -99,16 +99,17 @@ pub fn encode_request(
         if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
             continue;
         }
-        let name = name.as_str().as_bytes();
+        let start = dst.len();
+        dst.extend_from_slice(name.as_str().as_bytes());
         if title_case {
-            let mut upper = true;
-            dst.extend(name.iter().map(|&b| {
-                let out = if upper { b.to_ascii_uppercase() } else { b };
-                upper = b == b'-';
-                out
-            }));
-        } else {
-            dst.extend_from_slice(name);
+            // In place: the first letter, and each after a `-`.
+            let written = &mut dst[start..];
+            written[0].make_ascii_uppercase();
+            for i in 1..written.len() {
+                if written[i - 1] == b'-' {
+                    written[i].make_ascii_uppercase();
+                }
+            }
         }
         dst.extend_from_slice(b": ");
         dst.extend_from_slice(value.as_bytes());
@@ -180,9 +181,16 @@ pub enum Framing {
 /// head is not complete yet (read more). On success the head's bytes are taken from `buf`,
 /// which then starts with the body.
 pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Error> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut response = httparse::Response::new(&mut fields);
-    let len = match response.parse(buf) {
+    // Uninitialised: an initialised array of 128 fields is 4 KiB written per response.
+    let mut fields =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut response,
+        buf,
+        &mut fields,
+    );
+    let len = match parsed {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD_BYTES => {
             return Err(Error::HeadTooLarge)
@@ -204,7 +212,8 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, E
         .ok_or(Error::Malformed("status code"))?;
     // Where each name and value lies in the head, so that the values can share its bytes.
     let base = buf.as_ptr() as usize;
-    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    // u16: a head is at most 64 KiB.
+    let mut spans = [(0u16, 0u16, 0u16, 0u16); MAX_HEADERS];
     let count = response.headers.len();
     let mut print = FNV_OFFSET;
     let mut cased = false;
@@ -214,20 +223,22 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, E
         for &b in name.iter().chain(b":") {
             print = (print ^ u64::from(b)).wrapping_mul(FNV_PRIME);
         }
-        let at = |s: &[u8]| (s.as_ptr() as usize - base) as u32;
+        let at = |s: &[u8]| (s.as_ptr() as usize - base) as u16;
         *span = (
             at(name),
-            name.len() as u32,
+            name.len() as u16,
             at(field.value),
-            field.value.len() as u32,
+            field.value.len() as u16,
         );
     }
     let raw = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(count);
     for &(name_at, name_len, value_at, value_len) in &spans[..count] {
-        let name = &raw[name_at as usize..(name_at + name_len) as usize];
+        let (name_at, name_len) = (usize::from(name_at), usize::from(name_len));
+        let (value_at, value_len) = (usize::from(value_at), usize::from(value_len));
+        let name = &raw[name_at..name_at + name_len];
         let name = HeaderName::from_bytes(name).map_err(|_| Error::Malformed("header name"))?;
-        let value = raw.slice(value_at as usize..(value_at + value_len) as usize);
+        let value = raw.slice(value_at..value_at + value_len);
         let value =
             HeaderValue::from_maybe_shared(value).map_err(|_| Error::Malformed("header value"))?;
         headers.append(name, value);
