@@ -789,10 +789,14 @@ impl PooledBody {
         self.slot = None;
     }
 
-    /// The body failed: the connection is closed, the slot released.
-    fn fail(&mut self, error: h1::Error) -> BoxError {
+    /// The body failed (bad framing, or the connection): the connection is closed, the slot
+    /// released.
+    fn fail<E>(&mut self, error: E) -> BoxError
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
         if let Some(slot) = &self.slot {
-            tracing::warn!(upstream = %slot.0.name, %error, "upstream response body refused");
+            tracing::warn!(upstream = %slot.0.name, %error, "upstream response body failed");
         }
         self.inner = Inner::Complete(None);
         self.slot = None;
@@ -866,14 +870,7 @@ impl HttpBody for PooledBody {
                     Err(e) => return Poll::Ready(Some(Err(this.fail(e)))),
                 },
                 Ok(_) => {}
-                Err(e) => {
-                    if let Some(slot) = &this.slot {
-                        tracing::warn!(upstream = %slot.0.name, error = %e, "upstream response body failed");
-                    }
-                    this.inner = Inner::Complete(None);
-                    this.slot = None;
-                    return Poll::Ready(Some(Err(BoxError::from(e))));
-                }
+                Err(e) => return Poll::Ready(Some(Err(this.fail(e)))),
             }
         }
     }
