@@ -233,6 +233,7 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, E
     }
     let raw = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(count);
+    let mut fields = Fields::default();
     for &(name_at, name_len, value_at, value_len) in &spans[..count] {
         let (name_at, name_len) = (usize::from(name_at), usize::from(name_len));
         let (value_at, value_len) = (usize::from(value_at), usize::from(value_len));
@@ -241,9 +242,10 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, E
         let value = raw.slice(value_at..value_at + value_len);
         let value =
             HeaderValue::from_maybe_shared(value).map_err(|_| Error::Malformed("header value"))?;
+        fields.add(&name, value.as_bytes());
         headers.append(name, value);
     }
-    let (framing, keep_alive) = framing(status, version, method, &headers)?;
+    let (framing, keep_alive) = framing(status, version, method, &fields)?;
     Ok(Some(Head {
         status,
         version,
@@ -284,54 +286,71 @@ fn parse_error(e: httparse::Error) -> &'static str {
     }
 }
 
+/// What the framing needs from a head's fields, gathered as they are read (no lookups after).
+#[derive(Default)]
+struct Fields {
+    /// `Connection: close`.
+    close: bool,
+    /// `Connection: keep-alive`.
+    keep_alive: bool,
+    /// Transfer codings named, over every `Transfer-Encoding` line.
+    codings: usize,
+    /// Whether the last coding named was `chunked`.
+    chunked_last: bool,
+    /// A `Content-Length` line was there.
+    length_seen: bool,
+    /// Its value, when every one was the same valid number.
+    length: Option<u64>,
+    /// A `Content-Length` that is not a number, or two that differ.
+    bad_length: bool,
+}
+
+impl Fields {
+    fn add(&mut self, name: &HeaderName, value: &[u8]) {
+        if name == header::CONNECTION {
+            for token in value.split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                self.close |= token.eq_ignore_ascii_case(b"close");
+                self.keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+            }
+        } else if name == header::TRANSFER_ENCODING {
+            for coding in value.split(|&b| b == b',') {
+                self.codings += 1;
+                self.chunked_last = coding.trim_ascii().eq_ignore_ascii_case(b"chunked");
+            }
+        } else if name == header::CONTENT_LENGTH {
+            self.length_seen = true;
+            for item in value.split(|&b| b == b',') {
+                match decimal(item.trim_ascii()) {
+                    Some(n) if self.length.is_none_or(|l| l == n) => self.length = Some(n),
+                    _ => self.bad_length = true,
+                }
+            }
+        }
+    }
+}
+
 /// RFC 9112 §6.3 for a response, strictly: the body's framing, and whether the connection can
 /// be kept afterwards.
 fn framing(
     status: StatusCode,
     version: Version,
     method: &Method,
-    headers: &HeaderMap,
+    fields: &Fields,
 ) -> Result<(Framing, bool), Error> {
-    let mut keep_alive = version == Version::HTTP_11;
-    for value in headers.get_all(header::CONNECTION) {
-        for token in value.as_bytes().split(|&b| b == b',') {
-            let token = token.trim_ascii();
-            if token.eq_ignore_ascii_case(b"close") {
-                keep_alive = false;
-            } else if token.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10 {
-                keep_alive = true;
-            }
-        }
-    }
-    let chunked = match headers.get(header::TRANSFER_ENCODING) {
-        None => false,
-        Some(_) if version == Version::HTTP_10 => return Err(Error::UnsupportedCoding),
-        Some(_) if headers.contains_key(header::CONTENT_LENGTH) => {
-            return Err(Error::LengthAndChunked)
-        }
-        Some(_) => {
-            // Exactly one coding, `chunked`, over every field line.
-            let mut codings = headers
-                .get_all(header::TRANSFER_ENCODING)
-                .iter()
-                .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-                .map(<[u8]>::trim_ascii);
-            match (codings.next(), codings.next()) {
-                (Some(c), None) if c.eq_ignore_ascii_case(b"chunked") => true,
-                _ => return Err(Error::UnsupportedCoding),
-            }
-        }
+    let mut keep_alive = !fields.close && (version == Version::HTTP_11 || fields.keep_alive);
+    let chunked = match fields.codings {
+        0 => false,
+        _ if version == Version::HTTP_10 => return Err(Error::UnsupportedCoding),
+        _ if fields.length_seen => return Err(Error::LengthAndChunked),
+        // Exactly one coding, `chunked`, over every field line.
+        1 if fields.chunked_last => true,
+        _ => return Err(Error::UnsupportedCoding),
     };
-    let mut length = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        for item in value.as_bytes().split(|&b| b == b',') {
-            let n = decimal(item.trim_ascii()).ok_or(Error::BadContentLength)?;
-            if length.is_some_and(|l| l != n) {
-                return Err(Error::BadContentLength);
-            }
-            length = Some(n);
-        }
+    if fields.bad_length {
+        return Err(Error::BadContentLength);
     }
+    let length = fields.length;
     let bodiless = method == Method::HEAD
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
