@@ -84,10 +84,10 @@ pub fn encode_request(
     parts: &http::request::Parts,
     body: RequestBody,
     title_case: bool,
-    dst: &mut Vec<u8>,
+    dst: &mut BytesMut,
 ) {
     dst.extend_from_slice(parts.method.as_str().as_bytes());
-    dst.push(b' ');
+    dst.extend_from_slice(b" ");
     let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
     dst.extend_from_slice(if target.is_empty() {
         b"/"

@@ -73,6 +73,31 @@ fn spare_buffer() -> BytesMut {
     }
 }
 
+thread_local! {
+    /// The last request head's buffer on this thread (see [`SPARE`]).
+    static SPARE_HEAD: std::cell::Cell<Option<BytesMut>> = const { std::cell::Cell::new(None) };
+}
+
+/// A buffer for a request head: this thread's spare one, else a new one.
+fn head_buffer() -> BytesMut {
+    match SPARE_HEAD.take() {
+        Some(mut spare) => {
+            spare.clear();
+            spare
+        }
+        None => BytesMut::with_capacity(1024),
+    }
+}
+
+/// Keeps a written request head's buffer as this thread's spare, when nothing else holds it.
+fn keep_head_buffer(head: Bytes) {
+    if let Ok(buffer) = head.try_into_mut() {
+        if buffer.capacity() <= 2 * INLINE_BODY {
+            SPARE_HEAD.set(Some(buffer));
+        }
+    }
+}
+
 /// Keeps `read` (a response's buffer, read to its end) as this thread's spare.
 fn keep_spare(read: BytesMut) {
     if read.capacity() <= READ_BUF {
@@ -203,7 +228,7 @@ impl Pool {
         // connection, so its size is every connection's).
         let (parts, mut body) = request.into_parts();
         let framing = request_framing(&parts, &body);
-        let mut head = Vec::with_capacity(1024);
+        let mut head = head_buffer();
         h1::encode_request(&parts, framing, self.preserve_header_case, &mut head);
         // A small complete body goes out with the head, in one write, and can be written
         // again should a stale connection make a retry necessary.
@@ -213,7 +238,7 @@ impl Pool {
                 body = Body::Full(None);
             }
         }
-        let head = Bytes::from(head);
+        let head = head.freeze();
         let chunked = framing == RequestBody::Chunked;
         let method = parts.method;
         // Boxed: the exchange's state (the connection, its buffers, a timer) is needed while
@@ -250,7 +275,9 @@ impl Pool {
                 }
             }
         };
-        let exchanged = match tokio::time::timeout_at(deadline, exchange).await {
+        let exchanged = tokio::time::timeout_at(deadline, exchange).await;
+        keep_head_buffer(head);
+        let exchanged = match exchanged {
             Err(_) => return Err(ProxyError::UpstreamTimeout),
             Ok(Err(e)) => return Err(self.failed(e)),
             Ok(Ok(exchanged)) => exchanged,
