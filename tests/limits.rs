@@ -374,12 +374,13 @@ async fn a_per_subject_limit_counts_every_credential_of_the_subject_and_refills(
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(get(&url, &[("auth-token", "alice-one")]).await.status, 200);
     assert_eq!(get(&url, &[("auth-token", "alice-one")]).await.status, 429);
-    let line = gate.wait_access_line("/", Duration::from_secs(3)).await;
-    assert!(
-        line.iter()
-            .any(|l| l["status"] == 429 && l["limit"] == "subject" && l["subject"] == "alice"),
-        "{line:?}"
-    );
+    let wanted = |l: &serde_json::Value| {
+        l["status"] == 429 && l["limit"] == "subject" && l["subject"] == "alice"
+    };
+    let line = gate
+        .wait_access_line_where("/", Duration::from_secs(3), wanted)
+        .await;
+    assert!(line.iter().any(wanted), "{line:?}");
     let counted = metric(
         admin,
         "tokengate_limited_total{route=\"/\",limit=\"subject\"}",

@@ -322,6 +322,25 @@ impl Gate {
         }
     }
 
+    /// Like [`Gate::wait_access_line`], but waits (at most `within`) until one line satisfies
+    /// `wanted`: lines are flushed per worker, so the one a test looks for may come a flush
+    /// later than the first.
+    pub async fn wait_access_line_where(
+        &self,
+        path_prefix: &str,
+        within: Duration,
+        wanted: impl Fn(&Value) -> bool,
+    ) -> Vec<Value> {
+        let deadline = Instant::now() + within;
+        loop {
+            let lines = self.wait_access_line(path_prefix, within).await;
+            if lines.iter().any(&wanted) || Instant::now() > deadline {
+                return lines;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub fn sigterm(&self) {
         let status = Command::new("kill")
             .args(["-TERM", &self.pid().to_string()])
