@@ -179,8 +179,12 @@ pub enum Framing {
 
 /// Parses a response head at the start of `buf`, for a request with `method`. `Ok(None)`: the
 /// head is not complete yet (read more). On success the head's bytes are taken from `buf`,
-/// which then starts with the body.
-pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Error> {
+/// which then starts with the body. `map(n)` gives the empty map the `n` fields go into.
+pub fn parse_head(
+    buf: &mut BytesMut,
+    method: &Method,
+    map: impl FnOnce(usize) -> HeaderMap,
+) -> Result<Option<Head>, Error> {
     // Uninitialised: an initialised array of 128 fields is 4 KiB written per response.
     let mut fields =
         [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
@@ -232,7 +236,7 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, E
         );
     }
     let raw = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(count);
+    let mut headers = map(count);
     let mut fields = Fields::default();
     for &(name_at, name_len, value_at, value_len) in &spans[..count] {
         let (name_at, name_len) = (usize::from(name_at), usize::from(name_len));
@@ -582,7 +586,7 @@ pub fn frame_response(method: &Method, pieces: &[&[u8]]) -> Result<(u16, Vec<u8>
     let mut buf = BytesMut::new();
     let mut pieces = pieces.iter();
     let head = loop {
-        match parse_head(&mut buf, method)? {
+        match parse_head(&mut buf, method, HeaderMap::with_capacity)? {
             Some(head) if head.status.is_informational() && head.status != 101 => continue,
             Some(head) => break head,
             None => match pieces.next() {

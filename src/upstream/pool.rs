@@ -36,6 +36,7 @@ use tokio_util::io::poll_read_buf;
 use super::case::CaseBook;
 use super::conn::Conn;
 use super::h1::{self, Decoded, Decoder, Framing, Head, RequestBody};
+use super::spare;
 use super::Body;
 use crate::error::{BoxError, ProxyError};
 
@@ -50,60 +51,6 @@ const READ_BUF: usize = 16 * 1024;
 const FIRST_READ: usize = 4096;
 /// A complete request body up to this size is written with the head, in one write.
 const INLINE_BODY: usize = 16 * 1024;
-
-thread_local! {
-    /// The last response's read buffer on this thread, reused once every part of it has been
-    /// sent: no allocation per response, and no hole left between a client connection's
-    /// long-lived buffers (glibc would keep it as fragmentation: ~3 KiB per idle client).
-    static SPARE: std::cell::Cell<Option<BytesMut>> = const { std::cell::Cell::new(None) };
-}
-
-/// A read buffer: this thread's spare one when nothing else uses it any more, else a new one.
-fn spare_buffer() -> BytesMut {
-    match SPARE.take() {
-        Some(mut spare) => {
-            spare.clear();
-            if spare.try_reclaim(FIRST_READ) {
-                spare
-            } else {
-                BytesMut::new()
-            }
-        }
-        None => BytesMut::new(),
-    }
-}
-
-thread_local! {
-    /// The last request head's buffer on this thread (see [`SPARE`]).
-    static SPARE_HEAD: std::cell::Cell<Option<BytesMut>> = const { std::cell::Cell::new(None) };
-}
-
-/// A buffer for a request head: this thread's spare one, else a new one.
-fn head_buffer() -> BytesMut {
-    match SPARE_HEAD.take() {
-        Some(mut spare) => {
-            spare.clear();
-            spare
-        }
-        None => BytesMut::with_capacity(1024),
-    }
-}
-
-/// Keeps a written request head's buffer as this thread's spare, when nothing else holds it.
-fn keep_head_buffer(head: Bytes) {
-    if let Ok(buffer) = head.try_into_mut() {
-        if buffer.capacity() <= 2 * INLINE_BODY {
-            SPARE_HEAD.set(Some(buffer));
-        }
-    }
-}
-
-/// Keeps `read` (a response's buffer, read to its end) as this thread's spare.
-fn keep_spare(read: BytesMut) {
-    if read.capacity() <= READ_BUF {
-        SPARE.set(Some(read));
-    }
-}
 
 /// Where a pool's connections go.
 enum Target {
@@ -228,7 +175,7 @@ impl Pool {
         // connection, so its size is every connection's).
         let (parts, mut body) = request.into_parts();
         let framing = request_framing(&parts, &body);
-        let mut head = head_buffer();
+        let mut head = spare::head_buffer();
         h1::encode_request(&parts, framing, self.preserve_header_case, &mut head);
         // A small complete body goes out with the head, in one write, and can be written
         // again should a stale connection make a retry necessary.
@@ -240,7 +187,10 @@ impl Pool {
         }
         let head = head.freeze();
         let chunked = framing == RequestBody::Chunked;
-        let method = parts.method;
+        let http::request::Parts {
+            method, headers, ..
+        } = parts;
+        spare::keep_header_map(headers);
         // Boxed: the exchange's state (the connection, its buffers, a timer) is needed while
         // a request is in flight, not for the life of every client connection.
         Box::pin(self.exchange(slot, head, body, chunked, method, deadline))
@@ -276,7 +226,7 @@ impl Pool {
             }
         };
         let exchanged = tokio::time::timeout_at(deadline, exchange).await;
-        keep_head_buffer(head);
+        spare::keep_head_buffer(head);
         let exchanged = match exchanged {
             Err(_) => return Err(ProxyError::UpstreamTimeout),
             Ok(Err(e)) => return Err(self.failed(e)),
@@ -334,7 +284,7 @@ impl Pool {
                     if keep {
                         self.checkin(conn);
                     }
-                    keep_spare(read);
+                    spare::keep_read_buffer(read, READ_BUF);
                     Inner::Complete(None)
                 }
                 Framing::Length(n) if read.len() as u64 >= n => {
@@ -346,7 +296,7 @@ impl Pool {
                     if keep {
                         self.checkin(conn);
                     }
-                    keep_spare(read);
+                    spare::keep_read_buffer(read, READ_BUF);
                     Inner::Complete(Some(data))
                 }
                 Framing::Length(_) => Inner::Stream(Box::new(Stream {
@@ -379,7 +329,7 @@ impl Pool {
                         if keep {
                             self.checkin(conn);
                         }
-                        keep_spare(read);
+                        spare::keep_read_buffer(read, READ_BUF);
                         Inner::Complete(first)
                     } else {
                         Inner::Stream(Box::new(Stream {
@@ -557,7 +507,7 @@ async fn exchange(
     poll_fn(|cx| out.poll_write(conn, cx))
         .await
         .map_err(Failure::Unwritten)?;
-    let mut read = spare_buffer();
+    let mut read = spare::read_buffer(FIRST_READ);
     let early = if body.is_end_stream() {
         None
     } else {
@@ -600,7 +550,7 @@ async fn exchange(
 /// The next final response head in `read` (interim 1xx ones skipped; 101 is final here).
 fn final_head(read: &mut BytesMut, method: &Method) -> Result<Option<Head>, Failure> {
     loop {
-        match h1::parse_head(read, method).map_err(Failure::Protocol)? {
+        match h1::parse_head(read, method, spare::header_map).map_err(Failure::Protocol)? {
             Some(head) if head.status.is_informational() && head.status != 101 => continue,
             found => return Ok(found),
         }
@@ -811,7 +761,7 @@ impl PooledBody {
             if let (true, Some(slot)) = (keep && read.is_empty(), self.slot.as_ref()) {
                 slot.0.checkin(conn);
             }
-            keep_spare(read);
+            spare::keep_read_buffer(read, READ_BUF);
         }
         self.slot = None;
     }
