@@ -318,6 +318,8 @@ pub struct Peer {
     pub client: Option<Arc<ClientCert>>,
     /// The client's address as a header value (`X-Forwarded-For`), made once per connection.
     pub ip: HeaderValue,
+    /// The last credential's hash on this connection.
+    pub keys: KeyMemo,
 }
 
 impl Peer {
@@ -330,7 +332,57 @@ impl Peer {
             tls,
             client,
             ip,
+            keys: KeyMemo::default(),
         }
+    }
+}
+
+/// A connection's memory of the last credential it carried, so that a keep-alive client
+/// sending the same token on every request has it hashed once (SHA-256 of a short token is a
+/// tenth of a cached request's work). What is kept is the credential's SHA-256 and a tag of
+/// it: SipHash under keys of this connection's own, chosen at random; never the credential.
+///
+/// A different credential is mistaken for the last one only if its tag is equal: a 2^-64
+/// chance per request for a client that cannot see the keys, on the one connection where the
+/// last credential was sent (behind a front proxy that multiplexes clients, the only case where
+/// two clients share one). Either way the SHA-256 found is then looked up as usual, so expiry
+/// and revocation hold.
+#[derive(Default)]
+pub struct KeyMemo {
+    keys: std::hash::RandomState,
+    last: std::sync::Mutex<Option<(u64, [u8; 32])>>,
+}
+
+impl KeyMemo {
+    /// The SHA-256 of `token` ([`hash`]), from the memory when `token` is the last one.
+    pub fn hash(&self, token: &str) -> [u8; 32] {
+        use std::hash::BuildHasher;
+        let tag = self.keys.hash_one(token.as_bytes());
+        // HTTP/2 streams of one connection may race for it: the loser hashes.
+        let Ok(mut last) = self.last.try_lock() else {
+            return hash(token);
+        };
+        match *last {
+            Some((seen, key)) if seen == tag => key,
+            _ => {
+                let key = hash(token);
+                *last = Some((tag, key));
+                key
+            }
+        }
+    }
+}
+
+impl Clone for KeyMemo {
+    /// A new, empty memory (with new keys).
+    fn clone(&self) -> Self {
+        KeyMemo::default()
+    }
+}
+
+impl std::fmt::Debug for KeyMemo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeyMemo")
     }
 }
 
@@ -369,5 +421,47 @@ impl ClientCert {
             crate::x509::DnFormat::Slash => &self.slash,
             crate::x509::DnFormat::Rfc2253 => &self.rfc2253,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_key_memo_gives_each_credential_its_own_hash() {
+        let memo = KeyMemo::default();
+        let sequence = [
+            "alpha-token",
+            "alpha-token",
+            "beta-token",
+            "alpha-token",
+            "",
+            "beta",
+        ];
+        for token in sequence {
+            assert_eq!(memo.hash(token), hash(token), "{token:?}");
+        }
+        // Tokens that differ in one byte, or only in length.
+        for token in ["tg_aaaa", "tg_aaab", "tg_aaa", "tg_aaaa\0"] {
+            assert_eq!(memo.hash(token), hash(token), "{token:?}");
+        }
+    }
+
+    #[test]
+    fn the_key_memo_keeps_a_tag_not_the_credential() {
+        let memo = KeyMemo::default();
+        memo.hash("secret-credential-value");
+        let kept = format!("{:?}", memo.last.lock().unwrap());
+        assert!(!kept.contains("secret"), "{kept}");
+        // Another connection's memory starts empty and with its own keys.
+        let other = memo.clone();
+        assert!(other.last.lock().unwrap().is_none());
+        other.hash("secret-credential-value");
+        assert_ne!(
+            memo.last.lock().unwrap().unwrap().0,
+            other.last.lock().unwrap().unwrap().0,
+            "each connection tags with keys of its own"
+        );
     }
 }

@@ -24,7 +24,7 @@ use crate::config::{AuthMode, Config, LimitKind, RouteConfig};
 use crate::credential::{self, Source};
 use crate::endpoints::{self, Endpoint, TokenService};
 use crate::error::ProxyError;
-use crate::identity::Identity;
+use crate::identity::{Identity, KeyMemo};
 use crate::limits::Limiter;
 use crate::page::{self, PageEndpoint};
 use crate::rewrite::{self, Boundary, Forwarding, Values};
@@ -646,7 +646,7 @@ async fn forward<'g>(
     let caller = match route.config.auth {
         _ if preflight => None,
         AuthMode::None => None,
-        auth => match identify(gate, &parts, outcome).await? {
+        auth => match identify(gate, Some(&peer.keys), &parts, outcome).await? {
             None if auth == AuthMode::Required => {
                 outcome.auth = Some((AuthResult::Missing, "none"));
                 return Err(ProxyError::MissingCredentials);
@@ -769,6 +769,7 @@ pub(crate) struct Caller<'p, 'g> {
 /// Extract and validate: the caller's identity and credential, `None` without a credential.
 pub(crate) async fn identify<'p, 'g>(
     gate: &'g Gate,
+    keys: Option<&KeyMemo>,
     parts: &'p http::request::Parts,
     outcome: &mut Outcome<'g>,
 ) -> Result<Option<Caller<'p, 'g>>, ProxyError> {
@@ -782,7 +783,10 @@ pub(crate) async fn identify<'p, 'g>(
         outcome.auth = Some((AuthResult::Denied, "store"));
         return Err(ProxyError::InvalidCredentials);
     }
-    let key = crate::identity::hash(&credential.token);
+    let key = match keys {
+        Some(keys) => keys.hash(&credential.token),
+        None => crate::identity::hash(&credential.token),
+    };
     let identity = authenticate(gate, &credential.token, key, outcome).await?;
     if let Some(usage) = &identity.usage {
         let now = store::now_ms();

@@ -8,6 +8,7 @@ mod case;
 mod conn;
 pub mod h1;
 mod pool;
+mod spare;
 
 use std::future::Future;
 use std::path::Path;

@@ -285,7 +285,7 @@ async fn decide<'g>(
         route.authorize(&parts, None, false, outcome)?;
         return Ok(allowed(headers));
     }
-    let caller = match crate::proxy::identify(gate, &parts, outcome).await? {
+    let caller = match crate::proxy::identify(gate, None, &parts, outcome).await? {
         Some(caller) => {
             route.authorize(&parts, Some(&caller), false, outcome)?;
             route.limit_caller(&caller, outcome).await?;

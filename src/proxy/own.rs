@@ -63,7 +63,8 @@ async fn serve_endpoint<'g>(
             return Ok(service(Actor::Holder).insight_revoke(presented).await);
         }
     }
-    let (caller, token, by_cookie) = match identify(gate, &parts, outcome).await? {
+    let (caller, token, by_cookie) = match identify(gate, Some(&peer.keys), &parts, outcome).await?
+    {
         Some(found) => (
             found.identity,
             found.token,
@@ -117,7 +118,7 @@ async fn serve_page<'g>(
     if let Some(asset) = page::asset(endpoint, &parts.method) {
         return asset;
     }
-    let caller = match identify(gate, &parts, outcome).await {
+    let caller = match identify(gate, Some(&peer.keys), &parts, outcome).await {
         Ok(Some(found)) => Some(page::Caller {
             identity: found.identity,
             credential: crate::identity::hash(&found.token),
@@ -253,7 +254,7 @@ async fn serve_rucio<'g>(
             outcome.auth = Some((result, "x509"));
             Ok(response)
         }
-        RucioEndpoint::Validate => match identify(gate, parts, outcome).await {
+        RucioEndpoint::Validate => match identify(gate, Some(&peer.keys), parts, outcome).await {
             Ok(Some(Caller { identity, .. })) => {
                 let response = rucio::validated(&identity);
                 outcome.identity = Some(identity);
