@@ -242,7 +242,7 @@ pub fn parse_head(
         let (name_at, name_len) = (usize::from(name_at), usize::from(name_len));
         let (value_at, value_len) = (usize::from(value_at), usize::from(value_len));
         let name = &raw[name_at..name_at + name_len];
-        let name = HeaderName::from_bytes(name).map_err(|_| Error::Malformed("header name"))?;
+        let name = header_name(name)?;
         let value = raw.slice(value_at..value_at + value_len);
         let value =
             HeaderValue::from_maybe_shared(value).map_err(|_| Error::Malformed("header value"))?;
@@ -259,6 +259,31 @@ pub fn parse_head(
         case: cased.then_some(print),
         raw,
     }))
+}
+
+/// How many header names a thread remembers as parsed (an upstream sends the same few).
+const NAMES: usize = 16;
+
+thread_local! {
+    /// Header names as an upstream wrote them, and what they parsed to, most recent first.
+    static PARSED_NAMES: std::cell::RefCell<Vec<(Box<[u8]>, HeaderName)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `raw` as a header name: remembered when it was seen lately (parsing one costs more than
+/// comparing a few).
+fn header_name(raw: &[u8]) -> Result<HeaderName, Error> {
+    PARSED_NAMES.with_borrow_mut(|names| {
+        if let Some(at) = names.iter().position(|(seen, _)| **seen == *raw) {
+            return Ok(names[at].1.clone());
+        }
+        let name = HeaderName::from_bytes(raw).map_err(|_| Error::Malformed("header name"))?;
+        if names.len() == NAMES {
+            names.pop();
+        }
+        names.insert(0, (raw.into(), name.clone()));
+        Ok(name)
+    })
 }
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;

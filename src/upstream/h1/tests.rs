@@ -198,3 +198,27 @@ fn request_heads_carry_their_framing_once() {
     assert_eq!(chunk_header(0x1a2b, &mut line), b"1a2b\r\n");
     assert_eq!(chunk_header(0, &mut line), b"0\r\n");
 }
+
+#[test]
+fn title_case_raises_the_first_letter_and_each_after_a_dash() {
+    let mut parts = http::Request::get("/")
+        .header("x-auth-user", "a")
+        .header("te", "b")
+        .header("x--y", "c")
+        .header("-x", "d")
+        .header("9-lives", "e")
+        .body(())
+        .unwrap()
+        .into_parts()
+        .0;
+    let mut out = BytesMut::new();
+    encode_request(&parts, RequestBody::None, true, &mut out);
+    assert_eq!(
+        &out[..],
+        &b"GET / HTTP/1.1\r\nX-Auth-User: a\r\nTe: b\r\nX--Y: c\r\n-X: d\r\n9-Lives: e\r\n\r\n"[..]
+    );
+    parts.headers.clear();
+    out.clear();
+    encode_request(&parts, RequestBody::None, true, &mut out);
+    assert_eq!(&out[..], &b"GET / HTTP/1.1\r\n\r\n"[..]);
+}
