@@ -16,6 +16,8 @@ fn hop_by_hop(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
         "connection"
+            // Reserved (RFC 9110 §7.6.1): it would clash with the `close` option.
+            | "close"
             | "keep-alive"
             | "proxy-connection"
             | "proxy-authenticate"
@@ -36,12 +38,24 @@ fn remove_where(headers: &mut HeaderMap, doomed: impl Fn(&HeaderName) -> bool) {
 /// Removes hop-by-hop headers, and the headers the `Connection` header names. For an upgrade
 /// (`upgrade` is the protocol), `Connection: upgrade` and `Upgrade` are kept.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: Option<&HeaderValue>) {
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
+    // The options every `Connection` header carries (`keep-alive`, `close`, `upgrade`) name
+    // headers that are removed below anyway: only other names are parsed (and allocated).
+    let other_option = |n: &&str| {
+        let n = n.trim().as_bytes();
+        !(n.eq_ignore_ascii_case(b"keep-alive")
+            || n.eq_ignore_ascii_case(b"close")
+            || n.eq_ignore_ascii_case(b"upgrade"))
+    };
+    let options = || {
+        headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
+            .filter(other_option)
+    };
+    if options().next().is_some() {
+        let named: Vec<HeaderName> = options()
             .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
             .filter(|n| n != header::UPGRADE && !set_by_the_gate(n))
             .collect();
@@ -525,6 +539,34 @@ mod tests {
         remove_hop_by_hop(&mut h, None);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn the_usual_connection_options_still_take_their_headers_along() {
+        for connection in [
+            "keep-alive",
+            "close",
+            "Keep-Alive, Upgrade",
+            " CLOSE ,x-hop",
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONNECTION, HeaderValue::from_static(connection));
+            h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+            h.insert("close", HeaderValue::from_static("reserved"));
+            h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            h.insert("x-hop", HeaderValue::from_static("1"));
+            h.insert("x-kept", HeaderValue::from_static("1"));
+            remove_hop_by_hop(&mut h, None);
+            let mut left: Vec<_> = h.keys().map(|n| n.as_str()).collect();
+            left.sort_unstable();
+            let hop_named = connection.contains("x-hop");
+            let want: &[&str] = if hop_named {
+                &["x-kept"]
+            } else {
+                &["x-hop", "x-kept"]
+            };
+            assert_eq!(left, want, "Connection: {connection}");
+        }
     }
 
     /// Two routes: `/api` (required, with an upstream credential form and identity headers)
