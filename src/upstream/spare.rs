@@ -31,9 +31,9 @@ thread_local! {
     static MAPS: RefCell<Vec<HeaderMap>> = const { RefCell::new(Vec::new()) };
 }
 
-fn keep<T: 'static>(spares: &'static LocalKey<RefCell<Vec<T>>>, spare: T) {
+fn keep<T: 'static>(spares: &'static LocalKey<RefCell<Vec<T>>>, spare: T, most: usize) {
     spares.with_borrow_mut(|list| {
-        if list.len() < KEPT {
+        if list.len() < most {
             list.push(spare);
         }
     });
@@ -53,10 +53,11 @@ pub(super) fn read_buffer(first: usize) -> BytesMut {
         .unwrap_or_default()
 }
 
-/// Keeps `read` (a response's buffer, read to its end) when it is at most `max` bytes.
+/// Keeps `read` (a response's buffer, read to its end) when it is at most `max` bytes (so
+/// that what stays resident after a burst of large responses is small).
 pub(super) fn keep_read_buffer(read: BytesMut, max: usize) {
     if read.capacity() <= max {
-        keep(&READS, read);
+        keep(&READS, read, KEPT);
     }
 }
 
@@ -75,7 +76,7 @@ pub(super) fn head_buffer() -> BytesMut {
 pub(super) fn keep_head_buffer(head: Bytes) {
     if let Ok(buffer) = head.try_into_mut() {
         if buffer.capacity() <= HEAD_BYTES {
-            keep(&HEADS, buffer);
+            keep(&HEADS, buffer, KEPT);
         }
     }
 }
@@ -95,7 +96,7 @@ pub(super) fn header_map(count: usize) -> HeaderMap {
 pub(super) fn keep_header_map(mut map: HeaderMap) {
     if map.capacity() <= MAP_FIELDS {
         map.clear();
-        keep(&MAPS, map);
+        keep(&MAPS, map, KEPT);
     }
 }
 
