@@ -13,8 +13,9 @@ use http::HeaderMap;
 
 /// The most spares of one kind a thread keeps.
 const KEPT: usize = 16;
-/// The largest request-head buffer kept.
-const HEAD_BYTES: usize = 32 * 1024;
+/// The largest request-head buffer kept (a head with a small body; one that carried a larger
+/// body inline is freed).
+const HEAD_BYTES: usize = 4 * 1024;
 /// The largest header map kept (fields it has room for).
 const MAP_FIELDS: usize = 48;
 
