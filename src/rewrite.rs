@@ -39,29 +39,25 @@ fn remove_where(headers: &mut HeaderMap, doomed: impl Fn(&HeaderName) -> bool) {
 /// (`upgrade` is the protocol), `Connection: upgrade` and `Upgrade` are kept.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: Option<&HeaderValue>) {
     // The options every `Connection` header carries (`keep-alive`, `close`, `upgrade`) name
-    // headers that are removed below anyway: only other names are parsed (and allocated).
-    let other_option = |n: &&str| {
-        let n = n.trim().as_bytes();
-        !(n.eq_ignore_ascii_case(b"keep-alive")
-            || n.eq_ignore_ascii_case(b"close")
-            || n.eq_ignore_ascii_case(b"upgrade"))
-    };
-    let options = || {
-        headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter(other_option)
-    };
-    if options().next().is_some() {
-        let named: Vec<HeaderName> = options()
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-            .filter(|n| n != header::UPGRADE && !set_by_the_gate(n))
-            .collect();
-        for name in named {
-            headers.remove(name);
-        }
+    // headers that are removed below anyway: only other names are parsed (and, when there are
+    // any, collected).
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|n| {
+            let n = n.as_bytes();
+            !(n.eq_ignore_ascii_case(b"keep-alive")
+                || n.eq_ignore_ascii_case(b"close")
+                || n.eq_ignore_ascii_case(b"upgrade"))
+        })
+        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+        .filter(|n| n != header::UPGRADE && !set_by_the_gate(n))
+        .collect();
+    for name in named {
+        headers.remove(name);
     }
     remove_where(headers, |name| name == header::UPGRADE || hop_by_hop(name));
     if let Some(protocol) = upgrade {

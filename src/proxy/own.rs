@@ -121,7 +121,7 @@ async fn serve_page<'g>(
     let caller = match identify(gate, Some(&peer.keys), &parts, outcome).await {
         Ok(Some(found)) => Some(page::Caller {
             identity: found.identity,
-            credential: crate::identity::hash(&found.token),
+            credential: found.key,
         }),
         // A verified client certificate signs in too.
         Ok(None) => match client_caller(gate, peer).await {

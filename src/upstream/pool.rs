@@ -49,8 +49,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const READ_BUF: usize = 16 * 1024;
 /// What the first read of a response asks for (most responses fit: the head and a small body).
 const FIRST_READ: usize = 4096;
-/// The largest read buffer kept for reuse: a small response's (a worker keeps 16).
-const KEPT_READ_BUF: usize = 2 * FIRST_READ;
 /// A complete request body up to this size is written with the head, in one write.
 const INLINE_BODY: usize = 16 * 1024;
 
@@ -286,7 +284,7 @@ impl Pool {
                     if keep {
                         self.checkin(conn);
                     }
-                    spare::keep_read_buffer(read, KEPT_READ_BUF);
+                    spare::keep_read_buffer(read);
                     Inner::Complete(None)
                 }
                 Framing::Length(n) if read.len() as u64 >= n => {
@@ -298,7 +296,7 @@ impl Pool {
                     if keep {
                         self.checkin(conn);
                     }
-                    spare::keep_read_buffer(read, KEPT_READ_BUF);
+                    spare::keep_read_buffer(read);
                     Inner::Complete(Some(data))
                 }
                 Framing::Length(_) => Inner::Stream(Box::new(Stream {
@@ -331,7 +329,7 @@ impl Pool {
                         if keep {
                             self.checkin(conn);
                         }
-                        spare::keep_read_buffer(read, KEPT_READ_BUF);
+                        spare::keep_read_buffer(read);
                         Inner::Complete(first)
                     } else {
                         Inner::Stream(Box::new(Stream {
@@ -763,7 +761,7 @@ impl PooledBody {
             if let (true, Some(slot)) = (keep && read.is_empty(), self.slot.as_ref()) {
                 slot.0.checkin(conn);
             }
-            spare::keep_read_buffer(read, KEPT_READ_BUF);
+            spare::keep_read_buffer(read);
         }
         self.slot = None;
     }

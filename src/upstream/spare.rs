@@ -13,6 +13,9 @@ use http::HeaderMap;
 
 /// The most spares of one kind a thread keeps.
 const KEPT: usize = 16;
+/// The largest read buffer kept: a small response's (so that what stays resident after a
+/// burst of large responses is small).
+const READ_BYTES: usize = 8 * 1024;
 /// The largest request-head buffer kept (a head with a small body; one that carried a larger
 /// body inline is freed).
 const HEAD_BYTES: usize = 4 * 1024;
@@ -32,9 +35,9 @@ thread_local! {
     static MAPS: RefCell<Vec<HeaderMap>> = const { RefCell::new(Vec::new()) };
 }
 
-fn keep<T: 'static>(spares: &'static LocalKey<RefCell<Vec<T>>>, spare: T, most: usize) {
+fn keep<T: 'static>(spares: &'static LocalKey<RefCell<Vec<T>>>, spare: T) {
     spares.with_borrow_mut(|list| {
-        if list.len() < most {
+        if list.len() < KEPT {
             list.push(spare);
         }
     });
@@ -54,11 +57,10 @@ pub(super) fn read_buffer(first: usize) -> BytesMut {
         .unwrap_or_default()
 }
 
-/// Keeps `read` (a response's buffer, read to its end) when it is at most `max` bytes (so
-/// that what stays resident after a burst of large responses is small).
-pub(super) fn keep_read_buffer(read: BytesMut, max: usize) {
-    if read.capacity() <= max {
-        keep(&READS, read, KEPT);
+/// Keeps `read` (a response's buffer, read to its end) when it is at most [`READ_BYTES`].
+pub(super) fn keep_read_buffer(read: BytesMut) {
+    if read.capacity() <= READ_BYTES {
+        keep(&READS, read);
     }
 }
 
@@ -77,7 +79,7 @@ pub(super) fn head_buffer() -> BytesMut {
 pub(super) fn keep_head_buffer(head: Bytes) {
     if let Ok(buffer) = head.try_into_mut() {
         if buffer.capacity() <= HEAD_BYTES {
-            keep(&HEADS, buffer, KEPT);
+            keep(&HEADS, buffer);
         }
     }
 }
@@ -97,7 +99,7 @@ pub(super) fn header_map(count: usize) -> HeaderMap {
 pub(super) fn keep_header_map(mut map: HeaderMap) {
     if map.capacity() <= MAP_FIELDS {
         map.clear();
-        keep(&MAPS, map, KEPT);
+        keep(&MAPS, map);
     }
 }
 
@@ -112,7 +114,7 @@ mod tests {
         read.extend_from_slice(b"HTTP/1.1 200 OK\r\n\r\nbody");
         let body = read.split_off(19).freeze();
         let at = read.as_ptr();
-        keep_read_buffer(read, 1024);
+        keep_read_buffer(read);
         // The body is still held: a new buffer, the spare stays.
         let other = read_buffer(64);
         assert_ne!(other.as_ptr(), at);
@@ -136,7 +138,7 @@ mod tests {
         MAPS.with_borrow_mut(Vec::clear);
         keep_header_map(HeaderMap::with_capacity(MAP_FIELDS * 2));
         assert_eq!(MAPS.with_borrow(Vec::len), 0);
-        keep_read_buffer(BytesMut::with_capacity(4096), 1024);
+        keep_read_buffer(BytesMut::with_capacity(2 * READ_BYTES));
         assert_eq!(READS.with_borrow(Vec::len), 0);
     }
 
